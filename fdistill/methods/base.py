@@ -1,0 +1,137 @@
+"""The contract between a method (an objective) and the one trainer (``fdistill.training``).
+
+A method owns its networks and says, per step, which phase runs, what that phase's loss is and which networks
+it trains. It never calls ``backward`` or steps an optimizer: the trainer does the loop (micro-batches,
+gradient accumulation, cross-process gradient averaging, mixed precision, clipping, EMA, checkpoints, logging).
+
+Layout of a method (an ``nn.Module``):
+- ``self.networks``: ``nn.ModuleDict`` of the networks some phase trains ('student', 'fake_score', ...).
+  A network may hold frozen parameters too (LoRA base weights): what is trained is what has requires_grad.
+- ``self.frozen``: ``nn.ModuleDict`` of frozen networks (teacher, reference). All their parameters have
+  ``requires_grad=False`` and the trainer asserts it. Checkpoints do not store them (they are rebuilt from
+  the config), unless the method says otherwise in ``checkpoint_state_dict``.
+- Persistent buffers anywhere outside ``frozen`` (e.g. f-distill's per-noise-level ratio statistics) are state:
+  they are checkpointed and copied into EMA snapshots.
+
+One optimisation step of the trainer:
+    phase = method.phase_at(step)
+    prepared = method.prepare_step(phase, micro_batches, ctx)   # optional no-grad pre-pass over the global step
+    for item in prepared:                                        # one per micro-batch
+        loss, logs = method.loss(phase, item, ctx)               # scalar, mean over the micro-batch
+        (loss / len(prepared)).backward()
+    average gradients over processes, clip, step the optimizer of ``phase``
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+OPTIMIZERS = ("adamw", "adam", "adafactor")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One optimisation phase: the networks it trains and its optimizer settings.
+
+    Attributes:
+        name: phase name, unique within the method ('student', 'critic', 'model').
+        networks: keys of ``method.networks`` trained in this phase (their parameters with requires_grad).
+        lr: learning rate (> 0).
+        weight_decay: decoupled weight decay (AdamW), >= 0.
+        betas: Adam betas.
+        eps: Adam epsilon.
+        max_grad_norm: clip the global gradient norm of this phase's parameters; None = no clipping.
+        optimizer: one of OPTIMIZERS.
+    """
+
+    name: str
+    networks: tuple[str, ...]
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = None
+    optimizer: str = "adamw"
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"phase {self.name!r}: lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"phase {self.name!r}: weight_decay must be >= 0, got {self.weight_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"phase {self.name!r}: optimizer {self.optimizer!r} not in {OPTIMIZERS}")
+        if not self.networks:
+            raise ValueError(f"phase {self.name!r}: trains no network")
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass
+class StepContext:
+    """What a method may know about the step being run.
+
+    Attributes:
+        step: global optimisation step, 0-based (the step being computed).
+        num_micro_batches: micro-batches in this step on this process (gradient accumulation).
+        num_processes: data-parallel processes.
+        all_reduce_mean: averages a tensor over processes (identity on one process); collective: every process
+            must call it the same number of times in the same order.
+        device: the device batches live on.
+        training: False during evaluation passes (statistics such as ratio bins must then not be updated).
+    """
+
+    step: int
+    num_micro_batches: int = 1
+    num_processes: int = 1
+    all_reduce_mean: Callable[[Tensor], Tensor] = _identity
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    training: bool = True
+
+
+class Method(nn.Module):
+    """Base class of the objectives (composition: a method holds networks, it does not inherit from another method)."""
+
+    def __init__(self):
+        super().__init__()
+        self.networks = nn.ModuleDict()
+        self.frozen = nn.ModuleDict()
+
+    def phases(self) -> list[Phase]:
+        """All phases of the method (the trainer builds one optimizer per phase)."""
+        raise NotImplementedError
+
+    def phase_at(self, step: int) -> str:
+        """Name of the phase that runs at global step ``step``; default: the first (and only) phase."""
+        return self.phases()[0].name
+
+    def prepare_step(self, phase: str, micro_batches: list[dict[str, Any]], ctx: StepContext) -> list[Any]:
+        """Optional no-grad pre-pass over all micro-batches of a step (e.g. global normalisation statistics that
+        need the whole global batch). Returns one item per micro-batch, passed to ``loss``. Default: unchanged."""
+        return micro_batches
+
+    def loss(self, phase: str, item: Any, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+        """Scalar loss of one micro-batch (mean over its samples) and scalars to log."""
+        raise NotImplementedError
+
+    def generate(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
+        """``num`` samples in data space (images in [-1, 1], [N, C, H, W]) for sample grids and evaluation."""
+        raise NotImplementedError
+
+    def ema_networks(self) -> tuple[str, ...]:
+        """Networks that get EMA copies (default: all trained networks)."""
+        return tuple(self.networks.keys())
+
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint stores: everything except the frozen networks."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("frozen.")}
+
+    def assert_frozen(self) -> None:
+        """Fail loudly if a frozen network has a trainable parameter."""
+        trainable = [n for n, p in self.frozen.named_parameters() if p.requires_grad]
+        if trainable:
+            raise RuntimeError(f"frozen networks have trainable parameters: {trainable[:5]}")
