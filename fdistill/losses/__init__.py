@@ -1,2 +1,4 @@
 """Losses: pure functions of tensors, the exact formulas of the papers (equation numbers in the docstrings).
 Per-sample values in, hyper-parameters as plain floats."""
+from .dpo import diffusion_dpo_loss, dpo_logits, implicit_reward_accuracy, per_sample_mse, sft_loss  # noqa: E402,F401
+from .ddo import ddo_log_ratio, ddo_log_ratio_from_outputs, ddo_loss, edm_loss_weight, sample_edm_sigmas  # noqa: E402,F401

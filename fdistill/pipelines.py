@@ -1,0 +1,251 @@
+"""Stable Diffusion 1.5 / SDXL components: load them from a hub id or a local directory, build tiny ones from
+config for tests and CPU benchmarks, encode prompts into the UNet's conditioning, rebuild a Diffusers pipeline.
+
+The components follow the Diffusers pipeline layout (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/`` and, for SDXL, ``text_encoder_2/`` + ``tokenizer_2/``), so a directory written by
+``save_components`` loads with ``StableDiffusionPipeline.from_pretrained`` / ``StableDiffusionXLPipeline``.
+
+Conditioning (what the UNet is called with), as in the Diffusers pipelines:
+- SD1.5: ``encoder_hidden_states`` = last hidden state of the CLIP text encoder, [B, L, 768].
+- SDXL: ``encoder_hidden_states`` = concatenated penultimate hidden states of both encoders, [B, L, 768 + 1280];
+  ``added_cond_kwargs = {"text_embeds": pooled projection of encoder 2 [B, 1280], "time_ids": [B, 6]}`` with the
+  micro-conditioning time ids (original_h, original_w, crop_top, crop_left, target_h, target_w) (Podell et al.
+  2023, Sec. 2.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+SD_KINDS = ("sd15", "sdxl")
+PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion model. ``text_encoder_2`` / ``tokenizer_2`` are set only for SDXL."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler: Any
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: Any = None
+
+    @property
+    def kind(self) -> str:
+        return "sdxl" if self.text_encoder_2 is not None else "sd15"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel along one side (8 for SD; 1 for the tiny test VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        encoders = {"text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            encoders["text_encoder_2"] = self.text_encoder_2
+        return encoders
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in SD_KINDS:
+        raise ValueError(f"Stable Diffusion kind {kind!r} not in {SD_KINDS}")
+
+
+def load_sd_components(pretrained: str, kind: str = "sd15", revision: str | None = None,
+                       variant: str | None = None, torch_dtype: torch.dtype | None = None) -> SDComponents:
+    """Load the components of a Diffusers Stable Diffusion pipeline (hub id or local directory).
+
+    Args:
+        pretrained: e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "stabilityai/stable-diffusion-xl-base-1.0", or a local pipeline directory (model_index.json).
+        kind: "sd15" or "sdxl" (SDXL also loads text_encoder_2 / tokenizer_2).
+        revision, variant: passed to ``from_pretrained`` (variant "fp16" picks the half-precision files).
+        torch_dtype: dtype of the frozen VAE / text encoders; the UNet is always loaded in float32 (trained
+            weights stay fp32, the trainer's autocast runs the low-precision compute).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    _check_kind(kind)
+    common = {"revision": revision, "variant": variant}
+    frozen = dict(common, torch_dtype=torch_dtype)
+    parts = dict(
+        unet=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **common),
+        vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **frozen),
+        text_encoder=CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **frozen),
+        tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision),
+        scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision),
+    )
+    if kind == "sdxl":
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            pretrained, subfolder="text_encoder_2", **frozen)
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision)
+    return SDComponents(**parts)
+
+
+# ----------------------------------------------------------------------------------------------- tiny models
+
+TINY_WORDS = ("a", "an", "the", "of", "on", "red", "green", "blue", "yellow", "square", "circle", "cross",
+              "shape", "background", "image", "photo", "dark", "light")
+
+
+def _word_merges(word: str) -> list[tuple[str, str]]:
+    """BPE merges that assemble ``word`` left to right into the single token ``word</w>``."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    merges, current = [], pieces[0]
+    for piece in pieces[1:]:
+        merges.append((current, piece))
+        current += piece
+    return merges
+
+
+def tiny_clip_tokenizer(words: tuple[str, ...] = TINY_WORDS, model_max_length: int = 16):
+    """A CLIP BPE tokenizer built offline: lower-case letters and digits, plus whole-word tokens for ``words``.
+
+    Unknown characters are dropped by the CLIP pre-tokenizer; captions are padded / truncated to
+    ``model_max_length`` tokens (bos + text + eos).
+    """
+    from transformers import CLIPTokenizer
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    tokens = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        for left, right in _word_merges(word):
+            if (left, right) not in merges:
+                merges.append((left, right))
+                tokens.append(left + right)
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _tiny_text_encoder(tokenizer, hidden_size: int, with_projection: bool, projection_dim: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def tiny_sd_components(kind: str = "sd15", image_size: int = 16, unet_channels: tuple[int, ...] = (16, 32),
+                       vae_channels: tuple[int, ...] = (16,), text_hidden_size: int = 32,
+                       seed: int = 0) -> SDComponents:
+    """A randomly initialised Stable Diffusion built from config (no download), for tests and CPU benchmarks.
+
+    The UNet has one cross-attention level per entry of ``unet_channels`` after the first; a one-level VAE
+    (``vae_channels`` of length 1) keeps latents at image resolution (vae_scale_factor 1). SDXL adds a second
+    (projected) text encoder and the "text_time" added conditioning with 6 time ids.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    _check_kind(kind)
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    levels = len(unet_channels)
+    groups = min(8, unet_channels[0])
+    unet_kwargs: dict[str, Any] = dict(
+        sample_size=image_size // 2 ** (len(vae_channels) - 1), in_channels=4, out_channels=4,
+        block_out_channels=tuple(unet_channels), layers_per_block=1, norm_num_groups=groups,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=text_hidden_size, attention_head_dim=4,
+    )
+    parts: dict[str, Any] = dict(tokenizer=tokenizer,
+                                 text_encoder=_tiny_text_encoder(tokenizer, text_hidden_size, False))
+    if kind == "sdxl":
+        parts["tokenizer_2"] = tiny_clip_tokenizer()
+        parts["text_encoder_2"] = _tiny_text_encoder(tokenizer, text_hidden_size, True, projection_dim=32)
+        unet_kwargs.update(cross_attention_dim=2 * text_hidden_size, addition_embed_type="text_time",
+                           addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32)
+    parts["unet"] = UNet2DConditionModel(**unet_kwargs)
+    parts["vae"] = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), norm_num_groups=min(8, vae_channels[0]),
+        layers_per_block=1, sample_size=image_size,
+    )
+    parts["scheduler"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                       beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
+                                       steps_offset=1, clip_sample=False)
+    return SDComponents(**parts)
+
+
+# ------------------------------------------------------------------------------------------ conditioning
+
+def _tokenize(tokenizer, captions: list[str], device: torch.device) -> Tensor:
+    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return ids.to(device)
+
+
+def encode_prompts(components: SDComponents, captions: list[str]) -> tuple[Tensor, Tensor | None]:
+    """Text conditioning of ``captions`` as the Diffusers pipelines compute it (no classifier-free duplication).
+
+    Returns:
+        prompt_embeds: [B, L, D] (SD1.5: last hidden state; SDXL: both encoders' penultimate states, concatenated).
+        pooled: [B, P] projected pooled embedding of SDXL's second encoder, or None for SD1.5.
+    """
+    device = next(components.text_encoder.parameters()).device
+    if components.kind == "sd15":
+        return components.text_encoder(_tokenize(components.tokenizer, captions, device))[0], None
+    states, pooled = [], None
+    for encoder, tokenizer in ((components.text_encoder, components.tokenizer),
+                               (components.text_encoder_2, components.tokenizer_2)):
+        out = encoder(_tokenize(tokenizer, captions, device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]
+    return torch.cat(states, dim=-1), pooled
+
+
+def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int],
+                  batch_size: int) -> Tensor:
+    """SDXL micro-conditioning [B, 6]: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample."""
+    row = torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+    return row.expand(batch_size, 6).clone()
+
+
+def unet_conditioning(prompt_embeds: Tensor, pooled: Tensor | None = None,
+                      time_ids: Tensor | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``UNet2DConditionModel.forward`` besides the sample and timestep."""
+    kwargs: dict[str, Any] = {"encoder_hidden_states": prompt_embeds}
+    if pooled is not None:
+        if time_ids is None:
+            raise ValueError("SDXL conditioning needs time_ids [B, 6] together with the pooled text embeddings")
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(pooled)}
+    return kwargs
+
+
+# ------------------------------------------------------------------------------------------ pipelines
+
+def build_pipeline(components: SDComponents, unet: nn.Module | None = None):
+    """A Diffusers text-to-image pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) from the
+    components, optionally with another UNet (e.g. the tuned one). No safety checker."""
+    import diffusers
+
+    cls = getattr(diffusers, PIPELINE_CLASSES[components.kind])
+    parts = dict(unet=unet if unet is not None else components.unet, vae=components.vae,
+                 text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                 scheduler=components.scheduler)
+    if components.kind == "sdxl":
+        parts.update(text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2)
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return cls(**parts)
+
+
+def save_components(components: SDComponents, directory: str) -> None:
+    """Write the components as a Diffusers pipeline directory (loadable with ``from_pretrained(directory)``)."""
+    build_pipeline(components).save_pretrained(directory)
+
