@@ -1,0 +1,302 @@
+"""Preference pairs for Diffusion-DPO: the Pick-a-Pic layout and a built-in generated data set with a known rule.
+
+An item is a dict:
+    "x_w", "x_l": [3, H, W] float32 in [-1, 1], the preferred image first (pairs are flipped when label_1 wins),
+    "caption": str (replaced by "" with probability ``empty_caption_prob``, as in the paper: 20 % by default),
+    "original_size": [2] long (H, W of the stored image), "crop_top_left": [2] long (SDXL micro-conditioning).
+
+Pick-a-Pic v2 columns (Kirstain et al. 2023): jpg_0, jpg_1 (encoded image bytes), label_0, label_1 (1 / 0, or
+0.5 / 0.5 for a tie), caption. Ties (label_0 == 0.5, about 12 % of v2) carry no preference: they are dropped and
+counted in ``source.extras["stats"]``.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .base import DataSource
+
+PICKAPIC_COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1", "caption")
+LOCAL_FORMATS = {".parquet": "parquet", ".arrow": "arrow"}
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+def decode_image(value: Any, row: int, column: str) -> Tensor:
+    """An image cell (bytes, {"bytes": ...} or a PIL image) -> [3, H, W] float32 in [-1, 1].
+
+    Raises ValueError naming the row and column when the cell is missing or not a decodable image.
+    """
+    from PIL import Image
+
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None or (isinstance(value, (bytes, bytearray)) and len(value) == 0):
+        raise ValueError(f"preference data: row {row}, column {column!r}: the image is missing")
+    try:
+        image = value if isinstance(value, Image.Image) else Image.open(io.BytesIO(value))
+        image.load()
+    except Exception as error:  # PIL raises several types for corrupt files
+        raise ValueError(f"preference data: row {row}, column {column!r}: cannot decode the image ({error})") from error
+    pixels = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+    return pixels.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def resize_shorter_side(image: Tensor, size: int) -> Tensor:
+    """[C, H, W] -> [C, H', W'] with min(H', W') = size, aspect ratio kept (bilinear, antialiased)."""
+    height, width = image.shape[-2:]
+    scale = size / min(height, width)
+    new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+    return F.interpolate(image[None], size=new_size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def crop_offsets(height: int, width: int, size: int, random_crop: bool) -> tuple[int, int]:
+    """(top, left) of a size x size crop: uniform at random, or centred."""
+    if random_crop:
+        return int(torch.randint(height - size + 1, ())), int(torch.randint(width - size + 1, ()))
+    return (height - size) // 2, (width - size) // 2
+
+
+def pair_transform(x_w: Tensor, x_l: Tensor, size: int, random_crop: bool, random_flip: bool) -> dict[str, Tensor]:
+    """Resize both images, then apply ONE crop and ONE horizontal flip to the pair (the two images of a pair must
+    stay comparable). Returns x_w, x_l [3, size, size] and the SDXL micro-conditioning of the pair."""
+    original_size = torch.tensor(x_w.shape[-2:])
+    x_w, x_l = resize_shorter_side(x_w, size), resize_shorter_side(x_l, size)
+    if x_w.shape != x_l.shape:
+        x_l = F.interpolate(x_l[None], size=x_w.shape[-2:], mode="bilinear", align_corners=False)[0]
+    top, left = crop_offsets(*x_w.shape[-2:], size, random_crop)
+    x_w, x_l = (x[:, top:top + size, left:left + size] for x in (x_w, x_l))
+    if random_flip and bool(torch.rand(()) < 0.5):
+        x_w, x_l = x_w.flip(-1), x_l.flip(-1)
+    return {"x_w": x_w.clamp(-1, 1), "x_l": x_l.clamp(-1, 1), "original_size": original_size,
+            "crop_top_left": torch.tensor([top, left])}
+
+
+def maybe_empty(caption: str, empty_caption_prob: float) -> str:
+    """The caption, or "" with probability ``empty_caption_prob`` (trains the unconditional model for CFG)."""
+    return "" if empty_caption_prob > 0 and bool(torch.rand(()) < empty_caption_prob) else caption
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"data.{name} must be in [0, 1], got {value}")
+
+
+# ------------------------------------------------------------------------------------------ Pick-a-Pic
+
+def preference_rows(label_0: list[float]) -> tuple[list[int], list[bool], int]:
+    """Rows with a strict preference, whether each row's winner is image 1, and the number of ties dropped."""
+    rows, flipped, ties = [], [], 0
+    for row, label in enumerate(label_0):
+        if label == 0.5:
+            ties += 1
+            continue
+        rows.append(row)
+        flipped.append(label < 0.5)
+    return rows, flipped, ties
+
+
+class PickAPicPairs(Dataset):
+    """Preference pairs of a Hugging Face dataset in the Pick-a-Pic layout (see the module docstring)."""
+
+    def __init__(self, table, resolution: int, random_crop: bool = False, random_flip: bool = True,
+                 empty_caption_prob: float = 0.2, skip_bad: bool = False):
+        missing = [c for c in PICKAPIC_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(f"preference data lacks the Pick-a-Pic columns {missing} (has {table.column_names})")
+        _check_probability("empty_caption_prob", empty_caption_prob)
+        self.table, self.resolution = table, resolution
+        self.random_crop, self.random_flip, self.empty_caption_prob = random_crop, random_flip, empty_caption_prob
+        self.rows, self.flipped, ties = preference_rows(list(table["label_0"]))
+        self.stats = {"rows": len(table), "ties_dropped": ties, "bad_skipped": 0}
+        if skip_bad:
+            self._drop_bad_rows()
+        self.stats["pairs"] = len(self.rows)
+
+    def _drop_bad_rows(self) -> None:
+        """Decode every pair once and forget those with a missing or corrupt image (counted in stats)."""
+        keep = []
+        for index, row in enumerate(self.rows):
+            try:
+                self._images(row)
+                keep.append(index)
+            except ValueError:
+                self.stats["bad_skipped"] += 1
+        self.rows = [self.rows[i] for i in keep]
+        self.flipped = [self.flipped[i] for i in keep]
+
+    def _images(self, row: int) -> tuple[Tensor, Tensor]:
+        record = self.table[row]
+        return decode_image(record["jpg_0"], row, "jpg_0"), decode_image(record["jpg_1"], row, "jpg_1")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        image_0, image_1 = self._images(row)
+        x_w, x_l = (image_1, image_0) if self.flipped[index] else (image_0, image_1)
+        item = pair_transform(x_w, x_l, self.resolution, self.random_crop, self.random_flip)
+        item["caption"] = maybe_empty(self.table[row]["caption"] or "", self.empty_caption_prob)
+        return item
+
+
+def load_table(path: str, split: str = "train", data_files: str | list[str] | None = None):
+    """A Hugging Face ``datasets.Dataset``: local parquet/arrow files (a file, a glob, or a directory of them) or a
+    hub id / dataset script loaded with ``load_dataset(path, split=split)``."""
+    import datasets
+
+    if data_files is None and os.path.isdir(path):
+        data_files = sorted(f for ext in LOCAL_FORMATS for f in glob.glob(os.path.join(path, "**", "*" + ext),
+                                                                          recursive=True)) or None
+    elif data_files is None and os.path.splitext(path)[1] in LOCAL_FORMATS:
+        data_files = path
+    if data_files is None:
+        return datasets.load_dataset(path, split=split)
+    files = [data_files] if isinstance(data_files, str) else list(data_files)
+    formats = {LOCAL_FORMATS.get(os.path.splitext(f)[1]) for f in files}
+    if len(formats) != 1 or None in formats:
+        raise ValueError(f"data.data_files must all be one of {sorted(LOCAL_FORMATS)} files, got {files[:3]}")
+    return datasets.load_dataset(formats.pop(), data_files=files, split="train")
+
+
+def pickapic(path: str = "yuvalkirstain/pickapic_v2", split: str = "train", data_files: str | list[str] | None = None,
+             resolution: int = 512, random_crop: bool = False, random_flip: bool = True,
+             empty_caption_prob: float = 0.2, skip_bad: bool = False, max_pairs: int | None = None) -> DataSource:
+    """Pick-a-Pic preference pairs (hub id or local parquet/arrow files), ties dropped, winner first.
+
+    Args:
+        path: hub id, a local parquet/arrow file, or a directory of them.
+        split: split of a hub dataset.
+        data_files: explicit local files (overrides the discovery from ``path``).
+        resolution: output side (shorter side resized, then a square crop).
+        random_crop: random instead of centre crop; random_flip: horizontal flip of the whole pair half the time.
+        empty_caption_prob: share of captions replaced by "" (paper: 0.2).
+        skip_bad: drop (and count) pairs whose images are missing or corrupt instead of failing on them.
+        max_pairs: keep only the first rows of the table (quick runs).
+    """
+    if resolution < 8:
+        raise ValueError(f"data.resolution must be >= 8, got {resolution}")
+    table = load_table(path, split, data_files)
+    if max_pairs is not None:
+        table = table.select(range(min(max_pairs, len(table))))
+    pairs = PickAPicPairs(table, resolution, random_crop, random_flip, empty_caption_prob, skip_bad)
+    return DataSource(pairs, (3, resolution, resolution), 0, name=f"pickapic:{path}", extras={"stats": pairs.stats})
+
+
+# ------------------------------------------------------------------------------------------ built-in pairs
+
+COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
+SHAPES = ("square", "circle", "cross")
+
+
+def shape_mask(shape: str, size: int, centre: Tensor, radius: Tensor) -> Tensor:
+    """[size, size] bool mask of a square, disc or plus-shaped cross with the given centre (row, col) and radius."""
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    dy, dx = (coords[:, None] - centre[0]).abs(), (coords[None, :] - centre[1]).abs()
+    if shape == "square":
+        return (dy <= radius) & (dx <= radius)
+    if shape == "circle":
+        return dy ** 2 + dx ** 2 <= radius ** 2
+    arm = radius / 3
+    return ((dy <= radius) & (dx <= arm)) | ((dx <= radius) & (dy <= arm))
+
+
+def _chroma_directions() -> Tensor:
+    """[K, 3] unit vectors of the colours of COLOURS with the grey component removed (order of COLOURS)."""
+    rgb = torch.tensor(list(COLOURS.values()))
+    centred = rgb - rgb.mean(dim=1, keepdim=True)
+    return centred / centred.norm(dim=1, keepdim=True)
+
+
+def caption_colour(caption: str) -> int:
+    """Index in COLOURS of the first colour word of ``caption``; ValueError if it names none."""
+    for word in caption.lower().split():
+        if word in COLOURS:
+            return list(COLOURS).index(word)
+    raise ValueError(f"caption {caption!r} names no colour of {list(COLOURS)}")
+
+
+def shape_colour_reward(images: Tensor, captions: list[str]) -> Tensor:
+    """The KNOWN preference rule of the built-in pairs as a scorer: mean over pixels of the projection of the pixel
+    colour (grey removed) onto the caption's colour direction, in [-1, 1] image units. [B, 3, H, W] -> [B].
+
+    Grey pixels score 0, pixels of the named colour score > 0; the winner of every built-in pair scores higher
+    than its loser (same layout, only the shape's colour differs)."""
+    directions = _chroma_directions().to(images)[[caption_colour(c) for c in captions]]      # [B, 3]
+    grey_removed = images - images.mean(dim=1, keepdim=True)
+    return torch.einsum("bchw,bc->b", grey_removed, directions) / (images.shape[-1] * images.shape[-2])
+
+
+def _shape_image(mask: Tensor, colour: Tensor, background: float, noise: Tensor) -> Tensor:
+    image = torch.full((3, *mask.shape), background)
+    image = torch.where(mask, colour[:, None, None] * 2.0 - 1.0, image)
+    return (image + noise).clamp(-1, 1)
+
+
+def generate_shape_pairs(num_pairs: int, resolution: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Pairs of images of one shape on a grey background; the caption "a <colour> <shape>" names the winner's
+    colour, the loser shows the same shape at the same place in another colour.
+
+    Returns tensors x_w, x_l [N, 3, R, R] in [-1, 1] and the list of captions."""
+    generator = torch.Generator().manual_seed(seed)
+    names, palette = list(COLOURS), torch.tensor(list(COLOURS.values()))
+    x_w, x_l, captions = [], [], []
+    for _ in range(num_pairs):
+        colour, shape = torch.randint(len(names), (), generator=generator), torch.randint(len(SHAPES), (), generator=generator)
+        other = (colour + torch.randint(1, len(names), (), generator=generator)) % len(names)
+        radius = resolution * (0.2 + 0.15 * torch.rand((), generator=generator))
+        centre = radius + (resolution - 2 * radius) * torch.rand(2, generator=generator)
+        mask = shape_mask(SHAPES[shape], resolution, centre, radius)
+        background = float(-0.6 + 0.4 * torch.rand((), generator=generator))
+        noise = 0.03 * torch.randn(3, resolution, resolution, generator=generator)
+        x_w.append(_shape_image(mask, palette[colour], background, noise))
+        x_l.append(_shape_image(mask, palette[other], background, noise))
+        captions.append(f"a {names[colour]} {SHAPES[shape]}")
+    return {"x_w": torch.stack(x_w), "x_l": torch.stack(x_l), "captions": captions}
+
+
+class GeneratedPairs(Dataset):
+    """In-memory preference pairs (tensors x_w, x_l and captions) with the item layout of the module docstring."""
+
+    def __init__(self, x_w: Tensor, x_l: Tensor, captions: list[str], empty_caption_prob: float = 0.0):
+        _check_probability("empty_caption_prob", empty_caption_prob)
+        self.x_w, self.x_l, self.captions, self.empty_caption_prob = x_w, x_l, captions, empty_caption_prob
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        size = torch.tensor(self.x_w.shape[-2:])
+        return {"x_w": self.x_w[index], "x_l": self.x_l[index], "caption": maybe_empty(self.captions[index],
+                self.empty_caption_prob), "original_size": size, "crop_top_left": torch.zeros(2, dtype=torch.long)}
+
+
+SPLIT_SEEDS = {"train": 0, "test": 1}
+
+
+def shape_preferences(num_pairs: int = 512, resolution: int = 16, split: str = "train",
+                      empty_caption_prob: float = 0.0, seed: int = 0) -> DataSource:
+    """Built-in generated preference pairs (no download): coloured shapes whose caption names the preferred colour.
+
+    ``split`` 'train' and 'test' draw disjoint random streams (held-out pairs for the implicit reward accuracy).
+    ``extras["reward"]`` is the known rule as a scorer (``shape_colour_reward(images, captions) -> [B]``) and
+    ``extras["prompts"]`` the distinct captions (fixed prompts for reward-of-samples evaluation).
+    """
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"data.split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+    if num_pairs < 1 or resolution < 8:
+        raise ValueError(f"data.num_pairs must be >= 1 and data.resolution >= 8, got {num_pairs}, {resolution}")
+    pairs = generate_shape_pairs(num_pairs, resolution, seed=2 * seed + SPLIT_SEEDS[split])
+    dataset = GeneratedPairs(pairs["x_w"], pairs["x_l"], pairs["captions"], empty_caption_prob)
+    prompts = sorted(f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES)
+    return DataSource(dataset, (3, resolution, resolution), 0, name=f"shape-preferences-{split}",
+                      extras={"reward": shape_colour_reward, "prompts": prompts,
+                              "stats": {"rows": num_pairs, "ties_dropped": 0, "bad_skipped": 0, "pairs": num_pairs}})
