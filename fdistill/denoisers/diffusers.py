@@ -1,0 +1,257 @@
+"""Diffusers models trained with a discrete VP (DDPM) schedule, seen as denoisers in sigma units.
+
+This module is the ONE place that knows diffusers timesteps and ``prediction_type``.
+
+Discrete VP schedule (Ho et al. 2020): x_t = alpha_t x0 + s_t eps with alpha_t = sqrt(abar_t), s_t = sqrt(1 - abar_t),
+t = 0 .. T-1. Dividing by alpha_t gives the VE form of EDM (Karras et al. 2022, Eq. 1 / Table 1 "VP"):
+
+    x = x_t / alpha_t = x0 + sigma eps,   sigma(t) = s_t / alpha_t = sqrt((1 - abar_t) / abar_t),
+    x_t = x / sqrt(1 + sigma^2)           (alpha = 1 / sqrt(1 + sigma^2), s = sigma / sqrt(1 + sigma^2)).
+
+Raw outputs -> x0 (all in data units, the same x0 in both forms):
+    epsilon:      x0 = x - sigma * eps                      (= (x_t - s eps) / alpha)
+    v_prediction: v = alpha eps - s x0  =>  x0 = alpha x_t - s v   (Salimans & Ho 2022, Sec. 4; alpha^2 + s^2 = 1)
+    sample:       x0 = output
+
+Non-grid sigmas map to fractional timesteps by linear interpolation in log sigma (passed to the network as float,
+its sinusoidal embedding is continuous); sigmas outside [sigma(0), sigma(T-1)] use the end timesteps.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .base import append_dims, as_sigma_batch
+from .features import FeatureMixin
+
+
+def alphas_cumprod_from_scheduler(scheduler: Any) -> Tensor:
+    """abar_t [T] (float64) of a diffusers scheduler object, or of a scheduler config (dict / FrozenDict).
+
+    A config is turned into a ``DDPMScheduler`` so diffusers' own beta schedules (linear, scaled_linear,
+    squaredcos_cap_v2, trained_betas, rescale_betas_zero_snr) are used rather than re-derived.
+    """
+    if not hasattr(scheduler, "alphas_cumprod"):
+        from diffusers import DDPMScheduler
+        config = dict(getattr(scheduler, "config", scheduler))
+        scheduler = DDPMScheduler.from_config(config)
+    return torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
+
+
+def _x0_from_epsilon(x: Tensor, x_vp: Tensor, out: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return x - sigma * out
+
+
+def _x0_from_v(x: Tensor, x_vp: Tensor, out: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return alpha * x_vp - (sigma * alpha) * out          # s = sigma * alpha
+
+
+def _x0_from_sample(x: Tensor, x_vp: Tensor, out: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return out
+
+
+# prediction_type -> f(x, x_vp, raw output, alpha, sigma) -> x0; alpha and sigma are broadcastable to x.
+X0_FROM_PREDICTION: dict[str, Callable[..., Tensor]] = {
+    "epsilon": _x0_from_epsilon,
+    "v_prediction": _x0_from_v,
+    "sample": _x0_from_sample,
+}
+
+
+class VPSchedule(nn.Module):
+    """sigma(t) of a discrete VP schedule and its inverse (fractional t by interpolation in log sigma).
+
+    Args:
+        alphas_cumprod: [T] abar_t, decreasing in t (float64 kept).
+    """
+
+    def __init__(self, alphas_cumprod: Tensor):
+        super().__init__()
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).clamp(min=1e-12)  # zero-SNR ends stay finite
+        log_sigmas = 0.5 * torch.log((1 - abar) / abar)
+        if not (log_sigmas[1:] > log_sigmas[:-1]).all():
+            raise ValueError("alphas_cumprod must be strictly decreasing (sigma(t) increasing) to map sigma -> t")
+        self.register_buffer("log_sigmas", log_sigmas)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.log_sigmas[0].exp())
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.log_sigmas[-1].exp())
+
+    def sigma_at(self, timesteps: Tensor) -> Tensor:
+        """sigma of integer timesteps [B] (float64)."""
+        return self.log_sigmas[timesteps.long()].exp()
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """Fractional timestep [B] (float32) for sigma [B] > 0, clamped to [0, T-1]."""
+        log_sigmas = self.log_sigmas
+        log_sigma = sigma.to(torch.float64).log().clamp(log_sigmas[0], log_sigmas[-1])
+        upper = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
+        lower = upper - 1
+        weight = (log_sigma - log_sigmas[lower]) / (log_sigmas[upper] - log_sigmas[lower])
+        return (lower + weight).float()
+
+
+def _call_unet2d(net: nn.Module, x_in: Tensor, timestep: Tensor, cond: Any) -> Tensor:
+    return net(x_in, timestep, class_labels=cond).sample
+
+
+def _call_unet2d_condition(net: nn.Module, x_in: Tensor, timestep: Tensor, cond: Any) -> Tensor:
+    """cond: encoder_hidden_states [B, L, D], or a dict with "encoder_hidden_states" and optionally
+    "added_cond_kwargs" (SDXL: {"text_embeds": [B, D'], "time_ids": [B, 6]}) and "class_labels"."""
+    if isinstance(cond, Tensor):
+        cond = {"encoder_hidden_states": cond}
+    if not isinstance(cond, dict) or "encoder_hidden_states" not in cond:
+        raise ValueError("UNet2DConditionModel needs cond = encoder_hidden_states [B, L, D] or a dict with "
+                         "'encoder_hidden_states' (and 'added_cond_kwargs' for SDXL)")
+    dtype = x_in.dtype
+    added = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (cond.get("added_cond_kwargs") or {}).items()}
+    return net(x_in, timestep, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+               class_labels=cond.get("class_labels"), added_cond_kwargs=added or None).sample
+
+
+def _call_dit(net: nn.Module, x_in: Tensor, timestep: Tensor, cond: Any) -> Tensor:
+    return net(x_in, timestep=timestep, class_labels=cond).sample
+
+
+# Diffusers model class name -> how to call it with (input, float timestep [B], condition).
+MODEL_CALLS: dict[str, Callable[[nn.Module, Tensor, Tensor, Any], Tensor]] = {
+    "UNet2DModel": _call_unet2d,
+    "UNet2DConditionModel": _call_unet2d_condition,
+    "DiTTransformer2DModel": _call_dit,
+}
+
+# Default feature block per model class: the UNet bottleneck; for DiT the block in the middle of the stack.
+DEFAULT_FEATURE_BLOCKS: dict[str, Callable[[nn.Module], str]] = {
+    "UNet2DModel": lambda net: "mid_block",
+    "UNet2DConditionModel": lambda net: "mid_block",
+    "DiTTransformer2DModel": lambda net: f"transformer_blocks.{len(net.transformer_blocks) // 2}",
+}
+
+
+def model_class_name(net: nn.Module) -> str:
+    """The supported diffusers class ``net`` is an instance of (subclasses count)."""
+    for cls in type(net).__mro__:
+        if cls.__name__ in MODEL_CALLS:
+            return cls.__name__
+    raise TypeError(f"unsupported model class {type(net).__name__}; supported: {sorted(MODEL_CALLS)}")
+
+
+def conditioning_type(net: nn.Module) -> str:
+    """"none", "class" (labels [B] long, null class = num_classes) or "text" (encoder_hidden_states)."""
+    name = model_class_name(net)
+    if name == "UNet2DConditionModel":
+        return "text"
+    if name == "DiTTransformer2DModel":
+        return "class"
+    return "class" if getattr(net.config, "num_class_embeds", None) else "none"
+
+
+def num_classes_of(net: nn.Module) -> int | None:
+    """Number of real classes of a class-conditional network (its null/CFG class index), else None."""
+    if conditioning_type(net) != "class":
+        return None
+    if model_class_name(net) == "DiTTransformer2DModel":
+        return int(net.config.num_embeds_ada_norm)        # the embedding table has one more row: the null class
+    return int(net.config.num_class_embeds) - 1           # fdistill convention: last embedding row = null class
+
+
+def expand_null(null: Any, batch: int) -> Any:
+    """Repeat a [1, ...] null condition (tensor, or dict of tensors / dicts) to batch size ``batch``."""
+    if isinstance(null, dict):
+        return {key: expand_null(value, batch) for key, value in null.items()}
+    return null.expand(batch, *null.shape[1:]) if null.shape[0] == 1 else null
+
+
+def condition_batch_size(cond: Any) -> int:
+    """Batch size of a condition: labels [B], embeddings [B, L, D], or a dict holding encoder_hidden_states."""
+    return (cond["encoder_hidden_states"] if isinstance(cond, dict) else torch.as_tensor(cond)).shape[0]
+
+
+def to_device(cond: Any, device: torch.device) -> Any:
+    """Move a condition (tensor, dict of tensors / dicts, or None) to ``device``."""
+    if isinstance(cond, dict):
+        return {key: to_device(value, device) for key, value in cond.items()}
+    return cond.to(device) if isinstance(cond, Tensor) else cond
+
+
+class DiffusersDenoiser(FeatureMixin, nn.Module):
+    """A diffusers UNet2DModel / UNet2DConditionModel / DiTTransformer2DModel with its VP scheduler, as a denoiser.
+
+    Args:
+        net: the diffusers model.
+        scheduler: its scheduler (object or config dict); read for ``prediction_type`` and ``alphas_cumprod``.
+        dtype: run the network in this dtype (e.g. torch.bfloat16); inputs and outputs stay float32.
+        feature_block: sub-module whose output ``features`` returns (default: mid_block; DiT: middle block).
+        null_cond: the null condition of text models for classifier-free guidance (e.g. the empty-prompt
+            encoder_hidden_states [1, L, D], or for SDXL a dict with [1, ...] tensors); class models use the null
+            class ``num_classes``.
+
+    Forward: x [B, C, H, W] = x0 + sigma eps, sigma [B] -> x0 [B, C, H, W] (float32; float64 if x is float64).
+    If the network predicts a learned variance too (out_channels = 2 * in_channels, DiT / IF), the second half of
+    its channels is dropped.
+    """
+
+    def __init__(self, net: nn.Module, scheduler: Any, dtype: torch.dtype | None = None,
+                 feature_block: str | None = None, null_cond: Any = None):
+        super().__init__()
+        self.model_class = model_class_name(net)
+        config = getattr(scheduler, "config", scheduler)
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        if self.prediction_type not in X0_FROM_PREDICTION:
+            raise ValueError(f"scheduler prediction_type {self.prediction_type!r} not supported; "
+                             f"allowed: {sorted(X0_FROM_PREDICTION)}")
+        self.scheduler_config = dict(config)
+        self.net = net if dtype is None else net.to(dtype)
+        self.schedule = VPSchedule(alphas_cumprod_from_scheduler(scheduler))
+        self.feature_block = feature_block or DEFAULT_FEATURE_BLOCKS[self.model_class](net)
+        self.conditioning = conditioning_type(net)
+        self.num_classes = num_classes_of(net)
+        self.null_cond = null_cond
+        in_channels = net.config.in_channels
+        self.sample_shape = (in_channels, net.config.sample_size, net.config.sample_size)
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
+    def null_condition(self, batch: int, like: Any = None) -> Any:
+        """The null (unconditional) condition for ``batch`` samples: the null class ``num_classes`` for class models,
+        ``null_cond`` repeated for text models (SDXL keeps the image-size ``time_ids`` of ``like``), None otherwise."""
+        if self.conditioning == "class":
+            return torch.full((batch,), self.num_classes, dtype=torch.long)
+        if self.conditioning == "none":
+            return None
+        if self.null_cond is None:
+            raise ValueError(f"{self.model_class} has no null condition: pass null_cond= (e.g. the encoded empty "
+                             "prompt) to DiffusersDenoiser for classifier-free guidance or unconditional calls")
+        null = expand_null(self.null_cond, batch)
+        if isinstance(like, dict) and "added_cond_kwargs" in like:
+            null = {**null, "added_cond_kwargs": {**null.get("added_cond_kwargs", {}),
+                                                  "time_ids": like["added_cond_kwargs"]["time_ids"]}}
+        return null
+
+    def uncond(self, cond: Any) -> Any:
+        """The null condition matching ``cond`` (same batch size), for ClassifierFreeGuidance(uncond=wrapper.uncond)."""
+        return self.null_condition(condition_batch_size(cond), like=cond)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, cond: Any = None) -> Tensor:
+        out_dtype = torch.promote_types(x.dtype, torch.float32)
+        sigma = as_sigma_batch(sigma, x).to(out_dtype)
+        alpha = append_dims(1.0 / torch.sqrt(1.0 + sigma ** 2), x.ndim)
+        x = x.to(out_dtype)
+        x_vp = x * alpha
+        net_dtype = self.net.dtype
+        raw = MODEL_CALLS[self.model_class](self.net, x_vp.to(net_dtype), self.schedule.timestep(sigma),
+                                            to_device(self.null_condition(x.shape[0]) if cond is None else cond, x.device))
+        raw = raw[:, : x.shape[1]].to(out_dtype)      # learned-variance channels dropped
+        return X0_FROM_PREDICTION[self.prediction_type](x, x_vp, raw, alpha, append_dims(sigma, x.ndim))
