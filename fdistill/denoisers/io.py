@@ -1,0 +1,292 @@
+"""Model directories: save a denoiser / one-step generator, load it (or a Diffusers model) back as a denoiser.
+
+fdistill layout (``save_denoiser``)::
+
+    dir/fdistill.json      {"format": 1, "wrapper": "edm" | "vp", "model_class", "kind": "denoiser" | "generator",
+                            "generator_sigma", "sample_shape", "num_classes", "conditioning", "sigma_min",
+                            "sigma_max", "feature_block", + "sigma_data" (edm)}
+    dir/unet/              the network's ``save_pretrained`` (safetensors + config.json); plain Diffusers loads it
+                           with ``<ModelClass>.from_pretrained(dir, subfolder="unet")``
+    dir/scheduler/         scheduler_config.json ("vp" wrappers: prediction_type and beta schedule)
+
+A one-step generator is used as x = D(generator_sigma * z, generator_sigma), z ~ N(0, I).
+
+``load_denoiser`` also reads Diffusers pipeline directories / hub ids (model_index.json with a ``unet`` or
+``transformer`` and a ``scheduler``) and bare Diffusers model directories (config.json, with scheduler_config.json
+beside it or in ../scheduler).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .diffusers import DiffusersDenoiser
+from .edm import EDMPrecond
+
+FORMAT_FILE = "fdistill.json"
+FORMAT_VERSION = 1
+KINDS = ("denoiser", "generator")
+NETWORK_DIR = "unet"
+SCHEDULER_DIR = "scheduler"
+PIPELINE_MODEL_COMPONENTS = ("unet", "transformer")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# model_class name in a config / fdistill.json -> module that defines it.
+MODEL_CLASSES = {
+    "UNet2DModel": "diffusers",
+    "UNet2DConditionModel": "diffusers",
+    "DiTTransformer2DModel": "diffusers",
+    "MLPNetwork": "fdistill.networks",
+}
+
+
+@dataclass
+class ModelInfo:
+    """What a model directory says about its model.
+
+    Attributes:
+        kind: "denoiser" (multi-step sampling) or "generator" (one step: x = D(generator_sigma * z, generator_sigma)).
+        generator_sigma: noise level of a generator's input (None for denoisers).
+        sample_shape: shape of one sample (C, H, W) or (dim,) (latents for latent-diffusion pipelines).
+        num_classes: real classes of a class-conditional model (the null class index), else None.
+        conditioning: "none", "class" (labels [B]) or "text" (encoder_hidden_states).
+        sigma_min, sigma_max: noise range of the model.
+        wrapper: "edm" or "vp".
+        source: the path or hub id it was loaded from.
+        components: other pipeline parts by name -> path or hub id + subfolder (e.g. {"vae": ".../vae"}).
+    """
+
+    kind: str = "denoiser"
+    generator_sigma: float | None = None
+    sample_shape: tuple[int, ...] = ()
+    num_classes: int | None = None
+    conditioning: str = "none"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    wrapper: str = "edm"
+    source: str = ""
+    components: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+
+
+def _edm_fields(denoiser: EDMPrecond) -> dict[str, Any]:
+    return {"wrapper": "edm", "sigma_data": denoiser.sigma_data}
+
+
+def _vp_fields(denoiser: DiffusersDenoiser) -> dict[str, Any]:
+    return {"wrapper": "vp", "prediction_type": denoiser.prediction_type}
+
+
+def _write_scheduler(denoiser: DiffusersDenoiser, directory: Path) -> None:
+    config = {"_class_name": "DDPMScheduler", **denoiser.scheduler_config}
+    directory.mkdir()
+    (directory / "scheduler_config.json").write_text(json.dumps(config, indent=2, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
+
+
+# wrapper class -> (wrapper-specific fdistill.json fields, extra files writer or None)
+SAVERS: dict[type, tuple[Callable[[Any], dict], Callable[[Any, Path], None] | None]] = {
+    EDMPrecond: (_edm_fields, None),
+    DiffusersDenoiser: (_vp_fields, lambda d, root: _write_scheduler(d, root / SCHEDULER_DIR)),
+}
+
+
+def _saver_for(denoiser: nn.Module):
+    for cls in type(denoiser).__mro__:
+        if cls in SAVERS:
+            return SAVERS[cls]
+    raise TypeError(f"save_denoiser: cannot save a {type(denoiser).__name__}; supported wrappers: "
+                    f"{[c.__name__ for c in SAVERS]} (unwrap guidance / EMA wrappers first)")
+
+
+def model_info_dict(denoiser: nn.Module, kind: str, generator_sigma: float | None) -> dict[str, Any]:
+    """The fdistill.json content for ``denoiser``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "generator" and not (generator_sigma and generator_sigma > 0):
+        raise ValueError(f"a generator needs generator_sigma > 0, got {generator_sigma!r}")
+    fields, _ = _saver_for(denoiser)
+    return {"format": FORMAT_VERSION, **fields(denoiser), "model_class": type(denoiser.net).__name__,
+            "kind": kind, "generator_sigma": generator_sigma if kind == "generator" else None,
+            "sample_shape": list(denoiser.sample_shape), "num_classes": denoiser.num_classes,
+            "conditioning": denoiser.conditioning, "sigma_min": denoiser.sigma_min,
+            "sigma_max": denoiser.sigma_max, "feature_block": denoiser.feature_block}
+
+
+def save_denoiser(denoiser: nn.Module, directory: str | os.PathLike, kind: str = "denoiser",
+                  generator_sigma: float | None = None) -> Path:
+    """Write ``denoiser`` (an EDMPrecond / MLPDenoiser or a DiffusersDenoiser) as an fdistill model directory.
+
+    The write is atomic: everything goes to a temporary sibling directory that is renamed into place, so a crash
+    never leaves a half-written model, and an existing directory is replaced only once the new one is complete.
+    Returns the directory path.
+    """
+    directory = Path(directory)
+    info = model_info_dict(denoiser, kind, generator_sigma)
+    _, write_extra = _saver_for(denoiser)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        denoiser.net.save_pretrained(staging / NETWORK_DIR, safe_serialization=True)
+        if write_extra is not None:
+            write_extra(denoiser, staging)
+        (staging / FORMAT_FILE).write_text(json.dumps(info, indent=2))
+        _replace_directory(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and removed afterwards."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.replace(target, old / "previous")
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+class _Source:
+    """A local directory or a Hugging Face hub repository, read file by file (hub files are fetched on demand)."""
+
+    def __init__(self, path_or_hub_id: str | os.PathLike, subfolder: str | None):
+        self.name = str(path_or_hub_id)
+        self.local = Path(path_or_hub_id).exists()
+        if not self.local and (os.path.isabs(self.name) or not HUB_ID.match(self.name)):
+            raise FileNotFoundError(f"model path {self.name!r} does not exist (and is not a hub id 'owner/name')")
+        self.subfolder = subfolder
+
+    def join(self, *parts: str) -> str:
+        """Path (local) or subfolder (hub) of ``parts`` under the source's subfolder."""
+        parts = tuple(p for p in (self.subfolder, *parts) if p)
+        return "/".join(parts)
+
+    def read_json(self, *parts: str) -> dict | None:
+        """The JSON file at ``parts`` or None when it does not exist."""
+        relative = self.join(*parts)
+        if self.local:
+            path = Path(self.name) / relative
+            return json.loads(path.read_text()) if path.is_file() else None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError
+        try:
+            return json.loads(Path(hf_hub_download(self.name, relative)).read_text())
+        except EntryNotFoundError:
+            return None
+        except Exception as error:       # offline, unknown repo, gated...: say which source failed
+            raise FileNotFoundError(f"model {self.name!r} is not a local path and could not be read from the "
+                                    f"Hugging Face hub: {error}") from error
+
+    def location(self, *parts: str) -> str:
+        """Where a component lives, for from_pretrained(location) or ModelInfo.components."""
+        return str(Path(self.name) / self.join(*parts)) if self.local else f"{self.name}:{self.join(*parts)}"
+
+    def load_model(self, class_name: str, component: str | None) -> nn.Module:
+        if class_name not in MODEL_CLASSES:
+            raise ValueError(f"{self.name}: model class {class_name!r} not supported; allowed: {sorted(MODEL_CLASSES)}")
+        cls = getattr(importlib.import_module(MODEL_CLASSES[class_name]), class_name)
+        if self.local:
+            return cls.from_pretrained(Path(self.name) / self.join(component or ""))
+        return cls.from_pretrained(self.name, subfolder=self.join(component or "") or None)
+
+
+def _load_fdistill(source: _Source, meta: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
+    net = source.load_model(meta["model_class"], NETWORK_DIR)
+    if meta["wrapper"] == "edm":
+        denoiser = EDMPrecond(net, sigma_data=meta["sigma_data"], dtype=dtype, feature_block=meta["feature_block"],
+                              sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"])
+    elif meta["wrapper"] == "vp":
+        scheduler = _required_json(source, SCHEDULER_DIR, "scheduler_config.json")
+        denoiser = DiffusersDenoiser(net, scheduler, dtype=dtype, feature_block=meta["feature_block"])
+    else:
+        raise ValueError(f"{source.name}/{FORMAT_FILE}: wrapper {meta['wrapper']!r} not in ['edm', 'vp']")
+    info = ModelInfo(kind=meta["kind"], generator_sigma=meta["generator_sigma"], wrapper=meta["wrapper"])
+    return denoiser, info
+
+
+def _required_json(source: _Source, *parts: str) -> dict:
+    content = source.read_json(*parts)
+    if content is None:
+        raise FileNotFoundError(f"{source.name}: missing {source.join(*parts)}")
+    return content
+
+
+def _load_pipeline(source: _Source, index: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
+    component = next((c for c in PIPELINE_MODEL_COMPONENTS if c in index), None)
+    if component is None:
+        raise ValueError(f"{source.name}: model_index.json has none of the components {PIPELINE_MODEL_COMPONENTS}")
+    net = source.load_model(index[component][1], component)
+    scheduler = _required_json(source, SCHEDULER_DIR, "scheduler_config.json")
+    others = {name: source.location(name) for name, value in index.items()
+              if not name.startswith("_") and name not in (component, SCHEDULER_DIR) and isinstance(value, list)
+              and value[0] is not None}
+    return DiffusersDenoiser(net, scheduler, dtype=dtype), ModelInfo(wrapper="vp", components=others)
+
+
+def _load_bare_model(source: _Source, config: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
+    scheduler = source.read_json("scheduler_config.json") or source.read_json("..", SCHEDULER_DIR,
+                                                                              "scheduler_config.json")
+    if scheduler is None:
+        raise FileNotFoundError(f"{source.name}: a bare Diffusers model needs its scheduler: expected "
+                                f"scheduler_config.json beside config.json or in ../{SCHEDULER_DIR}/")
+    net = source.load_model(config.get("_class_name", "?"), None)
+    return DiffusersDenoiser(net, scheduler, dtype=dtype), ModelInfo(wrapper="vp")
+
+
+def load_denoiser(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> tuple[nn.Module, ModelInfo]:
+    """Load a model directory or hub id as a denoiser; returns (denoiser in eval mode, ModelInfo).
+
+    Accepts, in this order: an fdistill directory (fdistill.json), a Diffusers pipeline (model_index.json: the
+    ``unet`` or ``transformer`` plus ``scheduler``), a bare Diffusers model directory (config.json + a scheduler).
+    ``subfolder`` selects a directory inside the path / repository. ``dtype`` is the network's compute dtype
+    (inputs and outputs stay float32).
+    Raises FileNotFoundError for a missing path, ValueError for a directory that is none of these.
+    """
+    source = _Source(path_or_hub_id, subfolder)
+    if (meta := source.read_json(FORMAT_FILE)) is not None:
+        denoiser, info = _load_fdistill(source, meta, dtype)
+    elif (index := source.read_json("model_index.json")) is not None:
+        denoiser, info = _load_pipeline(source, index, dtype)
+    elif (config := source.read_json("config.json")) is not None:
+        denoiser, info = _load_bare_model(source, config, dtype)
+    else:
+        raise ValueError(f"{source.location()} is not a model directory: expected {FORMAT_FILE} (fdistill), "
+                         "model_index.json (Diffusers pipeline) or config.json + scheduler_config.json "
+                         "(Diffusers model)")
+    denoiser = denoiser.eval().requires_grad_(False)
+    if device is not None:
+        denoiser = denoiser.to(device)
+    info.source = str(path_or_hub_id)
+    info.sample_shape = tuple(denoiser.sample_shape)
+    info.num_classes, info.conditioning = denoiser.num_classes, denoiser.conditioning
+    info.sigma_min, info.sigma_max = denoiser.sigma_min, denoiser.sigma_max
+    return denoiser, info
+
+
+def info_as_dict(info: ModelInfo) -> dict[str, Any]:
+    """ModelInfo as a JSON-ready dict."""
+    return {**asdict(info), "sample_shape": list(info.sample_shape)}
