@@ -1,0 +1,391 @@
+"""Method ``ddo``: Direct Discriminative Optimization (Zheng et al. 2025, arXiv 2503.01103) with self-play rounds.
+
+The target model starts as a copy of the reference (the pre-trained model, frozen). Each step contrasts real data with
+fakes sampled from the reference (1:1) through the implicit discriminator beta * log(p_theta / p_ref)
+(``fdistill.losses.ddo``). Fakes come from a pool drawn with fdistill's samplers at the start of each round
+(``fake_pool_size``) or online (``fake_pool_size=0``); for class-conditional models their labels are class-balanced.
+
+Self-play rounds (``rounds=K``, ``steps_per_round=S``) live inside the method, so the one trainer runs them unchanged:
+- round r covers global steps [r S, (r + 1) S) and trains in its own Phase ``round_r``: the trainer builds one
+  optimizer per phase, so every round starts with a fresh optimizer (its state is allocated on its first step);
+- the target is evaluated (``evaluator``, lower is better) at the round start, every ``eval_every`` steps and at the
+  round end; the best snapshot is kept (the round's start counts, so a round never makes things worse);
+- at a round boundary the best snapshot becomes the new reference AND the target's starting point, and the fake
+  pool is regenerated from it;
+- once replaced, the reference (and the best snapshot) are part of ``checkpoint_state_dict``, and the round counter
+  and per-round history are buffers: a killed run resumes into the right round with the right reference.
+The last round ends with ``finish()`` (called by ``export``): final evaluation, the per-round table printed and
+written as JSON (``summary_path``), and the best snapshot loaded into the target.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..losses.ddo import ddo_log_ratio, ddo_loss
+from ..training.config import SamplerConfig
+from .base import OPTIMIZERS, Method, Phase, StepContext
+from .denoising import drop_labels
+
+Evaluate = Callable[[Tensor], float]
+HISTORY_COLUMNS = ("start_score", "best_score", "best_step", "end_score")
+
+
+def _digits_fd(data) -> Evaluate:
+    from ..evaluation.digits import digits_fd
+
+    return digits_fd
+
+
+def _raw_frechet(data) -> Evaluate:
+    """Frechet distance of the raw (flattened) samples to the whole dataset: meaningful for low-dimensional point
+    data such as Gaussian mixtures."""
+    from ..evaluation.frechet import FeatureStats, fid_from_stats
+
+    reference = FeatureStats().update(torch.stack([item["x"] for item in data.dataset]).flatten(1).double())
+    return lambda samples: fid_from_stats(FeatureStats().update(samples.flatten(1).double()), reference)
+
+
+EVALUATORS: dict[str, Callable[[Any], Evaluate] | None] = {
+    "none": None, "digits_fd": _digits_fd, "raw_frechet": _raw_frechet,
+}
+
+
+@dataclass
+class DDOConfig:
+    """Settings of the ``ddo`` method (``method.<field>=...``).
+
+    Attributes:
+        alpha: weight of the fake-sample term, in [0.5, 6] (paper default 1).
+        beta: temperature of the implicit discriminator beta * log(p_theta / p_ref), in [0.01, 0.1] (default 0.02;
+            it assumes the log ratio is a SUM over pixels).
+        lr: learning rate (> 0; paper: ~1.5e-4 CIFAR-10, 5e-5 EDM2).
+        weight_decay: AdamW decoupled weight decay (>= 0).
+        betas: Adam betas, two values in [0, 1).
+        optimizer: one of 'adamw', 'adam', 'adafactor'.
+        max_grad_norm: gradient-norm clipping threshold (> 0), or null for none.
+        num_draws: (sigma, noise) draws averaged per log-ratio estimate (>= 1).
+        p_mean, p_std: EDM log-normal of the estimate's sigma (p_std > 0; paper: -0.4, 1.0).
+        sigma_data: data standard deviation in the EDM weight (> 0; 0.5 for images in [-1, 1]).
+        label_dropout: probability in [0, 1) that a row (real or fake) is evaluated unconditionally (null class), so a
+            model trained with label dropout keeps its unconditional branch; 0 for unconditional data.
+        fake_pool_size: fakes drawn from the reference at the start of each round (>= 0); 0 = draw each step's
+            fakes online (exact 1:1 with fresh samples, but a full sampling run per step).
+        generation_batch: batch size when generating the pool / evaluation samples (>= 1).
+        rounds: self-play rounds (>= 1).
+        steps_per_round: optimisation steps per round (>= 1); set train.steps = rounds * steps_per_round.
+        eval_every: steps between evaluations inside a round (>= 0; 0 = only at the round start and end).
+        evaluator: 'none', 'digits_fd' (built-in digits feature network) or 'raw_frechet' (Frechet distance of raw
+            samples to the dataset, for point data); lower is better. 'none' = no best-checkpoint selection: the
+            round's final target becomes the next reference.
+        eval_samples: samples per evaluation (>= 2), drawn with the same seed every time.
+        seed: seed of the fake pools (round r uses seed + r) and of the evaluation samples.
+        summary_path: where ``finish`` writes the per-round table as JSON (null = do not write), e.g.
+            ``${train.run_dir}/ddo_rounds.json``.
+        sampler: the multi-step sampler that draws fakes, evaluation samples and ``generate`` (no guidance: DDO
+            fine-tunes guidance-free sampling).
+    """
+
+    alpha: float = 1.0
+    beta: float = 0.02
+    lr: float = 1.5e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    optimizer: str = "adamw"
+    max_grad_norm: float | None = None
+    num_draws: int = 1
+    p_mean: float = -0.4
+    p_std: float = 1.0
+    sigma_data: float = 0.5
+    label_dropout: float = 0.0
+    fake_pool_size: int = 2048
+    generation_batch: int = 512
+    rounds: int = 1
+    steps_per_round: int = 1000
+    eval_every: int = 0
+    evaluator: str = "none"
+    eval_samples: int = 1000
+    seed: int = 0
+    summary_path: str | None = None
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def __post_init__(self):
+        checks = [
+            (0.5 <= self.alpha <= 6, f"method.alpha must be in [0.5, 6], got {self.alpha}"),
+            (0.01 <= self.beta <= 0.1, f"method.beta must be in [0.01, 0.1], got {self.beta}"),
+            (self.lr > 0, f"method.lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"method.weight_decay must be >= 0, got {self.weight_decay}"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"method.betas must be two values in [0, 1), got {list(self.betas)}"),
+            (self.optimizer in OPTIMIZERS, f"method.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"method.max_grad_norm must be > 0 or null, got {self.max_grad_norm}"),
+            (self.num_draws >= 1, f"method.num_draws must be >= 1, got {self.num_draws}"),
+            (self.p_std > 0, f"method.p_std must be > 0, got {self.p_std}"),
+            (self.sigma_data > 0, f"method.sigma_data must be > 0, got {self.sigma_data}"),
+            (0 <= self.label_dropout < 1, f"method.label_dropout must be in [0, 1), got {self.label_dropout}"),
+            (self.fake_pool_size >= 0, f"method.fake_pool_size must be >= 0, got {self.fake_pool_size}"),
+            (self.generation_batch >= 1, f"method.generation_batch must be >= 1, got {self.generation_batch}"),
+            (self.rounds >= 1, f"method.rounds must be >= 1, got {self.rounds}"),
+            (self.steps_per_round >= 1, f"method.steps_per_round must be >= 1, got {self.steps_per_round}"),
+            (self.eval_every >= 0, f"method.eval_every must be >= 0, got {self.eval_every}"),
+            (self.evaluator in EVALUATORS, f"method.evaluator must be one of {sorted(EVALUATORS)}, got {self.evaluator!r}"),
+            (self.eval_samples >= 2, f"method.eval_samples must be >= 2, got {self.eval_samples}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if isinstance(self.sampler, dict):  # built from plain Python rather than through Hydra
+            self.sampler = SamplerConfig(**self.sampler)
+
+
+Config = DDOConfig
+
+
+def class_balanced_labels(num: int, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
+    """[num] labels with every class equally often (counts differ by at most one), in random order."""
+    labels = torch.arange(num) % num_classes
+    return labels[torch.randperm(num, generator=generator)]
+
+
+@torch.no_grad()
+def sample_with(denoiser: nn.Module, num: int, sample_shape: tuple[int, ...], sampler: SamplerConfig,
+                cond: Tensor | None = None, generator: torch.Generator | None = None, batch: int = 512) -> Tensor:
+    """``num`` samples [num, *sample_shape] in [-1, 1] from a denoiser with a multi-step sampler, in batches."""
+    from .. import samplers
+
+    device = next(denoiser.parameters()).device
+    sigma_min = sampler.sigma_min or getattr(denoiser, "sigma_min", 0.002)
+    sigma_max = sampler.sigma_max or getattr(denoiser, "sigma_max", 80.0)
+    schedule = samplers.sigmas(sampler.schedule, sampler.steps, sigma_min, sigma_max).to(device)
+    noise = torch.randn(num, *sample_shape, generator=generator) * schedule[0]
+    chunks = []
+    for start in range(0, num, batch):
+        chunk_cond = None if cond is None else cond[start:start + batch].to(device)
+        chunks.append(samplers.sample(denoiser, noise[start:start + batch].to(device), schedule,
+                                      solver=sampler.solver, cond=chunk_cond).clamp(-1, 1))
+    return torch.cat(chunks)
+
+
+class DDO(Method):
+    """DDO fine-tuning of ``networks["model"]`` against ``frozen["reference"]`` (see the module docstring).
+
+    Args:
+        config: DDOConfig.
+        reference: the pre-trained denoiser (an nn.Module with parameters); it is frozen here, the target is its copy.
+        sample_shape: shape of one sample ([C, H, W] or [D]).
+        num_classes: classes of the labels (0 = unconditional).
+        evaluate: optional callable samples [N, *shape] -> score (lower is better); overrides ``config.evaluator``.
+    """
+
+    def __init__(self, config: DDOConfig, reference: nn.Module, sample_shape: tuple[int, ...], num_classes: int = 0,
+                 evaluate: Evaluate | None = None):
+        super().__init__()
+        self.config = config
+        self.sample_shape = tuple(sample_shape)
+        self.num_classes = int(num_classes)
+        if config.label_dropout > 0 and not self.num_classes:
+            raise ValueError("method.label_dropout > 0 needs class-conditional data (data.num_classes > 0)")
+        self.networks["model"] = copy.deepcopy(reference).requires_grad_(True)
+        self.frozen["reference"] = reference.requires_grad_(False).eval()
+        self.evaluate = evaluate
+        if evaluate is not None:
+            self.frozen["best"] = copy.deepcopy(reference)
+        self.register_buffer("round_index", torch.zeros((), dtype=torch.long))
+        self.register_buffer("best_score", torch.tensor(math.inf, dtype=torch.float64))
+        self.register_buffer("history", torch.full((config.rounds, len(HISTORY_COLUMNS)), math.nan, dtype=torch.float64))
+        self._pool: tuple[Tensor, Tensor | None] | None = None
+        self._pool_round = -1
+        self._last_eval_step: int | None = None
+        self._next_step = config.rounds * config.steps_per_round   # step count after the last trained step
+
+    # ----------------------------------------------------------------------------------------------- phases
+    def phases(self) -> list[Phase]:
+        c = self.config
+        return [Phase(f"round_{r}", ("model",), lr=c.lr, weight_decay=c.weight_decay, betas=tuple(c.betas),
+                      max_grad_norm=c.max_grad_norm, optimizer=c.optimizer) for r in range(c.rounds)]
+
+    def round_at(self, step: int) -> int:
+        """The self-play round of global step ``step`` (steps past the last round stay in it)."""
+        return min(step // self.config.steps_per_round, self.config.rounds - 1)
+
+    def phase_at(self, step: int) -> str:
+        return f"round_{self.round_at(step)}"
+
+    # ----------------------------------------------------------------------------------------------- rounds
+    def _round_start(self, round_: int) -> int:
+        return round_ * self.config.steps_per_round
+
+    def _evaluate_target(self, step: int) -> float | None:
+        """Score the target, keep it as the best snapshot if it beats the round's best; None without evaluator."""
+        if self.evaluate is None:
+            return None
+        c = self.config
+        generator = torch.Generator().manual_seed(c.seed)
+        cond = class_balanced_labels(c.eval_samples, self.num_classes, generator) if self.num_classes else None
+        samples = sample_with(self.networks["model"], c.eval_samples, self.sample_shape, c.sampler, cond, generator,
+                              c.generation_batch)
+        score = float(self.evaluate(samples))
+        row = self.history[int(self.round_index)]
+        if step == self._round_start(int(self.round_index)):
+            row[0] = score
+        if score < self.best_score:
+            self.best_score.fill_(score)
+            row[1], row[2] = score, step
+            self.frozen["best"].load_state_dict(self.networks["model"].state_dict())
+        return score
+
+    def _advance_round(self) -> None:
+        """Round boundary: the best snapshot (or the final target without evaluator) becomes the new reference and
+        the target's starting point; the fake pool is regenerated lazily; the best score resets."""
+        source = self.frozen["best"] if self.evaluate is not None else self.networks["model"]
+        state = copy.deepcopy(source.state_dict())
+        self.frozen["reference"].load_state_dict(state)
+        self.networks["model"].load_state_dict(state)
+        self.round_index += 1
+        self.best_score.fill_(math.inf)
+
+    def _end_round_evaluation(self, step: int) -> None:
+        score = self._evaluate_target(step)
+        if score is not None:
+            self.history[int(self.round_index), 3] = score
+
+    def _due_for_evaluation(self, step: int) -> bool:
+        offset = step - self._round_start(int(self.round_index))
+        return offset == 0 or (self.config.eval_every > 0 and offset % self.config.eval_every == 0)
+
+    def _sync_round(self, step: int) -> None:
+        """Bring the round state up to ``step``: close finished rounds, evaluate when due, refresh the pool."""
+        while self.round_at(step) > int(self.round_index):
+            self._end_round_evaluation(step)
+            self._advance_round()
+        if self._due_for_evaluation(step) and self._last_eval_step != step:
+            self._evaluate_target(step)
+            self._last_eval_step = step
+        if self._pool_round != int(self.round_index) and self.config.fake_pool_size > 0:
+            self._pool = self._generate_fakes(self.config.fake_pool_size, self.config.seed + int(self.round_index))
+            self._pool_round = int(self.round_index)
+
+    def finish(self) -> dict[str, Any]:
+        """End of training: evaluate the final target, load the best snapshot into it, print the per-round table and
+        write it as JSON to ``summary_path``. Returns the summary."""
+        if self.evaluate is not None and math.isnan(float(self.history[int(self.round_index), 3])):
+            self._end_round_evaluation(self._next_step)
+            self.networks["model"].load_state_dict(self.frozen["best"].state_dict())
+        summary = self.round_summary()
+        print(format_round_table(summary))
+        if self.config.summary_path:
+            Path(self.config.summary_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.config.summary_path).write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def round_summary(self) -> dict[str, Any]:
+        """Per-round scores so far: {'evaluator', 'rounds': [{'round', 'start_score', 'best_score', ...}]}."""
+        rows = []
+        for r in range(int(self.round_index) + 1):
+            values = [None if math.isnan(v) else v for v in self.history[r].tolist()]
+            rows.append({"round": r, **dict(zip(HISTORY_COLUMNS, values))})
+        return {"evaluator": self.config.evaluator, "rounds": rows}
+
+    # ----------------------------------------------------------------------------------------------- fakes
+    def _generate_fakes(self, num: int, seed: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """``num`` samples of the reference [num, *shape] and their class-balanced labels [num] (None if uncond.)."""
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        labels = class_balanced_labels(num, self.num_classes, generator) if self.num_classes else None
+        x = sample_with(self.frozen["reference"], num, self.sample_shape, self.config.sampler, labels, generator,
+                        self.config.generation_batch)
+        return x, labels
+
+    def _fake_batch(self, num: int, device: torch.device) -> dict[str, Tensor]:
+        if self.config.fake_pool_size == 0:
+            x, labels = self._generate_fakes(num)
+        else:
+            pool_x, pool_labels = self._pool
+            index = torch.randint(len(pool_x), (num,))
+            x, labels = pool_x[index], None if pool_labels is None else pool_labels[index]
+        batch = {"x_fake": x.to(device)}
+        if labels is not None:
+            batch["label_fake"] = labels.to(device)
+        return batch
+
+    def prepare_step(self, phase: str, micro_batches: list[dict[str, Any]], ctx: StepContext) -> list[Any]:
+        """Advance rounds / evaluate when due (training steps only), then pair every micro-batch with as many fakes
+        as it has real samples (1:1)."""
+        if ctx.training:
+            self._sync_round(ctx.step)
+            self._next_step = ctx.step + 1
+        elif self._pool is None and self.config.fake_pool_size > 0:
+            self._pool = self._generate_fakes(self.config.fake_pool_size, self.config.seed + int(self.round_index))
+            self._pool_round = int(self.round_index)
+        return [{**batch, **self._fake_batch(batch["x"].shape[0], batch["x"].device)} for batch in micro_batches]
+
+    # ----------------------------------------------------------------------------------------------- loss
+    def _condition(self, labels: Tensor | None, training: bool) -> Tensor | None:
+        if not self.num_classes or labels is None:
+            return None
+        return drop_labels(labels, self.config.label_dropout if training else 0.0, self.num_classes)
+
+    def loss(self, phase: str, item: dict[str, Any], ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+        """DDO loss of one micro-batch: real and fake rows go through the model and the reference in one batch."""
+        c = self.config
+        num_real = item["x"].shape[0]
+        x = torch.cat([item["x"], item["x_fake"].to(item["x"].dtype)])
+        cond = None
+        if self.num_classes:
+            cond = self._condition(torch.cat([item["label"], item["label_fake"]]), ctx.training)
+        log_ratio = ddo_log_ratio(self.networks["model"], self.frozen["reference"], x, cond, c.num_draws,
+                                  c.p_mean, c.p_std, c.sigma_data)
+        real, fake = log_ratio[:num_real], log_ratio[num_real:]
+        loss = ddo_loss(real, fake, c.alpha, c.beta)
+        accuracy = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
+        return loss, {"loss": loss.item(), "log_ratio_real": real.mean().item(),
+                      "log_ratio_fake": fake.mean().item(), "discriminator_accuracy": accuracy.item(),
+                      "round": float(self.round_index)}
+
+    # ----------------------------------------------------------------------------------------------- outputs
+    def generate(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
+        """``num`` samples of the target; labels cycle 0..num_classes-1 unless ``cond`` is given."""
+        if cond is None and self.num_classes:
+            cond = torch.arange(num) % self.num_classes
+        return sample_with(self.networks["model"], num, self.sample_shape, self.config.sampler, cond, generator,
+                           self.config.generation_batch)
+
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """Trained state plus, once the reference is no longer the pre-trained model, the reference itself (and the
+        best snapshot of the running round), so a resumed run continues in the right round."""
+        state = super().checkpoint_state_dict()
+        kept = ("frozen.best.",) + (("frozen.reference.",) if int(self.round_index) > 0 else ())
+        state.update({k: v for k, v in self.state_dict().items() if k.startswith(kept)})
+        return state
+
+    def export(self, directory: str | Path) -> None:
+        """Finish the rounds (best snapshot into the target) and write it as a model directory."""
+        from ..denoisers import save_denoiser
+
+        self.finish()
+        save_denoiser(self.networks["model"], directory)
+
+
+def format_round_table(summary: dict[str, Any]) -> str:
+    """Markdown table of ``DDO.round_summary()``."""
+    lines = [f"| round | start {summary['evaluator']} | best | best step | end |", "|---|---|---|---|---|"]
+    for row in summary["rounds"]:
+        cells = ["-" if v is None else f"{v:.4g}" for v in (row[c] for c in HISTORY_COLUMNS)]
+        lines.append(f"| {row['round']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build(config: DDOConfig, model: nn.Module, data, evaluate: Evaluate | None = None) -> DDO:
+    """The method from its config, the pre-trained denoiser of the ``model`` group (becomes the frozen reference;
+    the target is a copy) and the DataSource of the ``data`` group. ``evaluate`` overrides ``config.evaluator``."""
+    factory = EVALUATORS[config.evaluator]
+    if evaluate is None and factory is not None:
+        evaluate = factory(data)
+    return DDO(config, model, data.sample_shape, data.num_classes, evaluate)

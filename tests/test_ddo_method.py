@@ -1,0 +1,170 @@
+"""DDO method: frozen reference, 1:1 fakes, class balance, self-play round boundaries, checkpoint / resume.
+
+A minimal stand-in for the trainer loop (the method contract of fdistill/methods/base.py) drives the method, so
+these tests do not depend on the trainer's internals; tests/test_ddo_cli.py runs the real `fdistill train`.
+"""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from fdistill.methods.base import StepContext
+from fdistill.methods.ddo import DDO, DDOConfig, build, class_balanced_labels
+from fdistill.networks import MLPDenoiser
+
+SAMPLER = {"solver": "dpmpp_2m", "steps": 4, "sigma_min": 0.01, "sigma_max": 10.0}
+
+
+def tiny_config(**overrides):
+    settings = dict(lr=1e-2, fake_pool_size=32, generation_batch=32, eval_samples=16, steps_per_round=4,
+                    sampler=SAMPLER)
+    settings.update(overrides)
+    return DDOConfig(**settings)
+
+
+def tiny_denoiser(num_classes=None):
+    torch.manual_seed(0)
+    return MLPDenoiser(dim=2, hidden=16, depth=1, embed_dim=8, num_classes=num_classes)
+
+
+class TinyTrainer:
+    """The trainer's step as documented in fdistill/methods/base.py: one optimizer per phase."""
+
+    def __init__(self, method):
+        self.method = method
+        self.optimizers = {p.name: torch.optim.AdamW(
+            [q for n in p.networks for q in method.networks[n].parameters() if q.requires_grad], lr=p.lr)
+            for p in method.phases()}
+
+    def step(self, step, batch):
+        phase = self.method.phase_at(step)
+        prepared = self.method.prepare_step(phase, [batch], StepContext(step=step))
+        optimizer = self.optimizers[phase]
+        optimizer.zero_grad()
+        for item in prepared:
+            loss, logs = self.method.loss(phase, item, StepContext(step=step))
+            (loss / len(prepared)).backward()
+        optimizer.step()
+        return loss.item(), prepared
+
+
+def real_batch(num=16, num_classes=0):
+    batch = {"x": torch.randn(num, 2) * 0.2 + 0.5}
+    if num_classes:
+        batch["label"] = torch.arange(num) % num_classes
+    return batch
+
+
+def state_copy(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same_state(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_validation_names_the_field():
+    for field, value in [("alpha", 0.4), ("alpha", 7.0), ("beta", 0.2), ("beta", 0.001), ("rounds", 0),
+                         ("label_dropout", 1.0), ("evaluator", "fid50k")]:
+        with pytest.raises(ValueError, match=f"method.{field}"):
+            tiny_config(**{field: value})
+
+
+def test_first_step_loss_is_1_plus_alpha_log2_and_only_the_target_learns():
+    method = DDO(tiny_config(alpha=2.0), tiny_denoiser(), (2,))
+    method.assert_frozen()
+    reference_before = state_copy(method.frozen["reference"])
+    target_before = state_copy(method.networks["model"])
+    assert same_state(reference_before, target_before)           # the target starts as the reference
+    trainer = TinyTrainer(method)
+    first_loss, prepared = trainer.step(0, real_batch())
+    assert first_loss == pytest.approx(3 * math.log(2), abs=1e-6)
+    assert prepared[0]["x_fake"].shape == prepared[0]["x"].shape   # real : fake = 1 : 1
+    for step in range(1, 3):
+        trainer.step(step, real_batch())
+    assert same_state(reference_before, method.frozen["reference"].state_dict())
+    assert not same_state(target_before, method.networks["model"].state_dict())
+    assert all(p.grad is None for p in method.frozen.parameters())
+
+
+def test_fakes_are_reference_samples_with_class_balanced_labels():
+    method = DDO(tiny_config(fake_pool_size=40), tiny_denoiser(num_classes=4), (2,), num_classes=4)
+    prepared = method.prepare_step("round_0", [real_batch(8, 4)], StepContext(step=0))
+    pool_x, pool_labels = method._pool
+    assert pool_x.shape == (40, 2) and torch.bincount(pool_labels).tolist() == [10] * 4
+    assert prepared[0]["label_fake"].shape == (8,)
+    loss, logs = method.loss("round_0", prepared[0], StepContext(step=0))
+    assert loss.item() == pytest.approx(2 * math.log(2), abs=1e-6)
+    assert torch.bincount(class_balanced_labels(7, 3)).tolist() == [3, 2, 2]
+
+
+def test_label_dropout_needs_classes():
+    with pytest.raises(ValueError, match="label_dropout"):
+        DDO(tiny_config(label_dropout=0.1), tiny_denoiser(), (2,), num_classes=0)
+
+
+def scripted_evaluator(scores):
+    scores = iter(scores)
+    return lambda samples: next(scores)
+
+
+def test_round_boundary_swaps_reference_regenerates_fakes_and_resets_optimizer():
+    # round 0: evaluations at steps 0 (start), 2, and 4 (end); the one at step 2 is the best
+    method = DDO(tiny_config(rounds=2, eval_every=2), tiny_denoiser(), (2,),
+                 evaluate=scripted_evaluator([5.0, 3.0, 4.0, 9.0, 9.0, 9.0]))
+    trainer = TinyTrainer(method)
+    assert [p.name for p in method.phases()] == ["round_0", "round_1"]
+    pretrained = state_copy(method.frozen["reference"])
+    snapshots = {}
+    for step in range(4):
+        snapshots[step] = state_copy(method.networks["model"])
+        trainer.step(step, real_batch())
+        assert same_state(pretrained, method.frozen["reference"].state_dict())   # bit-identical within the round
+    pool_round_0 = method._pool[0].clone()
+    assert len(trainer.optimizers["round_0"].state) > 0 and len(trainer.optimizers["round_1"].state) == 0
+    method.prepare_step(method.phase_at(4), [real_batch()], StepContext(step=4))
+    assert int(method.round_index) == 1 and method.phase_at(4) == "round_1"
+    assert same_state(snapshots[2], method.frozen["reference"].state_dict())     # the best snapshot (step 2)
+    assert same_state(snapshots[2], method.networks["model"].state_dict())       # is also the new starting point
+    assert not torch.equal(pool_round_0, method._pool[0])                         # fakes regenerated
+    assert len(trainer.optimizers["round_1"].state) == 0                          # fresh optimizer for round 1
+    assert method.round_summary()["rounds"][0] == {"round": 0, "start_score": 5.0, "best_score": 3.0,
+                                                   "best_step": 2.0, "end_score": 4.0}
+
+
+def test_checkpoint_holds_the_replaced_reference_and_resume_continues_the_round():
+    def fresh():
+        return DDO(tiny_config(rounds=3, steps_per_round=2), tiny_denoiser(), (2,))
+
+    method = fresh()
+    assert not any(k.startswith("frozen.") for k in method.checkpoint_state_dict())   # pretrained: rebuilt from config
+    trainer = TinyTrainer(method)
+    for step in range(3):                    # steps 0, 1 in round 0; step 2 opens round 1 (no evaluator: final target)
+        trainer.step(step, real_batch())
+    checkpoint = copy.deepcopy(method.checkpoint_state_dict())
+    assert any(k.startswith("frozen.reference.") for k in checkpoint)
+    resumed = fresh()
+    resumed.load_state_dict(checkpoint, strict=False)
+    assert int(resumed.round_index) == 1
+    assert same_state(method.frozen["reference"].state_dict(), resumed.frozen["reference"].state_dict())
+    resumed.prepare_step(resumed.phase_at(3), [real_batch()], StepContext(step=3))
+    method.prepare_step(method.phase_at(3), [real_batch()], StepContext(step=3))
+    assert int(resumed.round_index) == 1                                   # no second swap on resume
+    assert torch.equal(resumed._pool[0], method._pool[0])                  # the same round-1 fakes
+
+
+def test_build_with_evaluator_and_finish_writes_summary(tmp_path):
+    data = type("Data", (), {"sample_shape": (2,), "num_classes": 0, "dataset": [{"x": torch.randn(2)} for _ in range(64)]})
+    config = tiny_config(rounds=1, evaluator="raw_frechet", summary_path=str(tmp_path / "ddo_rounds.json"))
+    method = build(config, tiny_denoiser(), data)
+    trainer = TinyTrainer(method)
+    for step in range(2):
+        trainer.step(step, real_batch())
+    summary = method.finish()
+    written = json.loads((tmp_path / "ddo_rounds.json").read_text())
+    assert written == summary and len(summary["rounds"]) == 1
+    row = summary["rounds"][0]
+    assert row["start_score"] > 0 and row["end_score"] > 0
+    assert row["best_score"] == min(row["start_score"], row["end_score"])
