@@ -1,0 +1,220 @@
+"""f-distill method: exact gradients against analytic teachers / students, global normalisation statistics,
+phases, frozen teacher, ratio-bin state."""
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from fdistill.data.base import DataSource, TensorDictDataset
+from fdistill.denoisers import GaussianMixtureDenoiser
+from fdistill.losses.fdistill import f_divergence_weight
+from fdistill.methods.base import StepContext
+from fdistill.methods.fdistill import FDistill, FDistillConfig, build
+from fdistill.networks import MLPDenoiser
+
+TEACHER = dict(means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], stds=[0.4, 0.5, 0.3], weights=[0.6, 0.3, 0.1])
+STUDENT = dict(means=[[-1.5, 0.3], [2.2, -0.2], [0.3, 2.0]], stds=[0.6, 0.4, 0.5], weights=[0.2, 0.5, 0.3])
+
+
+class Particles(nn.Module):
+    """A 'generator' whose samples are its parameters: d loss / d particles is the gradient wrt the samples."""
+
+    def __init__(self, points):
+        super().__init__()
+        self.points = nn.Parameter(points.clone())
+
+    def forward(self, x, sigma, cond=None):
+        return self.points
+
+
+def gmm(spec):
+    return GaussianMixtureDenoiser(torch.tensor(spec["means"]), torch.tensor(spec["stds"]), torch.tensor(spec["weights"]))
+
+
+def exact_method(divergence, num_bins=0, batch=64, **overrides):
+    """Analytic teacher p, analytic fake score q (exact), student = particles drawn from q, exact log-ratio logits."""
+    teacher, fake = gmm(TEACHER), gmm(STUDENT)
+    points = fake.sample(batch, torch.Generator().manual_seed(3))
+    config = FDistillConfig(divergence=divergence, num_ratio_bins=num_bins, gan_weight=0.0, sigma_distribution="loguniform",
+                            sigma_min=0.05, sigma_max=3.0, **overrides)
+    method = FDistill(config, teacher, Particles(points), fake, sample_shape=(2,))
+    method.discriminator_logit = lambda x_t, sigma, cond=None: teacher.log_density(x_t, sigma) - fake.log_density(x_t, sigma)
+    return method, teacher, fake
+
+
+def by_hand_dmd2(method, teacher, fake, item):
+    x = method.networks["student"].points.detach()
+    x_t = x + item["sigma"][:, None] * item["eps"]
+    x0_teacher, x0_fake = teacher(x_t, item["sigma"]), fake(x_t, item["sigma"])
+    normaliser = (x - x0_teacher).abs().mean(1, keepdim=True) + method.config.normaliser_eps
+    return (x0_fake - x0_teacher) / normaliser, x_t
+
+
+def student_grad(method, item):
+    method.zero_grad()
+    loss, _ = method.loss("student", item, StepContext(step=0))
+    loss.backward()
+    return method.networks["student"].points.grad
+
+
+def test_rkl_student_gradient_equals_dmd2_by_hand():
+    method, teacher, fake = exact_method("rkl")
+    (item,) = method.prepare_step("student", [{"x": torch.zeros(64, 2)}], StepContext(step=0))
+    assert "weight" not in item                                   # rkl needs no density ratio
+    g, _ = by_hand_dmd2(method, teacher, fake, item)
+    assert torch.allclose(student_grad(method, item), g / (64 * 2), atol=1e-7)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js", "neyman"])
+def test_exact_ratio_weights_and_gradient(divergence):
+    method, teacher, fake = exact_method(divergence)
+    (item,) = method.prepare_step("student", [{"x": torch.zeros(64, 2)}], StepContext(step=0))
+    g, x_t = by_hand_dmd2(method, teacher, fake, item)
+    log_ratio = (teacher.log_density(x_t, item["sigma"]) - fake.log_density(x_t, item["sigma"])).clamp(-10, 10)
+    h = f_divergence_weight(log_ratio.exp().clamp(0.1, 20.0), divergence)
+    expected_weight = h / h.mean()
+    assert torch.allclose(item["weight"], expected_weight, rtol=1e-5)
+    assert abs(float(item["weight"].mean()) - 1.0) < 1e-6
+    assert torch.allclose(student_grad(method, item), expected_weight[:, None] * g / (64 * 2), atol=1e-7)
+
+
+def test_ratio_is_normalised_per_quantile_bin():
+    method, teacher, fake = exact_method("js", num_bins=4)
+    (item,) = method.prepare_step("student", [{"x": torch.zeros(64, 2)}], StepContext(step=0))
+    _, x_t = by_hand_dmd2(method, teacher, fake, item)
+    r = (teacher.log_density(x_t, item["sigma"]) - fake.log_density(x_t, item["sigma"])).clamp(-10, 10).exp().clamp(0.1, 20)
+    bins = (item["u"] * 4).long()
+    bin_means = torch.stack([r[bins == b].mean() for b in range(4)])
+    h = f_divergence_weight(r / bin_means[bins], "js")
+    assert torch.allclose(item["weight"], h / h.mean(), rtol=1e-5)
+    assert torch.allclose(method.ratio_bin_means.float(), bin_means, rtol=1e-5)
+    # loguniform sigma: the quantile u is exactly the normalised log sigma
+    assert torch.allclose(item["u"], (item["sigma"].log() - torch.tensor(0.05).log()) / (torch.tensor(3.0).log() - torch.tensor(0.05).log()), atol=1e-5)
+
+
+def run_processes(methods, logits, quantiles, training=True):
+    """Each method instance is one process (a thread); all_reduce_mean averages across them with a barrier."""
+    barrier, slots, results = threading.Barrier(len(methods)), {}, [None] * len(methods)
+
+    def all_reduce_mean_for(rank):
+        def reduce(tensor):
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            mean = torch.stack([slots[r] for r in range(len(methods))]).mean(0)
+            barrier.wait()
+            return mean
+        return reduce
+
+    def worker(rank):
+        ctx = StepContext(step=0, num_micro_batches=len(logits[rank]), num_processes=len(methods),
+                          all_reduce_mean=all_reduce_mean_for(rank), training=training)
+        results[rank] = methods[rank].normalized_weights(logits[rank], quantiles[rank], ctx)[0]
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(len(methods))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [torch.cat(weights) for weights in results]
+
+
+def test_statistics_equal_for_1x4_and_2x2_micro_batches():
+    base, _, _ = exact_method("js", num_bins=10, ratio_ema=0.5)
+    one, two_a, two_b = base, copy.deepcopy(base), copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(2):                                            # two steps: the EMA state must agree as well
+        logits = torch.randn(64, generator=generator) * 2
+        quantiles = torch.rand(64, generator=generator)
+        chunks_l, chunks_q = logits.chunk(4), quantiles.chunk(4)
+        single = run_processes([one], [list(chunks_l)], [list(chunks_q)])[0]
+        pair = run_processes([two_a, two_b], [list(chunks_l[:2]), list(chunks_l[2:])], [list(chunks_q[:2]), list(chunks_q[2:])])
+        assert torch.allclose(single, torch.cat(pair), rtol=1e-6)
+        assert abs(float(single.mean()) - 1.0) < 1e-6
+    assert torch.allclose(one.ratio_bin_means, two_a.ratio_bin_means) and torch.equal(two_a.ratio_bin_means, two_b.ratio_bin_means)
+    assert not torch.allclose(one.ratio_bin_means, torch.ones(10, dtype=torch.float64))
+
+
+def test_validation_never_updates_bins_and_bins_are_state():
+    method, _, _ = exact_method("kl", num_bins=10, ratio_ema=0.5)
+    logits, quantiles = [torch.randn(32)], [torch.rand(32)]
+    method.normalized_weights(logits, quantiles, StepContext(step=0, training=False))
+    assert torch.equal(method.ratio_bin_means, torch.ones(10, dtype=torch.float64)) and not method.ratio_bins_seen.any()
+    method.normalized_weights(logits, quantiles, StepContext(step=0))
+    stored = method.ratio_bin_means.clone()
+    assert not torch.equal(stored, torch.ones(10, dtype=torch.float64))
+    state = method.checkpoint_state_dict()
+    assert torch.equal(state["ratio_bin_means"], stored) and "ratio_bins_seen" in state
+    assert not any(key.startswith("frozen.") for key in state)
+    assert torch.equal(copy.deepcopy(method).ratio_bin_means, stored)   # EMA snapshots are deep copies
+
+
+def test_unknown_divergence_and_bad_fields_fail_with_allowed_values():
+    with pytest.raises(ValueError) as error:
+        FDistillConfig(divergence="tv")
+    assert all(name in str(error.value) for name in ("rkl", "kl", "js", "sf", "sh", "jf", "neyman"))
+    with pytest.raises(ValueError, match="student_update_freq"):
+        FDistillConfig(student_update_freq=1)
+    with pytest.raises(ValueError, match="method.lr"):
+        FDistillConfig(lr=0)
+    with pytest.raises(ValueError, match="sigma_distribution"):
+        FDistillConfig(sigma_distribution="uniform")
+    with pytest.raises(ValueError, match="method.features"):
+        FDistillConfig(features="clip")
+
+
+def points_data(num=256):
+    points = gmm(TEACHER).sample(num, torch.Generator().manual_seed(0))
+    return DataSource(TensorDictDataset(x=points), (2,), 0, extras={"denoiser": gmm(TEACHER)})
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(module, before):
+    return any(not torch.equal(p, q) for p, q in zip(module.parameters(), before))
+
+
+@pytest.mark.parametrize("features", ["teacher", "fake_score"])
+def test_phases_train_only_their_networks_and_teacher_stays_frozen(features):
+    teacher = MLPDenoiser(dim=2, hidden=32, depth=2)
+    method = build(FDistillConfig(divergence="js", student_update_freq=2, lr=1e-2, gan_weight=0.1, features=features),
+                   teacher, points_data())
+    method.assert_frozen()
+    assert [p.name for p in method.phases()] == ["student", "critic"]
+    assert [method.phase_at(s) for s in range(4)] == ["critic", "student", "critic", "student"]
+    optimizers = {p.name: torch.optim.AdamW([q for n in p.networks for q in method.networks[n].parameters()], lr=p.lr)
+                  for p in method.phases()}
+    batch = {"x": points_data().dataset.tensors["x"][:32]}
+    teacher_before = snapshot(method.frozen["teacher"])
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(method.networks["student"]), teacher_before))
+    for step in range(4):
+        phase = method.phase_at(step)
+        before = {name: snapshot(net) for name, net in method.networks.items()}
+        method.zero_grad(set_to_none=True)
+        for item in method.prepare_step(phase, [batch, batch], StepContext(step=step, num_micro_batches=2)):
+            loss, logs = method.loss(phase, item, StepContext(step=step, num_micro_batches=2))
+            (loss / 2).backward()
+            assert torch.isfinite(loss)
+        optimizers[phase].step()
+        trained = {"student": {"student"}, "critic": {"fake_score", "discriminator"}}[phase]
+        for name, net in method.networks.items():
+            assert changed(net, before[name]) == (name in trained), (phase, name)
+    assert not changed(method.frozen["teacher"], teacher_before)
+    assert "student/weight_max" in logs and "student/ratio_mean" in logs
+
+
+def test_build_from_analytic_teacher_needs_a_network_spec_and_generates():
+    data = points_data()
+    with pytest.raises(ValueError, match="method.network"):
+        build(FDistillConfig(), None, data)
+    spec = {"_target_": "fdistill.networks.MLPDenoiser", "dim": 2, "hidden": 16, "depth": 1}
+    method = build(FDistillConfig(network=spec, generator_sigma=2.5), None, data)
+    assert isinstance(method.frozen["teacher"], GaussianMixtureDenoiser)
+    assert method.networks["discriminator"].backbone is not None      # analytic teacher: own feature net
+    samples = method.generate(10, torch.Generator().manual_seed(0))
+    assert samples.shape == (10, 2) and torch.isfinite(samples).all()
+    with pytest.raises(ValueError, match="cannot be imported"):
+        build(FDistillConfig(network={"_target_": "fdistill.networks.NoSuchNet"}), None, data)
