@@ -1,0 +1,477 @@
+"""Method ``diffusion_dpo``: preference tuning of Stable Diffusion 1.5 / SDXL with Diffusion-DPO (Wallace et al.
+2023, arXiv 2311.12908, Eq. 14), or the supervised baseline (SFT: denoising loss on the winners only).
+
+The loss works in the scheduler's own space (the paper's formulation): latents z0 = vae.encode(x).sample() *
+scaling_factor, one timestep t ~ U{0, ..., T-1} and one noise eps per pair shared by winner and loser,
+z_t = scheduler.add_noise(z0, eps, t), and the regression target of the scheduler's ``prediction_type`` (eps, v
+or z0). The reference is either a frozen copy of the UNet (full fine-tuning) or, in LoRA mode, the SAME UNet with
+its adapters disabled (no second UNet in memory). Sampling (grids, evaluation) goes through
+``fdistill.denoisers.DiffusersDenoiser`` and the fdistill samplers, then the VAE decoder.
+
+Configured by ``DiffusionDPOConfig`` (``conf/method/diffusion_dpo.yaml``); built by ``build(config, model, data)``
+where ``model`` is a ``fdistill.pipelines.SDComponents`` and ``data`` a preference DataSource
+(``fdistill.data.preference``).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..losses.dpo import diffusion_dpo_loss, dpo_logits, per_sample_mse, sft_loss
+from ..pipelines import SDComponents, build_pipeline, encode_prompts, unet_conditioning
+from ..training.config import SamplerConfig
+from .base import OPTIMIZERS, Method, Phase, StepContext
+
+FINETUNE_MODES = ("full", "lora")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class DiffusionDPOConfig:
+    """Settings of the ``diffusion_dpo`` method (``method.<field>=...``).
+
+    Attributes:
+        objective: 'dpo' (Diffusion-DPO, Eq. 14) or 'sft' (plain denoising loss on the preferred images only).
+        beta: DPO KL strength beta (> 0); the paper: 2000 for SD1.5, 5000 for SDXL.
+        finetune: 'full' (train every UNet weight, reference = frozen copy) or 'lora' (train LoRA adapters on
+            the attention projections; reference = the same UNet with adapters disabled).
+        lora_rank: LoRA rank r (>= 1).
+        lora_alpha: LoRA scaling numerator (> 0; the update is scaled by lora_alpha / lora_rank).
+        lora_targets: UNet sub-module names that get adapters (default: attention q, k, v, out projections).
+        lr: learning rate (> 0). The paper's launch setting: 1e-8 per pair x 2048 pairs = 2.048e-5.
+        optimizer: one of 'adamw', 'adam', 'adafactor' (SDXL in the paper: Adafactor).
+        weight_decay: decoupled weight decay (>= 0; the released script uses 1e-2).
+        betas: Adam betas, two values in [0, 1).
+        max_grad_norm: gradient clipping (> 0) or null.
+        gradient_checkpointing: recompute UNet activations in backward (less memory, ~30 % slower).
+        cache_path: if set, VAE latents and text embeddings of the whole data set are computed once and stored
+            in this file (reused when it exists); training then reads the cache. Crops, flips and empty captions
+            are then fixed at caching time.
+        prompts: prompts of ``generate`` when no condition is given (null = the data's ``extras["prompts"]``,
+            else ["a photo"]).
+        sampler: the multi-step sampler of ``generate`` (solver, steps, schedule, classifier-free guidance
+            ``guidance``); null = the top-level ``sampler`` group (``SamplerConfig()`` outside Hydra).
+    """
+
+    objective: str = "dpo"
+    beta: float = 2000.0
+    finetune: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    lr: float = 2.048e-5
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    cache_path: str | None = None
+    prompts: list[str] | None = None
+    sampler: SamplerConfig | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.objective in OBJECTIVES, f"method.objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}"),
+            (self.beta > 0, f"method.beta must be > 0, got {self.beta}"),
+            (self.finetune in FINETUNE_MODES, f"method.finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}"),
+            (self.lora_rank >= 1, f"method.lora_rank must be >= 1, got {self.lora_rank}"),
+            (self.lora_alpha > 0, f"method.lora_alpha must be > 0, got {self.lora_alpha}"),
+            (len(self.lora_targets) > 0, "method.lora_targets must name at least one module"),
+            (self.lr > 0, f"method.lr must be > 0, got {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"method.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (self.weight_decay >= 0, f"method.weight_decay must be >= 0, got {self.weight_decay}"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"method.betas must be two values in [0, 1), got {list(self.betas)}"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"method.max_grad_norm must be > 0 or null, got {self.max_grad_norm}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if isinstance(self.sampler, dict):  # built from plain Python rather than through Hydra
+            self.sampler = SamplerConfig(**self.sampler)
+
+
+# --------------------------------------------------------------------------------------------- objectives
+
+def _dpo_objective(errors: dict[str, Tensor], beta: float) -> Tensor:
+    return diffusion_dpo_loss(errors["model_w"], errors["model_l"], errors["ref_w"], errors["ref_l"], beta)
+
+
+def _sft_objective(errors: dict[str, Tensor], beta: float) -> Tensor:
+    return sft_loss(errors["model_w"])
+
+
+# objective -> (per-pair loss from the errors, whether it needs the loser and reference passes)
+OBJECTIVES: dict[str, tuple[Callable[[dict[str, Tensor], float], Tensor], bool]] = {
+    "dpo": (_dpo_objective, True),
+    "sft": (_sft_objective, False),
+}
+
+
+def _target_epsilon(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    return noise
+
+
+def _target_v(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    return scheduler.get_velocity(latents, noise, timesteps)
+
+
+def _target_sample(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    return latents
+
+
+# scheduler prediction_type -> regression target of the UNet output
+TRAINING_TARGETS = {"epsilon": _target_epsilon, "v_prediction": _target_v, "sample": _target_sample}
+
+
+def sdxl_time_ids_of_batch(item: dict[str, Any], image_size: tuple[int, int]) -> Tensor:
+    """[B, 6] SDXL micro-conditioning from a batch's "original_size" and "crop_top_left" ([B, 2] each) and the
+    training resolution (target size); batches without them use original = target, crop = (0, 0)."""
+    batch = len(item["caption"])
+    target = torch.tensor(image_size, dtype=torch.float32).expand(batch, 2)
+    original = item.get("original_size")
+    original = target if original is None else original.float().cpu()
+    crop = item.get("crop_top_left")
+    crop = torch.zeros(batch, 2) if crop is None else crop.float().cpu()
+    return torch.cat([original, crop, target], dim=1)
+
+
+class DiffusionDPO(Method):
+    """Diffusion-DPO / SFT on a Stable Diffusion UNet.
+
+    Networks: ``networks["unet"]`` (trained: all weights, or only its LoRA adapters); frozen: ``vae``,
+    ``text_encoder`` (+ ``text_encoder_2`` for SDXL) and, in full mode, ``reference`` (a copy of the initial UNet).
+
+    Args:
+        config: DiffusionDPOConfig.
+        components: the Stable Diffusion parts (``fdistill.pipelines``).
+        image_size: training resolution in pixels (H, W).
+        prompts: default prompts of ``generate``.
+    """
+
+    def __init__(self, config: DiffusionDPOConfig, components: SDComponents, image_size: tuple[int, int],
+                 prompts: list[str] | None = None):
+        super().__init__()
+        self.config = config
+        self.kind = components.kind
+        self.tokenizers = (components.tokenizer, components.tokenizer_2)
+        self.scheduler = components.scheduler
+        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in TRAINING_TARGETS:
+            raise ValueError(f"scheduler prediction_type {self.prediction_type!r} not in {sorted(TRAINING_TARGETS)}")
+        self.image_size = tuple(image_size)
+        self.sampler = config.sampler or SamplerConfig()
+        self.prompts = list(config.prompts or prompts or ["a photo"])
+        for name, module in {"vae": components.vae, **components.text_encoders()}.items():
+            self.frozen[name] = module.requires_grad_(False).eval()
+        unet = components.unet
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if config.finetune == "lora":
+            self._add_lora(unet)
+        else:
+            self.frozen["reference"] = copy.deepcopy(unet).requires_grad_(False).eval()
+        self.networks["unet"] = unet
+
+    def _add_lora(self, unet: nn.Module) -> None:
+        from peft import LoraConfig
+
+        c = self.config
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, target_modules=list(c.lora_targets),
+                                    init_lora_weights=True))     # B = 0: the tuned model starts AT the reference
+
+    # ------------------------------------------------------------------------------------- contract
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        return [Phase("model", ("unet",), lr=c.lr, weight_decay=c.weight_decay, betas=tuple(c.betas),
+                      max_grad_norm=c.max_grad_norm, optimizer=c.optimizer)]
+
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """Full mode: the UNet (the reference is rebuilt from the config). LoRA mode: the adapter weights only
+        (the frozen base weights are rebuilt from the config too)."""
+        state = super().checkpoint_state_dict()
+        if self.config.finetune == "full":
+            return state
+        return {k: v for k, v in state.items() if not k.startswith("networks.unet.") or "lora_" in k}
+
+    @contextlib.contextmanager
+    def reference_unet(self) -> Iterator[nn.Module]:
+        """The reference model: the frozen copy (full mode) or the trained UNet with adapters disabled (LoRA)."""
+        if self.config.finetune == "full":
+            yield self.frozen["reference"]
+            return
+        unet = self.networks["unet"]
+        unet.disable_adapters()
+        try:
+            yield unet
+        finally:
+            unet.enable_adapters()
+
+    # ------------------------------------------------------------------------------------- conditioning
+
+    def _components(self) -> SDComponents:
+        return SDComponents(unet=self.networks["unet"], vae=self.frozen["vae"],
+                            text_encoder=self.frozen["text_encoder"], tokenizer=self.tokenizers[0],
+                            scheduler=self.scheduler, text_encoder_2=self.frozen["text_encoder_2"]
+                            if "text_encoder_2" in self.frozen else None, tokenizer_2=self.tokenizers[1])
+
+    @torch.no_grad()
+    def text_conditioning(self, captions: list[str], time_ids: Tensor | None = None) -> dict[str, Any]:
+        """UNet keyword arguments for ``captions`` (SDXL: with pooled embeddings and ``time_ids`` [B, 6];
+        default time ids: original = target = the training resolution, no crop)."""
+        prompt_embeds, pooled = encode_prompts(self._components(), list(captions))
+        if pooled is not None and time_ids is None:
+            time_ids = sdxl_time_ids_of_batch({"caption": captions}, self.image_size)
+        return unet_conditioning(prompt_embeds, pooled, None if pooled is None else time_ids.to(pooled.device))
+
+    @torch.no_grad()
+    def encode_latents(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/f, W/f] (one sample of the VAE posterior)."""
+        vae = self.frozen["vae"]
+        latents = vae.encode(images.to(vae.dtype)).latent_dist.sample()
+        return latents.float() * vae.config.scaling_factor
+
+    def encode_batch(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Latents of winner / loser and the UNet conditioning of a batch (raw images or a cached batch)."""
+        if "latents_w" in item:
+            pooled = item.get("pooled_prompt_embeds")
+            cond = unet_conditioning(item["prompt_embeds"], pooled, item.get("time_ids"))
+            return {"latents_w": item["latents_w"], "latents_l": item["latents_l"], "cond": cond}
+        time_ids = sdxl_time_ids_of_batch(item, self.image_size) if self.kind == "sdxl" else None
+        return {"latents_w": self.encode_latents(item["x_w"]), "latents_l": self.encode_latents(item["x_l"]),
+                "cond": self.text_conditioning(item["caption"], time_ids)}
+
+    # ------------------------------------------------------------------------------------- loss
+
+    def _errors_of(self, unet: nn.Module, noisy: Tensor, timesteps: Tensor, cond: dict[str, Any],
+                   target: Tensor) -> Tensor:
+        """Per-sample MSE [N] of ``unet`` on a stack of noisy latents (winners then losers)."""
+        repeats = noisy.shape[0] // timesteps.shape[0]
+        stacked = {k: _repeat(v, repeats) for k, v in cond.items()}
+        prediction = unet(noisy, timesteps.repeat(repeats), **stacked).sample
+        return per_sample_mse(prediction, target)
+
+    def errors(self, encoded: dict[str, Any], generator: torch.Generator | None = None,
+               pairs: bool | None = None) -> dict[str, Tensor]:
+        """Per-pair errors of the model ('model_w', 'model_l') and the reference ('ref_w', 'ref_l'), each [B],
+        at one shared timestep and noise per pair. ``pairs`` False (default for SFT): only 'model_w'.
+        ``generator`` (CPU) fixes t and eps."""
+        latents_w = encoded["latents_w"]
+        needs_pairs = OBJECTIVES[self.config.objective][1] if pairs is None else pairs
+        latents = torch.cat([latents_w, encoded["latents_l"]]) if needs_pairs else latents_w
+        batch, device = latents_w.shape[0], latents_w.device
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        noise = torch.randn(latents_w.shape, generator=generator).to(device)
+        timesteps, noise = timesteps.to(device), noise.repeat(latents.shape[0] // batch, 1, 1, 1)
+        stacked_t = timesteps.repeat(latents.shape[0] // batch)
+        noisy = self.scheduler.add_noise(latents, noise, stacked_t)
+        target = TRAINING_TARGETS[self.prediction_type](self.scheduler, latents, noise, stacked_t)
+        model = self._errors_of(self.networks["unet"], noisy, timesteps, encoded["cond"], target)
+        if not needs_pairs:
+            return {"model_w": model}
+        with torch.no_grad(), self.reference_unet() as reference:
+            ref = self._errors_of(reference, noisy, timesteps, encoded["cond"], target)
+        return {"model_w": model[:batch], "model_l": model[batch:], "ref_w": ref[:batch], "ref_l": ref[batch:]}
+
+    def loss(self, phase: str, item: dict[str, Any], ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+        errors = self.errors(self.encode_batch(item))
+        objective = OBJECTIVES[self.config.objective][0]
+        loss = objective(errors, self.config.beta).mean()
+        return loss, {"loss": loss.item(), **pair_statistics(errors, self.config.beta)}
+
+    # ------------------------------------------------------------------------------------- sampling
+
+    def sampling_denoiser(self, unet: nn.Module) -> nn.Module:
+        """``unet`` as a denoiser in sigma units (latent space), with classifier-free guidance if configured."""
+        from ..denoisers import ClassifierFreeGuidance, DiffusersDenoiser
+
+        denoiser = DiffusersDenoiser(unet, self.scheduler, null_cond=self.text_conditioning([""]))
+        guidance = self.sampler.guidance
+        return denoiser if guidance == 1.0 else ClassifierFreeGuidance(denoiser, guidance, denoiser.uncond)
+
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], generator: torch.Generator | None = None,
+                      reference: bool = False) -> Tensor:
+        """Images [N, 3, H, W] in [-1, 1] for ``prompts`` from the tuned model (or the reference model):
+        fdistill sampler in latent space, then the VAE decoder. Same generator state -> same initial noise."""
+        from .. import samplers
+
+        with contextlib.ExitStack() as stack:
+            unet = stack.enter_context(self.reference_unet()) if reference else self.networks["unet"]
+            denoiser = self.sampling_denoiser(unet)
+            s = self.sampler
+            device = next(unet.parameters()).device
+            schedule = samplers.sigmas(s.schedule, s.steps, s.sigma_min or denoiser_attr(denoiser, "sigma_min"),
+                                       s.sigma_max or denoiser_attr(denoiser, "sigma_max")).to(device)
+            factor = 2 ** (len(self.frozen["vae"].config.block_out_channels) - 1)
+            shape = (len(prompts), unet.config.in_channels, self.image_size[0] // factor, self.image_size[1] // factor)
+            noise = torch.randn(shape, generator=generator).to(device) * schedule[0]
+            latents = samplers.sample(denoiser, noise, schedule, solver=s.solver, cond=self.text_conditioning(prompts))
+        vae = self.frozen["vae"]
+        return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float().clamp(-1, 1)
+
+    def generate(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
+        """``num`` images for the prompts ``cond`` (list of str) or, by default, the configured prompts in turn."""
+        prompts = list(cond) if cond is not None else [self.prompts[i % len(self.prompts)] for i in range(num)]
+        return self.sample_images(prompts[:num], generator)
+
+    # ------------------------------------------------------------------------------------- export
+
+    def export(self, directory: str | Path) -> None:
+        """LoRA mode: ``pytorch_lora_weights.safetensors`` in Diffusers format (``pipe.load_lora_weights(dir)``).
+        Full mode: a complete Diffusers pipeline directory with the tuned UNet (``Pipeline.from_pretrained(dir)``;
+        the UNet alone loads with ``UNet2DConditionModel.from_pretrained(dir, subfolder="unet")``)."""
+        directory = str(directory)
+        os.makedirs(directory, exist_ok=True)
+        pipeline = build_pipeline(self._components())
+        if self.config.finetune == "full":
+            pipeline.save_pretrained(directory)
+        else:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.networks["unet"]))
+            type(pipeline).save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+        with open(os.path.join(directory, "fdistill_dpo.json"), "w") as f:
+            json.dump({"method": "diffusion_dpo", "kind": self.kind, "finetune": self.config.finetune,
+                       "objective": self.config.objective, "beta": self.config.beta}, f, indent=2)
+
+
+def denoiser_attr(denoiser: nn.Module, name: str) -> float:
+    """An attribute of a denoiser, looking through a guidance wrapper."""
+    return getattr(getattr(denoiser, "denoiser", denoiser), name)
+
+
+def _repeat(value: Any, repeats: int) -> Any:
+    """Stack a conditioning tensor (or dict of tensors) ``repeats`` times along the batch."""
+    if isinstance(value, dict):
+        return {k: _repeat(v, repeats) for k, v in value.items()}
+    return torch.cat([value] * repeats) if repeats > 1 else value
+
+
+def pair_statistics(errors: dict[str, Tensor], beta: float) -> dict[str, float]:
+    """Scalars to log: implicit reward accuracy (share with model_diff < ref_diff), mean model / reference
+    error differences and the mean DPO logit (SFT: the winners' error only)."""
+    if "ref_w" not in errors:
+        return {"err_w": errors["model_w"].mean().item()}
+    model_diff, ref_diff = errors["model_w"] - errors["model_l"], errors["ref_w"] - errors["ref_l"]
+    return {"implicit_accuracy": (model_diff < ref_diff).float().mean().item(),
+            "model_diff": model_diff.mean().item(), "ref_diff": ref_diff.mean().item(),
+            "logit": dpo_logits(*(errors[k] for k in ("model_w", "model_l", "ref_w", "ref_l")), beta).mean().item()}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def _batches(dataset, batch_size: int) -> Iterator[dict[str, Any]]:
+    """The data set in order, collated into batch dicts (the last batch may be smaller)."""
+    from torch.utils.data import DataLoader
+
+    return iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+
+
+@torch.no_grad()
+def held_out_preference_metrics(method: DiffusionDPO, dataset, batch_size: int = 64, draws: int = 4,
+                                seed: int = 0) -> dict[str, float]:
+    """Implicit reward accuracy and DPO loss on held-out pairs, with FIXED timesteps / noise (``seed``) so that
+    models can be compared on the same draws.
+
+    For each pair, (model_diff - ref_diff) is averaged over ``draws`` (t, eps) draws (the implicit reward is an
+    expectation over t, Eq. 14); the pair counts as correct when the average is < 0 (the tuned model lowered the
+    winner's error relative to the loser's more than the reference did). At theta = ref the accuracy is 0
+    (no strict ranking) and the loss log 2.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = next(method.networks["unet"].parameters()).device
+    margins, losses = [], []
+    for batch in _batches(dataset, batch_size):
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        encoded = method.encode_batch(batch)
+        per_draw = [method.errors(encoded, generator, pairs=True) for _ in range(draws)]
+        margins.append(torch.stack([(e["model_w"] - e["model_l"]) - (e["ref_w"] - e["ref_l"]) for e in per_draw]).mean(0))
+        losses.append(torch.stack([_dpo_objective(e, method.config.beta) for e in per_draw]).mean(0))
+    margin, loss = torch.cat(margins), torch.cat(losses)
+    return {"implicit_accuracy": (margin < 0).float().mean().item(), "dpo_loss": loss.mean().item(),
+            "pairs": float(len(margin))}
+
+
+@torch.no_grad()
+def reward_of_samples(method: DiffusionDPO, prompts: list[str], reward: Callable[[Tensor, list[str]], Tensor],
+                      seed: int = 0, reference: bool = False) -> tuple[float, Tensor]:
+    """Mean reward of images generated for ``prompts`` (one per prompt, noise from ``seed``) by the tuned model or
+    the reference; returns (mean reward, the images [N, 3, H, W])."""
+    images = method.sample_images(prompts, torch.Generator().manual_seed(seed), reference=reference)
+    return reward(images, prompts).float().mean().item(), images
+
+
+def save_side_by_side(reference_images: Tensor, tuned_images: Tensor, path: str | Path) -> None:
+    """One PNG: the reference model's samples in the top row, the tuned model's (same prompts, same noise) below."""
+    from torchvision.utils import save_image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid = torch.cat([reference_images, tuned_images]).float().cpu()
+    save_image((grid + 1) / 2, str(path), nrow=len(reference_images), padding=1)
+
+
+# ------------------------------------------------------------------------------------------------ caching
+
+@torch.no_grad()
+def encode_dataset(method: DiffusionDPO, dataset, batch_size: int = 16) -> dict[str, Tensor]:
+    """VAE latents of winners / losers and text conditioning of every pair, stacked ([N, ...] tensors)."""
+    device = next(method.frozen["vae"].parameters()).device
+    parts: dict[str, list[Tensor]] = {}
+    for batch in _batches(dataset, batch_size):
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        encoded = method.encode_batch(batch)
+        cond = encoded["cond"]
+        row = {"latents_w": encoded["latents_w"], "latents_l": encoded["latents_l"],
+               "prompt_embeds": cond["encoder_hidden_states"]}
+        if "added_cond_kwargs" in cond:
+            row.update(pooled_prompt_embeds=cond["added_cond_kwargs"]["text_embeds"],
+                       time_ids=cond["added_cond_kwargs"]["time_ids"])
+        for key, value in row.items():
+            parts.setdefault(key, []).append(value.float().cpu())
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def cached_dataset(method: DiffusionDPO, dataset, path: str | Path):
+    """A TensorDictDataset of encoded pairs, read from ``path`` or computed once (VAE encode once) and written there."""
+    from ..data.base import TensorDictDataset
+
+    path = Path(path)
+    if path.is_file():
+        tensors = torch.load(path, map_location="cpu")
+    else:
+        tensors = encode_dataset(method, dataset)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tensors, path)
+    if len(tensors["latents_w"]) != len(dataset):
+        raise ValueError(f"method.cache_path={str(path)!r} holds {len(tensors['latents_w'])} pairs but the data has "
+                         f"{len(dataset)}: delete the cache or point cache_path elsewhere")
+    return TensorDictDataset(**tensors)
+
+
+Config = DiffusionDPOConfig
+
+
+def build(config: DiffusionDPOConfig, model: SDComponents, data) -> DiffusionDPO:
+    """The method from its config, the Stable Diffusion components of the ``model`` group and a preference
+    DataSource. With ``config.cache_path`` the DataSource's dataset is REPLACED by the encoded cache."""
+    if not isinstance(model, SDComponents):
+        raise TypeError(f"diffusion_dpo needs model = fdistill.pipelines.SDComponents (model=sd15|sdxl|tiny_sd), "
+                        f"got {type(model).__name__}")
+    extras = data.extras or {}
+    method = DiffusionDPO(config, model, tuple(data.sample_shape[-2:]), extras.get("prompts"))
+    if config.cache_path:
+        data.dataset = cached_dataset(method, data.dataset, config.cache_path)
+    return method
