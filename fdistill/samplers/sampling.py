@@ -1,0 +1,64 @@
+"""Entry point ``sample`` (solver chosen by name from the ``SOLVERS`` registry) and network-evaluation counting."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .solvers import SOLVERS
+
+
+class CountingDenoiser(nn.Module):
+    """A denoiser that forwards to ``denoiser`` and counts its calls (``.calls``): measures NFE of any sampler."""
+
+    def __init__(self, denoiser: Callable):
+        super().__init__()
+        self.denoiser = denoiser
+        self.calls = 0
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
+        self.calls += 1
+        return self.denoiser(x, sigma, cond)
+
+
+def _solver(name: str) -> Callable[..., Tensor]:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; allowed: {', '.join(SOLVERS)}")
+    return SOLVERS[name]
+
+
+@torch.no_grad()
+def sample(denoiser: Callable, noise: Tensor, sigmas: Tensor, solver: str = "dpmpp_2m", cond: Any = None,
+           **options) -> Tensor:
+    """Integrate the probability-flow ODE (or the SDE of ``dpmpp_2m_sde``) from sigmas[0] to sigmas[-1].
+
+    Args:
+        denoiser: ``D(x, sigma, cond) -> x0`` (fdistill.denoisers protocol; a guidance wrapper is fine).
+        noise: [B, ...] the sample at sigmas[0], already scaled (e.g. ``sigmas[0] * torch.randn(...)``).
+        sigmas: strictly decreasing 1-D tensor (see ``fdistill.samplers.sigmas``); sigmas[-1] may be 0.
+        solver: a key of ``SOLVERS``: euler, heun, dpm_solver_1/2/3, dpmpp_2s, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde.
+        cond: passed unchanged to every denoiser call.
+        **options: solver options (``progress``; ``lower_order_final`` for the DPM-Solver family; ``r1``/``r2``;
+            ``eta`` and ``generator`` for dpmpp_2m_sde).
+    Returns:
+        [B, ...] the sample at sigmas[-1], in noise's dtype. The computation runs in float64 when noise is float64
+        and in float32 otherwise (also for fp16 noise or an fp16 model). No gradients are recorded.
+    """
+    solve = _solver(solver)
+    compute_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
+    return solve(denoiser, noise.to(compute_dtype), sigmas, cond, **options).to(noise.dtype)
+
+
+def nfe(solver: str, num_steps: int, *, to_zero: bool = True, **options) -> int:
+    """Network evaluations ``solver`` makes over ``num_steps`` steps (ending at sigma = 0 when ``to_zero``).
+
+    Counted, not tabulated: the solver runs once on a [1, 1] input with a zero denoiser, so the count can never
+    disagree with what ``sample`` does (e.g. Heun's single evaluation on a step into sigma = 0).
+    """
+    counter = CountingDenoiser(lambda x, sigma, cond: torch.zeros_like(x))
+    sigma_values = torch.logspace(1, -1, num_steps + 1, dtype=torch.float64)
+    if to_zero:
+        sigma_values[-1] = 0.0
+    sample(counter, torch.zeros(1, 1, dtype=torch.float64), sigma_values, solver, **options)
+    return counter.calls
