@@ -168,6 +168,15 @@ def expand_null(null: Any, batch: int) -> Any:
     return null.expand(batch, *null.shape[1:]) if null.shape[0] == 1 else null
 
 
+def disable_implicit_label_dropout(net: nn.Module) -> None:
+    """DiT's LabelEmbedding replaces labels by the null class at random in training mode; fdistill methods do label
+    dropout themselves (passing the null class), so a training-mode forward must not drop labels behind their back."""
+    from diffusers.models.embeddings import LabelEmbedding
+    for module in net.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+
+
 def condition_batch_size(cond: Any) -> int:
     """Batch size of a condition: labels [B], embeddings [B, L, D], or a dict holding encoder_hidden_states."""
     return (cond["encoder_hidden_states"] if isinstance(cond, dict) else torch.as_tensor(cond)).shape[0]
@@ -208,6 +217,7 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
                              f"allowed: {sorted(X0_FROM_PREDICTION)}")
         self.scheduler_config = dict(config)
         self.net = net if dtype is None else net.to(dtype)
+        disable_implicit_label_dropout(net)
         self.schedule = VPSchedule(alphas_cumprod_from_scheduler(scheduler))
         self.feature_block = feature_block or DEFAULT_FEATURE_BLOCKS[self.model_class](net)
         self.conditioning = conditioning_type(net)
