@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,7 +63,8 @@ class ModelInfo:
         sigma_min, sigma_max: noise range of the model.
         wrapper: "edm" or "vp".
         source: the path or hub id it was loaded from.
-        components: other pipeline parts by name -> path or hub id + subfolder (e.g. {"vae": ".../vae"}).
+        components: other pipeline parts by name -> (path or hub id, subfolder), e.g. {"vae": ("sd-dir", "vae")},
+            loadable with ``<Class>.from_pretrained(root, subfolder=subfolder)``.
     """
 
     kind: str = "denoiser"
@@ -75,7 +76,7 @@ class ModelInfo:
     sigma_max: float = 80.0
     wrapper: str = "edm"
     source: str = ""
-    components: dict[str, str] = field(default_factory=dict)
+    components: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------- saving
@@ -201,7 +202,7 @@ class _Source:
                                     f"Hugging Face hub: {error}") from error
 
     def location(self, *parts: str) -> str:
-        """Where a component lives, for from_pretrained(location) or ModelInfo.components."""
+        """A readable name of ``parts`` inside the source, for error messages."""
         return str(Path(self.name) / self.join(*parts)) if self.local else f"{self.name}:{self.join(*parts)}"
 
     def load_model(self, class_name: str, component: str | None) -> nn.Module:
@@ -240,7 +241,7 @@ def _load_pipeline(source: _Source, index: dict, dtype: torch.dtype | None) -> t
         raise ValueError(f"{source.name}: model_index.json has none of the components {PIPELINE_MODEL_COMPONENTS}")
     net = source.load_model(index[component][1], component)
     scheduler = _required_json(source, SCHEDULER_DIR, "scheduler_config.json")
-    others = {name: source.location(name) for name, value in index.items()
+    others = {name: (source.name, source.join(name)) for name, value in index.items()
               if not name.startswith("_") and name not in (component, SCHEDULER_DIR) and isinstance(value, list)
               and value[0] is not None}
     return DiffusersDenoiser(net, scheduler, dtype=dtype), ModelInfo(wrapper="vp", components=others)
@@ -286,7 +287,3 @@ def load_denoiser(path_or_hub_id: str | os.PathLike, subfolder: str | None = Non
     info.sigma_min, info.sigma_max = denoiser.sigma_min, denoiser.sigma_max
     return denoiser, info
 
-
-def info_as_dict(info: ModelInfo) -> dict[str, Any]:
-    """ModelInfo as a JSON-ready dict."""
-    return {**asdict(info), "sample_shape": list(info.sample_shape)}

@@ -1,0 +1,299 @@
+"""``fdistill sample``: draw samples from a model with a DPM-Solver-family sampler; write PNGs and a grid.
+
+    fdistill sample --model digits-exact --num 64 --solver dpmpp_2m --steps 10 --out samples/
+    fdistill sample --model runs/student --num 16 --out student/               # one-step generator: 1 step
+    fdistill sample --model path/to/sd-pipeline --prompt "a red square" --guidance 5 --out sd/
+
+Reproducibility: image i always starts from noise drawn from a generator seeded by (seed, i), and its class (when
+not fixed by --class) is i mod num_classes, so the images do not depend on --batch-size. (dpmpp_2m_sde also draws
+noise during sampling, per batch: its images depend on the batch size.)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fdistill.denoisers import ClassifierFreeGuidance
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCHEDULES = ("karras", "logsnr", "time_uniform")
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as ``fdistill sample: error: ...`` with exit code 2."""
+
+
+@dataclass
+class Model:
+    """A loaded model with what sampling needs besides the denoiser.
+
+    Attributes:
+        denoiser: D(x, sigma, cond) -> x0.
+        info: fdistill.denoisers.io.ModelInfo.
+        uncond: null condition for a condition (classifier-free guidance), None for unconditional models.
+        encode_prompts: captions -> the denoiser's cond (text models), else None.
+        decode: model samples -> images in [-1, 1] (a VAE for latent models, identity otherwise).
+    """
+
+    denoiser: nn.Module
+    info: Any
+    uncond: Callable[[Any], Any] | None = None
+    encode_prompts: Callable[[list[str]], Any] | None = None
+    decode: Callable[[Tensor], Tensor] = lambda x: x
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def digits_exact(dtype: torch.dtype, device: str) -> Model:
+    """The ideal denoiser of sklearn's 1,797 digits (8x8, labels): exact, offline, no file needed."""
+    from fdistill.data.builtin import digits_images
+    from fdistill.denoisers import EmpiricalDenoiser
+    from fdistill.denoisers.io import ModelInfo
+
+    images, labels = digits_images(8)
+    info = ModelInfo(sample_shape=(1, 8, 8), num_classes=10, conditioning="class", sigma_min=0.002, sigma_max=80.0,
+                     wrapper="analytic", source="digits-exact")
+    return Model(EmpiricalDenoiser(images, labels).to(device), info, uncond=lambda cond: None)
+
+
+BUILTIN_MODELS: dict[str, Callable[[torch.dtype, str], Model]] = {"digits-exact": digits_exact}
+
+
+def _vae_decoder(vae: nn.Module) -> Callable[[Tensor], Tensor]:
+    """latents -> images in [-1, 1] with the pipeline's AutoencoderKL (latents divided by its scaling factor)."""
+    scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+
+    @torch.no_grad()
+    def decode(latents: Tensor) -> Tensor:
+        return vae.decode(latents.float() / scale + shift).sample.clamp(-1, 1)
+    return decode
+
+
+def _prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, str]], image_size: int, device: str):
+    """captions -> UNet conditioning with the pipeline's CLIP text encoder(s) (fdistill.pipelines). The empty
+    prompt's encoding becomes the denoiser's null condition (classifier-free guidance)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from fdistill.pipelines import SDComponents, encode_prompts, sdxl_time_ids, unet_conditioning
+
+    def part(cls, name):
+        loaded = cls.from_pretrained(components[name][0], subfolder=components[name][1])
+        return loaded.to(device).eval() if isinstance(loaded, nn.Module) else loaded
+    sdxl = "text_encoder_2" in components
+    parts = SDComponents(unet=None, vae=None, scheduler=None, tokenizer=part(CLIPTokenizer, "tokenizer"),
+                         text_encoder=part(CLIPTextModel, "text_encoder"),
+                         tokenizer_2=part(CLIPTokenizer, "tokenizer_2") if sdxl else None,
+                         text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2") if sdxl else None)
+
+    @torch.no_grad()
+    def encode(captions: list[str]) -> Any:
+        embeds, pooled = encode_prompts(parts, captions)
+        size = (image_size, image_size)
+        return unet_conditioning(embeds, pooled, sdxl_time_ids(size, (0, 0), size, len(captions)) if sdxl else None)
+
+    denoiser.null_cond = encode([""])
+    return encode
+
+
+def load_model(name: str, dtype: torch.dtype, device: str) -> Model:
+    """A built-in model by name, or a model directory / hub id (fdistill.denoisers.load_denoiser) with its VAE and
+    text encoders when it is a latent text-to-image pipeline."""
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name](dtype, device)
+    from fdistill.denoisers import load_denoiser
+
+    try:
+        denoiser, info = load_denoiser(name, dtype=None if dtype == torch.float32 else dtype, device=device)
+    except FileNotFoundError as error:
+        raise UsageError(f"--model: {error}; give a model directory, a hub id or a built-in model: "
+                         f"{', '.join(BUILTIN_MODELS)}") from error
+    model = Model(denoiser, info, uncond=getattr(denoiser, "uncond", None))
+    image_size = info.sample_shape[-1]
+    if "vae" in info.components:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(*info.components["vae"]).to(device).eval()
+        image_size *= 2 ** (len(vae.config.block_out_channels) - 1)
+        model.decode = _vae_decoder(vae)
+    if info.conditioning == "text":
+        if "text_encoder" not in info.components:
+            raise UsageError(f"--model {name}: a text-conditioned model needs its pipeline's text_encoder/tokenizer")
+        model.encode_prompts = _prompt_encoder(denoiser, info.components, image_size, device)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def image_noise(seed: int, start: int, count: int, shape: tuple[int, ...]) -> Tensor:
+    """Standard normal noise [count, *shape] (float32, CPU) for images start .. start + count - 1; image i uses a
+    generator seeded by (seed, i) alone, so a batch's noise does not depend on how images are batched."""
+    noise = torch.empty(count, *shape)
+    for offset in range(count):
+        state = np.random.SeedSequence([seed, start + offset]).generate_state(2, dtype=np.uint32)
+        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        noise[offset] = torch.randn(shape, generator=generator)
+    return noise
+
+
+def batch_condition(model: Model, args: argparse.Namespace, start: int, count: int) -> Any:
+    """The cond of images start .. start + count - 1: --class, else classes cycling i mod num_classes; --prompt."""
+    info = model.info
+    if info.conditioning == "class":
+        labels = torch.arange(start, start + count) % info.num_classes if args.class_label is None \
+            else torch.full((count,), args.class_label)
+        return labels.to(args.device)
+    if info.conditioning == "text":
+        return model.encode_prompts([args.prompt] * count)
+    return None
+
+
+def noise_levels(model: Model, args: argparse.Namespace) -> Tensor:
+    """The sampler's decreasing sigmas (ending at 0), defaults from the model's noise range."""
+    from fdistill.samplers import sigmas
+
+    sigma_min = args.sigma_min if args.sigma_min is not None else model.info.sigma_min
+    sigma_max = args.sigma_max if args.sigma_max is not None else model.info.sigma_max
+    options = {}
+    schedule = getattr(model.denoiser, "schedule", None)
+    if args.schedule == "time_uniform" and schedule is not None:      # a discrete VP model: its own table
+        options["alphas_cumprod"] = 1 / (1 + torch.exp(2 * schedule.log_sigmas.cpu()))
+    try:
+        return sigmas(args.schedule, args.steps, sigma_min, sigma_max, **options)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def draw(model: Model, denoiser: nn.Module, args: argparse.Namespace, levels: Tensor, start: int,
+         count: int) -> Tensor:
+    """Images start .. start + count - 1 in data space (decoded), [count, *shape] on the CPU."""
+    from fdistill.samplers import sample
+
+    cond = batch_condition(model, args, start, count)
+    noise = image_noise(args.seed, start, count, tuple(model.info.sample_shape)).to(args.device)
+    with torch.no_grad():
+        if model.info.kind == "generator":
+            sigma = torch.full((count,), model.info.generator_sigma, device=args.device)
+            x = denoiser(model.info.generator_sigma * noise, sigma, cond)
+        else:
+            options = {}
+            if args.solver == "dpmpp_2m_sde":
+                options["generator"] = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + start)
+            x = sample(denoiser, levels[0].item() * noise, levels.to(args.device), solver=args.solver, cond=cond,
+                       **options)
+        return model.decode(x).float().cpu()
+
+
+def guided(model: Model, scale: float) -> nn.Module:
+    """The denoiser with classifier-free guidance of weight ``scale`` (1 = none)."""
+    if scale == 1.0:
+        return model.denoiser
+    if model.info.conditioning == "none":
+        raise UsageError("--guidance needs a conditional model (class labels or text); this model is unconditional")
+    return ClassifierFreeGuidance(model.denoiser, scale, uncond=model.uncond)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1, 2, ...), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fdistill.samplers import SOLVERS
+
+    parser = argparse.ArgumentParser(prog="fdistill sample", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help=f"model directory, Diffusers pipeline / hub id, or built-in: {', '.join(BUILTIN_MODELS)}")
+    parser.add_argument("--num", type=positive_int, default=64, help="number of images")
+    parser.add_argument("--solver", choices=list(SOLVERS), default="dpmpp_2m", help="sampler")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="solver steps (default 1 for one-step generators, 20 otherwise)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="karras", help="noise-level spacing")
+    parser.add_argument("--sigma-min", type=float, default=None, help="smallest noise level (default: the model's)")
+    parser.add_argument("--sigma-max", type=float, default=None, help="largest noise level (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = off)")
+    parser.add_argument("--class", dest="class_label", type=int, default=None,
+                        help="class label of all images (default: classes cycle 0, 1, ...)")
+    parser.add_argument("--prompt", default="", help="text prompt (text-to-image models)")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses noise seeded by (seed, i)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="network compute dtype")
+    parser.add_argument("--out", required=True, help="output directory (000000.png ..., grid.png)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def check_arguments(model: Model, args: argparse.Namespace) -> None:
+    """Reject options that do not fit the model, naming the option and what is allowed."""
+    info = model.info
+    if args.steps is None:
+        args.steps = 1 if info.kind == "generator" else 20
+    if info.kind == "generator" and args.steps != 1:
+        raise UsageError(f"--steps {args.steps}: {args.model} is a one-step generator; allowed: --steps 1")
+    if args.class_label is not None and info.conditioning != "class":
+        raise UsageError(f"--class: {args.model} is not class-conditional (conditioning: {info.conditioning})")
+    if args.class_label is not None and not 0 <= args.class_label < info.num_classes:
+        raise UsageError(f"--class {args.class_label}: allowed 0 .. {info.num_classes - 1}")
+    if args.prompt and info.conditioning != "text":
+        raise UsageError(f"--prompt: {args.model} is not a text-conditioned model (conditioning: {info.conditioning})")
+
+
+def write_outputs(images: Tensor, out: Path) -> str:
+    """PNGs + grid.png for images [N, C, H, W]; samples.npy for point data [N, D]. Returns a summary line."""
+    from fdistill.images import save_grid, save_images
+
+    out.mkdir(parents=True, exist_ok=True)
+    if images.ndim == 2:
+        np.save(out / "samples.npy", images.numpy())
+        return f"wrote {len(images)} points to {out / 'samples.npy'}"
+    save_images(images, out)
+    save_grid(images, out / "grid.png", upscale=max(1, 128 // images.shape[-1]))
+    return f"wrote {len(images)} images and grid.png to {out}"
+
+
+def run(args: argparse.Namespace) -> str:
+    from tqdm import tqdm
+
+    model = load_model(args.model, DTYPES[args.dtype], args.device)
+    check_arguments(model, args)
+    denoiser = guided(model, args.guidance)
+    levels = noise_levels(model, args) if model.info.kind == "denoiser" else None
+    batches = []
+    with tqdm(total=args.num, desc="sampling", unit="img", disable=args.no_progress) as progress:
+        for start in range(0, args.num, args.batch_size):
+            count = min(args.batch_size, args.num - start)
+            batches.append(draw(model, denoiser, args, levels, start, count))
+            progress.update(count)
+    return write_outputs(torch.cat(batches), Path(args.out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:          # argparse already printed the message (bad choice, bad int, --help)
+        return int(exit_.code or 0)
+    try:
+        print(run(args))
+    except UsageError as error:
+        print(f"fdistill sample: error: {error}", file=sys.stderr)
+        return 2
+    return 0
