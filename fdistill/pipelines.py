@@ -57,8 +57,21 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"Stable Diffusion kind {kind!r} not in {SD_KINDS}")
 
 
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def as_torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from itself or its name ('float32', 'float16', 'bfloat16'; None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"model.torch_dtype must be one of {sorted(TORCH_DTYPES)} or null, got {dtype!r}")
+    return TORCH_DTYPES[dtype]
+
+
 def load_sd_components(pretrained: str, kind: str = "sd15", revision: str | None = None,
-                       variant: str | None = None, torch_dtype: torch.dtype | None = None) -> SDComponents:
+                       variant: str | None = None, torch_dtype: torch.dtype | str | None = None,
+                       vae: str | None = None) -> SDComponents:
     """Load the components of a Diffusers Stable Diffusion pipeline (hub id or local directory).
 
     Args:
@@ -66,18 +79,21 @@ def load_sd_components(pretrained: str, kind: str = "sd15", revision: str | None
             "stabilityai/stable-diffusion-xl-base-1.0", or a local pipeline directory (model_index.json).
         kind: "sd15" or "sdxl" (SDXL also loads text_encoder_2 / tokenizer_2).
         revision, variant: passed to ``from_pretrained`` (variant "fp16" picks the half-precision files).
-        torch_dtype: dtype of the frozen VAE / text encoders; the UNet is always loaded in float32 (trained
-            weights stay fp32, the trainer's autocast runs the low-precision compute).
+        torch_dtype: dtype (or its name) of the frozen VAE / text encoders; the UNet is always loaded in float32
+            (trained weights stay fp32, the trainer's autocast runs the low-precision compute).
+        vae: another VAE (hub id or directory of an AutoencoderKL), e.g. "madebyollin/sdxl-vae-fp16-fix" (the
+            SDXL VAE overflows in fp16).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     _check_kind(kind)
     common = {"revision": revision, "variant": variant}
-    frozen = dict(common, torch_dtype=torch_dtype)
+    frozen = dict(common, torch_dtype=as_torch_dtype(torch_dtype))
     parts = dict(
         unet=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **common),
-        vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **frozen),
+        vae=AutoencoderKL.from_pretrained(vae, torch_dtype=frozen["torch_dtype"]) if vae else
+        AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **frozen),
         text_encoder=CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **frozen),
         tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision),
         scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision),
