@@ -1,6 +1,7 @@
 """f-distill method: exact gradients against analytic teachers / students, global normalisation statistics,
 phases, frozen teacher, ratio-bin state."""
 import copy
+import math
 import threading
 
 import pytest
@@ -13,6 +14,8 @@ from fdistill.losses.fdistill import f_divergence_weight
 from fdistill.methods.base import StepContext
 from fdistill.methods.fdistill import FDistill, FDistillConfig, build
 from fdistill.networks import MLPDenoiser
+from fdistill.training import Trainer
+from fdistill.training.config import TrainConfig
 
 TEACHER = dict(means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], stds=[0.4, 0.5, 0.3], weights=[0.6, 0.3, 0.1])
 STUDENT = dict(means=[[-1.5, 0.3], [2.2, -0.2], [0.3, 2.0]], stds=[0.6, 0.4, 0.5], weights=[0.2, 0.5, 0.3])
@@ -133,17 +136,17 @@ def test_statistics_equal_for_1x4_and_2x2_micro_batches():
         assert torch.allclose(single, torch.cat(pair), rtol=1e-6)
         assert abs(float(single.mean()) - 1.0) < 1e-6
     assert torch.allclose(one.ratio_bin_means, two_a.ratio_bin_means) and torch.equal(two_a.ratio_bin_means, two_b.ratio_bin_means)
-    assert not torch.allclose(one.ratio_bin_means, torch.ones(10, dtype=torch.float64))
+    assert not torch.allclose(one.ratio_bin_means, torch.ones(10))
 
 
 def test_validation_never_updates_bins_and_bins_are_state():
     method, _, _ = exact_method("kl", num_bins=10, ratio_ema=0.5)
     logits, quantiles = [torch.randn(32)], [torch.rand(32)]
     method.normalized_weights(logits, quantiles, StepContext(step=0, training=False))
-    assert torch.equal(method.ratio_bin_means, torch.ones(10, dtype=torch.float64)) and not method.ratio_bins_seen.any()
+    assert torch.equal(method.ratio_bin_means, torch.ones(10)) and not method.ratio_bins_seen.any()
     method.normalized_weights(logits, quantiles, StepContext(step=0))
     stored = method.ratio_bin_means.clone()
-    assert not torch.equal(stored, torch.ones(10, dtype=torch.float64))
+    assert not torch.equal(stored, torch.ones(10))
     state = method.checkpoint_state_dict()
     assert torch.equal(state["ratio_bin_means"], stored) and "ratio_bins_seen" in state
     assert not any(key.startswith("frozen.") for key in state)
@@ -178,32 +181,32 @@ def changed(module, before):
 
 
 @pytest.mark.parametrize("features", ["teacher", "fake_score"])
-def test_phases_train_only_their_networks_and_teacher_stays_frozen(features):
+def test_phases_train_only_their_networks_and_teacher_stays_frozen(features, tmp_path):
     teacher = MLPDenoiser(dim=2, hidden=32, depth=2)
+    data = points_data()
     method = build(FDistillConfig(divergence="js", student_update_freq=2, lr=1e-2, gan_weight=0.1, features=features),
-                   teacher, points_data())
-    method.assert_frozen()
+                   teacher, data)
     assert [p.name for p in method.phases()] == ["student", "critic"]
     assert [method.phase_at(s) for s in range(4)] == ["critic", "student", "critic", "student"]
-    optimizers = {p.name: torch.optim.AdamW([q for n in p.networks for q in method.networks[n].parameters()], lr=p.lr)
-                  for p in method.phases()}
-    batch = {"x": points_data().dataset.tensors["x"][:32]}
+    trainer = Trainer(method, data, TrainConfig(steps=4, batch_size=32, micro_batches=2, run_dir=str(tmp_path),
+                                                device="cpu", progress=False, ema_decays=[0.9]))
+    batches = data.loader(32)
     teacher_before = snapshot(method.frozen["teacher"])
     assert all(torch.equal(a, b) for a, b in zip(snapshot(method.networks["student"]), teacher_before))
     for step in range(4):
         phase = method.phase_at(step)
         before = {name: snapshot(net) for name, net in method.networks.items()}
-        method.zero_grad(set_to_none=True)
-        for item in method.prepare_step(phase, [batch, batch], StepContext(step=step, num_micro_batches=2)):
-            loss, logs = method.loss(phase, item, StepContext(step=step, num_micro_batches=2))
-            (loss / 2).backward()
-            assert torch.isfinite(loss)
-        optimizers[phase].step()
+        logs = trainer.train_step(step, next(batches))
         trained = {"student": {"student"}, "critic": {"fake_score", "discriminator"}}[phase]
         for name, net in method.networks.items():
             assert changed(net, before[name]) == (name in trained), (phase, name)
+            # no stale gradient is left for the other phase's optimizer (the trainer clears only the phase it steps)
+            assert all(p.grad is None for p in net.parameters()), (phase, name)
+        assert math.isfinite(logs["loss"])
     assert not changed(method.frozen["teacher"], teacher_before)
-    assert "student/weight_max" in logs and "student/ratio_mean" in logs
+    assert "student/weight_max" in logs and "student/ratio_mean" in logs and "critic/fake_score" not in logs
+    assert not torch.equal(method.ratio_bin_means, torch.ones(10))
+    assert torch.equal(trainer.ema.state_dict(0.9)["ratio_bin_means"], method.ratio_bin_means)
 
 
 def test_build_from_analytic_teacher_needs_a_network_spec_and_generates():

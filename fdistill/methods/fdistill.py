@@ -21,13 +21,14 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from ..denoisers import ClassifierFreeGuidance
+from ..denoisers import ClassifierFreeGuidance, EmpiricalDenoiser
 from ..denoisers.base import append_dims
 from ..losses.fdistill import (DIVERGENCES, binned_sums, check_divergence, density_ratio, discriminator_loss,
                                f_divergence_weight, fake_score_loss, fdistill_generator_loss, generator_gan_loss,
@@ -262,7 +263,7 @@ class FDistill(Method):
         self.networks["student"] = student.requires_grad_(True)
         self.networks["fake_score"] = fake_score.requires_grad_(True)
         self.networks["discriminator"] = self._build_discriminator()
-        self.register_buffer("ratio_bin_means", torch.ones(config.num_ratio_bins, dtype=torch.float64))
+        self.register_buffer("ratio_bin_means", torch.ones(config.num_ratio_bins))
         self.register_buffer("ratio_bins_seen", torch.zeros(config.num_ratio_bins, dtype=torch.bool))
 
     # -- construction
@@ -369,7 +370,7 @@ class FDistill(Method):
         """Per-bin means of this step (bins without samples keep the stored value), blended with the stored ones by
         ``ratio_ema``; stored (persistent buffers) only while training."""
         seen = counts > 0
-        stored = self.ratio_bin_means.to(sums.device)
+        stored = self.ratio_bin_means.to(sums.device, torch.float64)
         current = torch.where(seen, sums / counts.clamp_min(1), stored)
         if self.config.ratio_ema > 0:
             blend = self.ratio_bins_seen.to(sums.device) & seen
@@ -427,6 +428,19 @@ def _times(sigma: Tensor, eps: Tensor) -> Tensor:
     return append_dims(sigma, eps.ndim) * eps
 
 
+@contextmanager
+def parameters_frozen(*modules: nn.Module) -> Iterator[None]:
+    """Temporarily set requires_grad=False on the trainable parameters of ``modules`` (gradients still reach inputs)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def student_phase_loss(method: FDistill, item: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
     """Weighted distribution matching (+ gan_weight * generator GAN term) at the prepared noise."""
     config, sigma, cond = method.config, item["sigma"], item["cond"]
@@ -442,7 +456,9 @@ def student_phase_loss(method: FDistill, item: dict[str, Any]) -> tuple[Tensor, 
     logs.update({f"student/{k}": v for k, v in item.get("stats", {}).items()})
     if config.gan_weight == 0:
         return matching, logs
-    gan = generator_gan_loss(method.discriminator_logit(x_t, sigma, cond)).mean()
+    # the critic's parameters must not collect gradients here: the trainer steps (and clears) only the student's
+    with parameters_frozen(method.networks["discriminator"], method.networks["fake_score"]):
+        gan = generator_gan_loss(method.discriminator_logit(x_t, sigma, cond)).mean()
     logs["student/gan"] = float(gan.detach())
     return matching + config.gan_weight * gan, logs
 
@@ -483,14 +499,20 @@ def instantiate_network(spec: dict[str, Any]) -> nn.Module:
 
 
 def teacher_from(model: Any, data: Any) -> nn.Module:
-    """The teacher: ``model`` if given, else the exact denoiser the data source ships (``extras["denoiser"]``)."""
+    """The teacher: ``model`` if given, else the exact denoiser the data source ships (``extras["denoiser"]``, e.g.
+    a Gaussian mixture), else the ideal denoiser of the in-memory training set (EmpiricalDenoiser of ``"x"``, with
+    ``"label"`` as classes when the data is labelled)."""
     if model is not None:
         return model
     extras = getattr(data, "extras", None) or {}
-    if "denoiser" not in extras:
-        raise ValueError("fdistill needs a teacher: set the model group, or use a data source with an exact "
-                         "denoiser (data.extras['denoiser'], e.g. gaussian_mixture)")
-    return extras["denoiser"]
+    if "denoiser" in extras:
+        return extras["denoiser"]
+    tensors = getattr(getattr(data, "dataset", None), "tensors", None)
+    if not tensors or "x" not in tensors:
+        raise ValueError("fdistill needs a teacher: set the model group, or use an in-memory data source (its exact "
+                         "EmpiricalDenoiser is the teacher) or one with data.extras['denoiser']")
+    labels = tensors.get("label") if getattr(data, "num_classes", 0) else None
+    return EmpiricalDenoiser(tensors["x"], labels)
 
 
 def build(config: FDistillConfig, model: Any, data: Any) -> FDistill:
@@ -498,6 +520,8 @@ def build(config: FDistillConfig, model: Any, data: Any) -> FDistill:
     if not isinstance(config, FDistillConfig):
         config = FDistillConfig(**dict(config))
     check_divergence(config.divergence)
+    if isinstance(model, tuple):          # fdistill.denoisers.load_denoiser returns (denoiser, info)
+        model = model[0]
     teacher = teacher_from(model, data)
     if _is_network(teacher):
         student, fake_score = copy.deepcopy(teacher), copy.deepcopy(teacher)

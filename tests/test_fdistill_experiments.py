@@ -1,0 +1,59 @@
+"""f-distill experiments compose and run two steps (critic + student) with tiny stand-in models; `fdistill distill`."""
+import json
+
+import pytest
+import torch
+
+from fdistill.config import ConfigError, build_run, compose, validate
+from fdistill.commands.distill import with_default_experiment
+from fdistill.training import Trainer
+
+SHRINK = ["train.steps=2", "train.batch_size=8", "train.device=cpu", "train.progress=false", "train.sample_every=0",
+          "train.checkpoint_every=2", "method.student_update_freq=2"]
+
+
+def run_two_steps(overrides, tmp_path):
+    spec = validate(compose([*overrides, *SHRINK, f"train.run_dir={tmp_path}"]))
+    run = build_run(spec, with_loggers=False)
+    before = {name: [p.detach().clone() for p in net.parameters()] for name, net in run.method.networks.items()}
+    Trainer(run.method, run.data, spec.train).fit()
+    for name, net in run.method.networks.items():
+        assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), before[name])), name
+    return spec, run
+
+
+@pytest.mark.parametrize("overrides", [
+    ["experiment=gmm_fdistill", "method.network.hidden=16", "data.num_samples=64"],
+    ["experiment=digits_fdistill", "method.network._target_=fdistill.networks.tiny_unet"],
+    ["experiment=cifar10_fdistill", "model=tiny_unet", "~model.path_or_hub_id", "train.mixed_precision=no", "train.ema_decays=[0.9]"],
+    ["experiment=imagenet64_fdistill", "model=tiny_unet", "model.num_classes=10", "train.mixed_precision=no",
+     "train.ema_decays=[0.9]"],
+], ids=["gmm", "digits", "cifar10", "imagenet64"])
+def test_experiments_compose_and_train_two_steps(overrides, tmp_path):
+    spec, run = run_two_steps(overrides, tmp_path)
+    assert spec.method_name == "fdistill"
+    assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "model" / "fdistill.json").is_file()
+    info = json.loads((tmp_path / "model" / "fdistill.json").read_text())
+    assert info["kind"] == "generator" and info["generator_sigma"] == pytest.approx(run.method.generator_sigma)
+
+
+def test_recipes_carry_the_paper_settings():
+    cifar = validate(compose(["experiment=cifar10_fdistill"]))
+    assert (cifar.method_config.divergence, cifar.method_config.lr, cifar.method_config.gan_weight) == ("kl", 1e-4, 1e-3)
+    assert (cifar.train.batch_size, cifar.train.steps, cifar.train.ema_decays) == (2048, 100000, [0.9999])
+    imagenet = validate(compose(["experiment=imagenet64_fdistill"]))
+    c = imagenet.method_config
+    assert (c.divergence, c.lr, c.gan_weight, c.ratio_ema) == ("js", 2e-6, 3e-3, 0.5)
+    assert (imagenet.train.batch_size, imagenet.train.steps) == (512, 600000)
+
+
+def test_unknown_divergence_fails_at_composition_listing_the_seven():
+    with pytest.raises(ConfigError) as error:
+        compose(["experiment=digits_fdistill", "method.divergence=tv"])
+    assert all(name in str(error.value) for name in ("rkl", "kl", "js", "sf", "sh", "jf", "neyman"))
+
+
+def test_distill_defaults_to_the_digits_experiment():
+    assert with_default_experiment([]) == ["experiment=digits_fdistill"]
+    assert with_default_experiment(["train.steps=3"]) == ["experiment=digits_fdistill", "train.steps=3"]
+    assert with_default_experiment(["experiment=gmm_fdistill"]) == ["experiment=gmm_fdistill"]
