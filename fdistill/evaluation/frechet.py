@@ -3,9 +3,9 @@
 FID (Heusel et al. 2017, Eq. 6):  d^2 = ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
 
 The trace of the matrix square root is computed without ``scipy.linalg.sqrtm``: S1 S2 is similar to the symmetric
-positive semi-definite matrix A = S1^(1/2) S2 S1^(1/2) (A = S1^(1/2) (S1 S2) S1^(-1/2)), so
-tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i(A)), with both square roots from symmetric eigendecompositions (``eigh``).
-This is ~5-10x faster than sqrtm at d = 2048 and works on SciPy versions without ``sqrtm(disp=...)``.
+positive semi-definite matrix A = L^T S2 L for any factor S1 = L L^T (A = L^T (S1 S2) L^(-T)), so
+tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i(A)) from a symmetric eigenvalue solver (``eigvalsh``). This is many times
+faster than sqrtm at d = 2048 and works on SciPy versions without ``sqrtm(disp=...)``.
 """
 from __future__ import annotations
 
@@ -29,10 +29,19 @@ def _symmetric_sqrt(matrix: np.ndarray) -> np.ndarray:
 
 
 def trace_sqrt_product(sigma1, sigma2) -> float:
-    """tr (S1 S2)^(1/2) for symmetric PSD S1, S2 [d, d], via eigh of S1^(1/2) S2 S1^(1/2)."""
+    """tr (S1 S2)^(1/2) for symmetric PSD S1, S2 [d, d].
+
+    With a factor S1 = L L^T (Cholesky, or L = S1^(1/2) when S1 is singular), S1 S2 = L (L^T S2 L) L^(-1) is similar
+    to the symmetric PSD matrix L^T S2 L, so the trace is the sum of the square roots of its eigenvalues (eigvalsh;
+    round-off negatives clamped to 0). No eigenvectors and no sqrtm: one Cholesky, two products, one eigvalsh.
+    """
     sigma1, sigma2 = _as_float64(sigma1), _as_float64(sigma2)
-    root1 = _symmetric_sqrt((sigma1 + sigma1.T) / 2)
-    inner = root1 @ sigma2 @ root1
+    sigma1 = (sigma1 + sigma1.T) / 2
+    try:
+        factor = np.linalg.cholesky(sigma1)
+    except np.linalg.LinAlgError:                       # singular S1 (fewer samples than dimensions)
+        factor = _symmetric_sqrt(sigma1)
+    inner = factor.T @ sigma2 @ factor
     eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2)
     return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
 

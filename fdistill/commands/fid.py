@@ -1,0 +1,111 @@
+"""``fdistill fid``: FID (and KID, precision/recall) between a generated source and a reference.
+
+    fdistill fid --gen samples/ --ref cifar10/train/32                       # clean-fid's named statistics
+    fdistill fid --gen samples.npz --ref real/ --kid --pr --out result.json
+    fdistill fid --gen runs/student --steps 1 --num 10000 --ref cifar10/train/32
+    fdistill fid --gen digits_samples/ --ref digits --features digits       # built-in, no download
+
+``--gen``: image folder, npz of images, or a model directory / hub id (``fdistill.denoisers.load_denoiser``; one-step
+generators draw x = D(generator_sigma z, generator_sigma); denoisers are sampled with ``fdistill.samplers``;
+class-conditional models get exactly balanced labels). ``--ref``: folder, npz of images or of statistics (mu,
+sigma), clean-fid name ``name/split/res``, or ``digits``. Prints the metrics and writes them as JSON with ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fdistill.evaluation.extractors import EXTRACTORS
+from fdistill.evaluation.fid import SourceOptions, compute_metrics
+from fdistill.evaluation.preprocess import MODES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fdistill fid", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gen", required=True, help="image folder, npz, or model directory / hub id")
+    parser.add_argument("--ref", required=True, help="folder, npz (images or mu/sigma), name/split/res, or digits")
+    parser.add_argument("--num", type=int, default=None, help="generated images to use (required for a model)")
+    parser.add_argument("--ref-num", type=int, default=None, help="reference images to use (default all)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader workers decoding and resizing images")
+    parser.add_argument("--features", choices=sorted(EXTRACTORS), default="inception")
+    parser.add_argument("--mode", choices=MODES, default="clean", help="Inception preprocessing (clean-fid modes)")
+    parser.add_argument("--inception-weights", default=None, help="local inception-2015-12-05.pt "
+                        "(else $FDISTILL_INCEPTION_WEIGHTS, the cache, or a download)")
+    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name, local-dir:PATH or hf-hub:ID")
+    parser.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag or weights file")
+    parser.add_argument("--kid", action="store_true", help="also compute KID (keeps features in memory)")
+    parser.add_argument("--pr", action="store_true", help="also compute precision / recall (k = 3)")
+    parser.add_argument("--solver", default="dpmpp_2m", help="sampler for a denoiser --gen (fdistill.samplers)")
+    parser.add_argument("--steps", type=int, default=18, help="solver steps for a denoiser --gen")
+    parser.add_argument("--schedule", default="karras", help="sigma schedule for a denoiser --gen")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="do not read / write cached reference statistics")
+    parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device: str):
+    """``generate_fn(num, generator, cond=None) -> [-1, 1] images`` sampling a model directory / hub id."""
+    from fdistill.denoisers import load_denoiser
+    from fdistill.samplers import sample, sigmas
+
+    denoiser, info = load_denoiser(path, device=device)
+    if info.conditioning == "text" or info.components.get("vae"):
+        raise ValueError(f"{path}: text-to-image / latent models are not sampled by `fdistill fid`; write images "
+                         "with `fdistill sample` and pass that folder as --gen")
+    noise_levels = sigmas(schedule, steps, info.sigma_min, info.sigma_max)
+
+    @torch.no_grad()
+    def generate(num: int, generator: torch.Generator, cond=None) -> torch.Tensor:
+        z = torch.randn((num, *info.sample_shape), generator=generator).to(device)
+        cond = None if cond is None else cond.to(device)
+        if info.kind == "generator":
+            sigma = torch.full((num,), float(info.generator_sigma), device=device)
+            return denoiser(info.generator_sigma * z, sigma, cond).clamp(-1, 1)
+        return sample(denoiser, float(noise_levels[0]) * z, noise_levels, solver=solver, cond=cond).clamp(-1, 1)
+
+    return generate, info
+
+
+def _gen_source(args):
+    """(source, num_classes) for --gen: a path to images as is, or a model's generate_fn."""
+    path = Path(args.gen)
+    if path.is_dir() and not any((path / name).is_file() for name in ("fdistill.json", "model_index.json",
+                                                                        "config.json")):
+        return args.gen, None
+    if path.suffix == ".npz":
+        return args.gen, None
+    if args.num is None:
+        raise ValueError("--num is required when --gen is a model")
+    generate, info = model_generate_fn(args.gen, args.solver, args.steps, args.schedule, args.device)
+    return generate, info.num_classes if info.conditioning == "class" else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        gen, num_classes = _gen_source(args)
+        options = SourceOptions(args.batch_size, args.workers, args.device, not args.quiet, args.seed, num_classes)
+        extractor_options = {"inception_weights": args.inception_weights, "clip_model": args.clip_model,
+                             "clip_pretrained": args.clip_pretrained}
+        result = compute_metrics(gen, args.ref, args.features, args.mode, args.num, args.ref_num, args.kid, args.pr,
+                                 options, extractor_options, cache=not args.no_cache)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"fdistill fid: error: {error}", file=sys.stderr)
+        return 1
+    result = {**result, "features": args.features, "mode": args.mode, "gen": args.gen, "ref": args.ref}
+    for key in ("fid", "kid", "kid_std", "precision", "recall"):
+        if key in result:
+            print(f"{key}: {result[key]:.6g}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0

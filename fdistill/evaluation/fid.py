@@ -1,0 +1,193 @@
+"""FID / KID / precision-recall between a generated source and a reference, and reference statistics.
+
+Sources (``gen`` and ``ref``): an image folder, an npz of images, a tensor or iterable of batches, a torch Dataset,
+or (``gen`` only) a ``generate_fn(num, generator[, cond])``. References may also be statistics:
+
+- an npz with ``mu`` / ``sigma`` (as written by ``FeatureStats.save`` or clean-fid),
+- ``"digits"``: the full sklearn digits dataset, with the digits feature network,
+- a clean-fid name ``"name/split/res"`` (e.g. ``cifar10/train/32``): clean-fid's file
+  ``{name}_{mode}[_{model}]_{split}_{res}.npz`` from its stats folder or fdistill's cache, downloaded when online.
+
+Statistics of a reference folder / npz are cached as npz (mu, sigma, num) under ``~/.cache/fdistill/stats``, keyed by
+the files (paths, sizes, modification times), the extractor and the mode.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .extractors import FeatureExtractor, build_feature_extractor
+from .frechet import FeatureStats, frechet_distance, load_statistics, save_statistics
+from .inception import cache_dir, download
+from .metrics import kernel_inception_distance, precision_recall
+from .sources import (Extracted, dataset_batches, extract, folder_batches, generator_batches, list_images,
+                      npz_batches, tensor_batches)
+
+CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats"
+
+
+@dataclass
+class Statistics:
+    """Gaussian statistics of a feature set: mu [d], sigma [d, d] float64, num samples, optional features [n, d]."""
+    mu: np.ndarray
+    sigma: np.ndarray
+    num: int
+    features: torch.Tensor | None = None
+
+    @classmethod
+    def from_extracted(cls, extracted: Extracted) -> "Statistics":
+        stats = extracted.stats
+        return cls(stats.mean, stats.cov, stats.num, extracted.features)
+
+
+@dataclass
+class SourceOptions:
+    """How sources are read: images per batch, data-loader workers, device, progress bar, mode for file names."""
+    batch_size: int = 64
+    workers: int = 0
+    device: str = "cpu"
+    progress: bool = False
+    seed: int = 0
+    num_classes: int | None = None
+    prompts: list[str] | None = None
+
+
+def _is_statistics_npz(path: Path) -> bool:
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    with np.load(path) as data:
+        return "mu" in data.files and "sigma" in data.files
+
+
+def source_batches(source, extractor: FeatureExtractor, num: int | None, options: SourceOptions):
+    """Preprocessed batches of any supported image source (see module docstring)."""
+    preprocess, batch = extractor.preprocess, options.batch_size
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            return folder_batches(path, preprocess, batch, options.workers, num)
+        if path.suffix == ".npz" and path.is_file():
+            return npz_batches(path, preprocess, batch, num)
+        raise FileNotFoundError(f"{path}: not an image folder or an npz file")
+    if isinstance(source, torch.Tensor):
+        return tensor_batches(source.split(batch), preprocess, num)
+    if callable(source) and not isinstance(source, torch.utils.data.Dataset):
+        if num is None:
+            raise ValueError("a generate_fn source needs num (how many samples to draw)")
+        return generator_batches(source, preprocess, num, batch, options.seed, options.num_classes, options.prompts)
+    if isinstance(source, torch.utils.data.Dataset) and hasattr(source, "__len__"):
+        return dataset_batches(source, preprocess, batch, options.workers, num)
+    return tensor_batches(source, preprocess, num)
+
+
+def source_statistics(source, extractor: FeatureExtractor, num: int | None = None, collect: bool = False,
+                      options: SourceOptions | None = None, description: str = "features") -> Statistics:
+    options = options or SourceOptions()
+    batches = source_batches(source, extractor, num, options)
+    extracted = extract(batches, extractor, options.device, collect, options.progress, num, description)
+    return Statistics.from_extracted(extracted)
+
+
+def named_statistics_filename(name: str, mode: str, extractor_name: str) -> str:
+    """clean-fid's file name for ``name/split/res`` statistics, e.g. ``cifar10_clean_train_32.npz``."""
+    parts = name.split("/")
+    if len(parts) != 3:
+        raise ValueError(f"named statistics must look like 'name/split/res' (e.g. cifar10/train/32), got {name!r}")
+    dataset, split, resolution = parts
+    modifier = "" if extractor_name == "inception" else f"_{extractor_name}"
+    return f"{dataset}_{mode}{modifier}_{split}_{resolution}.npz".lower()
+
+
+def named_statistics_path(name: str, mode: str, extractor_name: str, allow_download: bool = True) -> Path:
+    """Local path of clean-fid's named statistics: clean-fid's stats folder, fdistill's cache, or downloaded."""
+    import cleanfid
+
+    filename = named_statistics_filename(name, mode, extractor_name)
+    folders = [Path(cleanfid.__file__).parent / "stats", cache_dir() / "stats"]
+    for folder in folders:
+        if (folder / filename).is_file():
+            return folder / filename
+    url = f"{CLEANFID_STATS_URL}/{filename}"
+    if allow_download:
+        try:
+            return download(url, folders[1] / filename)
+        except OSError as error:
+            reason = f"download from {url} failed ({error})"
+    else:
+        reason = "downloads disabled"
+    raise FileNotFoundError(f"reference statistics {filename} for {name!r} not found and {reason}; put the file "
+                            f"in {folders[0]} or {folders[1]} (or pass the npz path as the reference)")
+
+
+def _folder_cache_key(source: Path, extractor: FeatureExtractor, mode: str, num: int | None) -> str:
+    files = list_images(source)[:num] if source.is_dir() else [source]
+    described = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    payload = json.dumps([described, extractor.name, mode, num])
+    return hashlib.sha1(payload.encode()).hexdigest()[:20]
+
+
+def reference_statistics(reference, extractor: FeatureExtractor, mode: str = "clean", num: int | None = None,
+                         collect: bool = False, options: SourceOptions | None = None, cache: bool = True) -> Statistics:
+    """Statistics of a reference (see module docstring). ``collect`` (KID, precision/recall) needs an image source."""
+    from .digits import digits_images, digits_reference_statistics
+
+    path = Path(reference) if isinstance(reference, (str, os.PathLike)) else None
+    if reference == "digits":
+        if collect or extractor.name != "digits":
+            images = ((digits_images()[0] + 1) * 127.5).round().to(torch.uint8)
+            return source_statistics(images, extractor, num, collect, options, "reference")
+        mu, sigma = digits_reference_statistics()
+        return Statistics(mu, sigma, 1797)
+    if path is not None and (_is_statistics_npz(path) or (not path.exists() and str(reference).count("/") == 2)):
+        if collect:
+            raise ValueError(f"KID / precision-recall need reference images, but {reference} holds only statistics")
+        stats_path = path if _is_statistics_npz(path) else named_statistics_path(str(reference), mode, extractor.name)
+        mu, sigma = load_statistics(stats_path)
+        return Statistics(mu, sigma, int(np.load(stats_path).get("num", 0)))
+    if path is None or collect or not cache or extractor.name == "custom":
+        return source_statistics(reference, extractor, num, collect, options, "reference")
+    cached = cache_dir() / "stats" / f"{path.stem}_{_folder_cache_key(path, extractor, mode, num)}.npz"
+    if cached.is_file():
+        mu, sigma = load_statistics(cached)
+        return Statistics(mu, sigma, int(np.load(cached)["num"]))
+    statistics = source_statistics(reference, extractor, num, False, options, "reference")
+    save_statistics(cached, statistics.mu, statistics.sigma, statistics.num)
+    return statistics
+
+
+def compute_metrics(gen, ref, features="inception", mode: str = "clean", num: int | None = None,
+                    ref_num: int | None = None, kid: bool = False, pr: bool = False,
+                    options: SourceOptions | None = None, extractor_options: dict | None = None,
+                    cache: bool = True) -> dict[str, float]:
+    """FID (and KID mean/std, precision/recall when asked) of ``gen`` against ``ref``; see the module docstring.
+
+    ``features``: "inception" | "digits" | "clip" | an nn.Module | a FeatureExtractor. Returns a dict with
+    ``fid``, ``num_gen``, ``num_ref`` and optionally ``kid``, ``kid_std``, ``precision``, ``recall``.
+    """
+    options = options or SourceOptions()
+    extractor = build_feature_extractor(features, mode, **(extractor_options or {})).to(options.device)
+    collect = kid or pr
+    reference = reference_statistics(ref, extractor, mode, ref_num, collect, options, cache)
+    generated = source_statistics(gen, extractor, num, collect, options, "generated")
+    result = {"fid": frechet_distance(generated.mu, generated.sigma, reference.mu, reference.sigma),
+              "num_gen": generated.num, "num_ref": reference.num}
+    if kid:
+        result["kid"], result["kid_std"] = kernel_inception_distance(generated.features, reference.features,
+                                                                     seed=options.seed)
+    if pr:
+        result["precision"], result["recall"] = precision_recall(reference.features, generated.features)
+    return result
+
+
+def evaluate_generator(generate_fn: Callable, reference="digits", features="digits", num: int = 1000,
+                       mode: str = "clean", kid: bool = False, pr: bool = False,
+                       options: SourceOptions | None = None, extractor_options: dict | None = None) -> dict[str, float]:
+    """Metrics of ``num`` samples of ``generate_fn(n, generator[, cond]) -> [-1, 1] images`` against ``reference``."""
+    return compute_metrics(generate_fn, reference, features, mode, num, None, kid, pr, options, extractor_options)
