@@ -120,7 +120,8 @@ def load_model(name: str, dtype: torch.dtype, device: str) -> Model:
     if "vae" in info.components:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(*info.components["vae"]).to(device).eval()
+        root, subfolder = info.components["vae"]
+        vae = AutoencoderKL.from_pretrained(root, subfolder=subfolder).to(device).eval()
         image_size *= 2 ** (len(vae.config.block_out_channels) - 1)
         model.decode = _vae_decoder(vae)
     if info.conditioning == "text":
