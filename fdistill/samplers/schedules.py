@@ -51,8 +51,10 @@ def time_uniform_sigmas(num_points: int, sigma_min: float, sigma_max: float, *, 
 
 def _discrete_time_uniform(num_points: int, sigma_min: float, sigma_max: float, alphas_cumprod: Tensor) -> Tensor:
     """time_uniform for a table alphas_cumprod [T] (decreasing in t): uniform fractional indices, log-sigma interp."""
-    alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+    alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten().clamp(min=1e-12)  # zero-SNR end
     log_sigmas = (0.5 * ((1 - alphas_cumprod) / alphas_cumprod).log()).numpy()      # increasing in t
+    if len(log_sigmas) < 2 or not (np.diff(log_sigmas) > 0).all():
+        raise ValueError("time_uniform: alphas_cumprod must be a strictly decreasing table of >= 2 entries")
     lo, hi = math.exp(log_sigmas[0]), math.exp(log_sigmas[-1])
     if not lo * (1 - 1e-9) <= sigma_min < sigma_max <= hi * (1 + 1e-9):
         raise ValueError(f"time_uniform with alphas_cumprod: sigma_min={sigma_min}, sigma_max={sigma_max} must lie in "
