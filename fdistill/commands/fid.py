@@ -83,6 +83,9 @@ def _gen_source(args):
         return args.gen, None
     if path.suffix == ".npz":
         return args.gen, None
+    if not path.exists() and (path.is_absolute() or args.gen.count("/") != 1):
+        raise FileNotFoundError(f"--gen {args.gen}: no such image folder, npz or model directory "
+                                "(hub ids look like org/name)")
     if args.num is None:
         raise ValueError("--num is required when --gen is a model")
     generate, info = model_generate_fn(args.gen, args.solver, args.steps, args.schedule, args.device)
