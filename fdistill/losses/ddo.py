@@ -24,22 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fdistill.denoisers.base import append_dims
+from ..denoisers.base import append_dims
+from .denoising import edm_weight, lognormal_sigmas
 
 Denoise = Callable[[Tensor, Tensor, Any], Tensor]
-
-
-def edm_loss_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
-    """EDM loss weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 (Karras et al. 2022,
-    Table 1 / Eq. 8): makes the effective target of the raw network unit-variance. sigma: [B] -> [B]."""
-    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-
-
-def sample_edm_sigmas(num: int, p_mean: float = -0.4, p_std: float = 1.0, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None) -> Tensor:
-    """EDM training noise levels: ln(sigma) ~ N(p_mean, p_std^2) (Karras et al. 2022, Table 1). Returns [num]."""
-    normal = torch.randn(num, device=device, dtype=dtype, generator=generator)
-    return (p_mean + p_std * normal).exp()
 
 
 def ddo_log_ratio_from_outputs(x: Tensor, x0_model: Tensor, x0_reference: Tensor, sigma: Tensor,
@@ -48,7 +36,8 @@ def ddo_log_ratio_from_outputs(x: Tensor, x0_model: Tensor, x0_reference: Tensor
 
         Delta = lambda(sigma) * sum_{C,H,W} ( (D_ref(x_n) - x)^2 - (D_theta(x_n) - x)^2 )
 
-    A sum over elements, not a mean: beta's range [0.01, 0.1] assumes it.
+    with lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2, EDM's loss weight (Karras et al. 2022,
+    Eq. 8). A sum over elements, not a mean: beta's range [0.01, 0.1] assumes it.
 
     Args:
         x: [B, *shape] clean samples.
@@ -59,12 +48,12 @@ def ddo_log_ratio_from_outputs(x: Tensor, x0_model: Tensor, x0_reference: Tensor
         [B] estimate of log p_theta(x) - log p_ref(x) (up to the sigma reweighting explained in the module doc).
     """
     gap = (x0_reference - x) ** 2 - (x0_model - x) ** 2
-    return edm_loss_weight(sigma, sigma_data) * gap.flatten(1).sum(1)
+    return edm_weight(sigma, sigma_data) * gap.flatten(1).sum(1)
 
 
 @contextlib.contextmanager
 def likelihood_mode(*denoisers: Any) -> Iterator[None]:
-    """Dropout off (eval mode) and autocast off for the likelihood estimate; restores the training flags after.
+    """Dropout off (eval mode) and autocast off (fp32) for the likelihood estimate; restores the training flags after.
     Non-module denoisers (plain callables) pass through."""
     modules = [d for d in denoisers if isinstance(d, nn.Module)]
     was_training = [m.training for m in modules]
@@ -108,7 +97,7 @@ def ddo_log_ratio(model: Denoise, reference: Denoise, x: Tensor, cond: Any = Non
     draws = []
     with likelihood_mode(model, reference):
         for _ in range(num_draws):
-            sigma = sample_edm_sigmas(x.shape[0], p_mean, p_std, x.device, x.dtype, generator)
+            sigma = lognormal_sigmas(x.shape[0], p_mean, p_std, generator, x.device).to(x.dtype)
             x_noisy = x + append_dims(sigma, x.ndim) * torch.randn(x.shape, device=x.device, dtype=x.dtype,
                                                                    generator=generator)
             with torch.no_grad():
