@@ -49,11 +49,8 @@ def mode_metrics(samples: torch.Tensor, means: torch.Tensor, weights: torch.Tens
             "histogram": histogram.tolist()}
 
 
-def train_2d(divergence: str, seed: int, steps: int, batch_size: int = 256, num_eval: int = 4000):
-    """Train one student; returns (method, metrics dict)."""
-    torch.manual_seed(seed)
-    data = gaussian_mixture(preset="ring8", dim=2, num_samples=20000, seed=seed)
-    method = build(method_config(divergence), None, data)
+def run_steps(method, data, steps: int, batch_size: int, seed: int = 0) -> float:
+    """``steps`` optimisation steps of the real trainer (no checkpoints or exports); returns the seconds taken."""
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(method, data, TrainConfig(steps=steps, batch_size=batch_size, seed=seed, run_dir=run_dir,
                                                     device="cpu", progress=False, export=False))
@@ -61,7 +58,15 @@ def train_2d(divergence: str, seed: int, steps: int, batch_size: int = 256, num_
         started = time.perf_counter()
         for step in range(steps):
             trainer.train_step(step, next(batches))
-        seconds = time.perf_counter() - started
+        return time.perf_counter() - started
+
+
+def train_2d(divergence: str, seed: int, steps: int, batch_size: int = 256, num_eval: int = 4000):
+    """Train one student; returns (method, metrics dict)."""
+    torch.manual_seed(seed)
+    data = gaussian_mixture(preset="ring8", dim=2, num_samples=20000, seed=seed)
+    method = build(method_config(divergence), None, data)
+    seconds = run_steps(method, data, steps, batch_size, seed)
     teacher = data.extras["denoiser"]
     samples = method.generate(num_eval, torch.Generator().manual_seed(1000 + seed))
     metrics = mode_metrics(samples, teacher.means, teacher.weights, float(teacher.stds[0, 0]))

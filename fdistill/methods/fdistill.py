@@ -522,6 +522,10 @@ def build(config: FDistillConfig, model: Any, data: Any) -> FDistill:
     check_divergence(config.divergence)
     if isinstance(model, tuple):          # fdistill.denoisers.load_denoiser returns (denoiser, info)
         model = model[0]
+    if model is not None and not isinstance(model, nn.Module):
+        raise ValueError(f"fdistill needs a denoiser teacher (nn.Module), got {type(model).__name__}: text-to-image "
+                         "f-distill of Stable Diffusion components (prompt encoding, VAE latents, pipeline export) is "
+                         "not implemented yet; the sd15_fdistill / sdxl_fdistill experiments only compose")
     teacher = teacher_from(model, data)
     if _is_network(teacher):
         student, fake_score = copy.deepcopy(teacher), copy.deepcopy(teacher)

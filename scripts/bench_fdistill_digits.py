@@ -1,0 +1,103 @@
+"""Benchmark: one-step f-distill generators on the 8x8 digits vs the teacher with DPM-Solver++(2M), 20 steps.
+
+Recipe: ``conf/experiment/digits_fdistill.yaml`` (exact class-conditional teacher = the ideal denoiser of the digits,
+one-step UNet student), with the divergence changed. Reports digits FD and class-histogram TV (2,000 class-balanced
+samples) for rkl (DMD2), kl and js and for the teacher; and the cost of the density-ratio weighting: network
+evaluations per student / critic step (counted with forward hooks) and training steps/s of js vs rkl.
+
+    python scripts/bench_fdistill_digits.py           # 2,000 steps per divergence
+    python scripts/bench_fdistill_digits.py --quick   # 400 steps per divergence (~10 min on 2 cores)
+Writes benchmarks/fdistill_digits.json and prints markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fdistill_2d import run_steps  # noqa: E402
+
+from fdistill.commands.distill import digit_metrics, teacher_samples  # noqa: E402
+from fdistill.config import build_run, compose, validate  # noqa: E402
+from fdistill.methods.base import StepContext  # noqa: E402
+
+NUM_EVAL = 2000
+UNIFORM = torch.full((10,), 0.1, dtype=torch.float64)
+
+
+def build_method(divergence: str, extra: list[str]):
+    spec = validate(compose(["experiment=digits_fdistill", f"method.divergence={divergence}", *extra]))
+    run = build_run(spec, with_loggers=False)
+    return run.method, run.data, spec.train.batch_size
+
+
+def count_evaluations(method, data, batch_size: int) -> dict[str, dict[str, int]]:
+    """Forward calls of each network in one student step and one critic step (one micro-batch)."""
+    modules = {"student": method.networks["student"], "fake_score": method.networks["fake_score"],
+               "teacher": method.frozen["teacher"], "discriminator": method.networks["discriminator"].head}
+    counts = {name: 0 for name in modules}
+    hooks = [module.register_forward_hook(lambda *_, key=name: counts.__setitem__(key, counts[key] + 1))
+             for name, module in modules.items()]
+    batch = next(data.loader(batch_size))
+    result = {}
+    for phase in ("student", "critic"):
+        counts.update({name: 0 for name in counts})
+        ctx = StepContext(step=0)
+        for item in method.prepare_step(phase, [batch], ctx):
+            method.loss(phase, item, ctx)[0].backward()
+        method.zero_grad(set_to_none=True)
+        result[phase] = dict(counts)
+    for hook in hooks:
+        hook.remove()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="400 steps per divergence")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--out", default="benchmarks/fdistill_digits.json")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. method.lr=1e-3")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    steps = args.steps or (400 if args.quick else 2000)
+    results = {}
+    for divergence in ("rkl", "kl", "js"):
+        torch.manual_seed(0)
+        method, data, batch_size = build_method(divergence, args.overrides)
+        seconds = run_steps(method, data, steps, batch_size)
+        metrics = digit_metrics(method.eval().generate(NUM_EVAL, torch.Generator().manual_seed(1)), UNIFORM)
+        results[divergence] = {**metrics, "nfe": 1, "train_seconds": seconds, "steps_per_sec": steps / seconds,
+                               "evaluations_per_step": count_evaluations(method.train(), data, batch_size)}
+        print(f"{divergence}: {results[divergence]}", flush=True)
+    teacher = digit_metrics(teacher_samples(method, NUM_EVAL, torch.Generator().manual_seed(2)), UNIFORM)
+    results["teacher"] = {**teacher, "nfe": 20, "solver": "dpmpp_2m"}
+    print("\n| model | NFE | digits FD | class TV | train steps/s |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        rate = f"{r['steps_per_sec']:.2f}" if "steps_per_sec" in r else "-"
+        print(f"| {name} | {r['nfe']} | {r['digits_fd']:.2f} | {r['class_tv']:.3f} | {rate} |")
+    overhead = results["rkl"]["steps_per_sec"] / results["js"]["steps_per_sec"] - 1
+    print(f"\nweighting overhead (js vs rkl wall time per step): {100 * overhead:+.1f} %")
+    print("| divergence | student step: student / teacher / fake / disc-head | critic step: same |")
+    print("|---|---|---|")
+    for name in ("rkl", "js"):
+        e = results[name]["evaluations_per_step"]
+        row = lambda c: f"{c['student']} / {c['teacher']} / {c['fake_score']} / {c['discriminator']}"  # noqa: E731
+        print(f"| {name} | {row(e['student'])} | {row(e['critic'])} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
+    out.write_text(json.dumps({"benchmark": "fdistill_digits", "steps": steps, "quick": args.quick,
+                               "overrides": args.overrides, "samples": NUM_EVAL, "machine": machine,
+                               "weighting_overhead": overhead, "results": results}, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
