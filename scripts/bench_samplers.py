@@ -100,8 +100,8 @@ def accuracy(teacher_name, teacher, noise, truth, budgets, schedule_kinds) -> li
                                  nfe=nfe(solver, steps), **errors(out, truth)))
             for name, make in DIFFUSERS.items():
                 out = diffusers_sample(make(), teacher, noise, sigmas(kind, budget, SIGMA_MIN, SIGMA_MAX))
-                rows.append(dict(teacher=teacher_name, schedule=kind, budget=budget, method=name, steps=budget, nfe=budget,
-                                 **errors(out, truth)))
+                rows.append(dict(teacher=teacher_name, schedule=kind, budget=budget, method=name, steps=budget,
+                                 nfe=budget, **errors(out, truth)))
     return rows
 
 
@@ -198,8 +198,8 @@ def accuracy_table(rows, budgets, metric: str) -> str:
 def overhead_table(rows) -> str:
     lines = ["\nSolver overhead per step (ms, network time excluded; best of repeats)\n",
              "| network | shape | solver | fdistill | diffusers EDM scheduler |", "|---|---|---|---|---|"]
-    lines += [f"| {r['network']} | {'x'.join(map(str, r['shape']))} | {r['solver']} | {r['fdistill_ms_per_step']:.3f} | "
-              f"{r['diffusers_ms_per_step']:.3f} |" for r in rows]
+    lines += [f"| {r['network']} | {'x'.join(map(str, r['shape']))} | {r['solver']} | "
+              f"{r['fdistill_ms_per_step']:.3f} | {r['diffusers_ms_per_step']:.3f} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -220,7 +220,8 @@ def main() -> None:
                      + accuracy("gaussian", gaussian, noise, gaussian_flow(noise), budgets, ["karras", "logsnr"]))
     overhead_rows = overhead(steps=20, repeats=3 if args.quick else 5)
     result = dict(
-        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread ({os.cpu_count()} cores), torch {torch.__version__}",
+        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread "
+                f"({os.cpu_count()} cores), torch {torch.__version__}",
         teachers=dict(mixture="GaussianMixtureDenoiser: 8 components in 16-D, means ~ N(0, I), stds U[0.05, 0.45]",
                       gaussian="one Gaussian in 16-D, means ~ N(0, I), stds log-spaced 0.05..2 (closed-form ODE flow)"),
         sigma_range=f"{SIGMA_MAX} -> {SIGMA_MIN} -> 0",

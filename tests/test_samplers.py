@@ -186,7 +186,8 @@ def test_schedules():
 def test_time_uniform_schedule_is_uniform_in_vp_time():
     beta_min, beta_max = 0.1, 20.0
     values = sigmas("time_uniform", 8, 0.01, 50.0, append_zero=False, beta_min=beta_min, beta_max=beta_max)
-    t = ((beta_min ** 2 + 2 * (beta_max - beta_min) * torch.log1p(values ** 2)).sqrt() - beta_min) / (beta_max - beta_min)
+    beta_d = beta_max - beta_min
+    t = ((beta_min ** 2 + 2 * beta_d * torch.log1p(values ** 2)).sqrt() - beta_min) / beta_d
     torch.testing.assert_close(t.diff(), t.diff()[:1].expand(8))
     assert math.isclose(values[0], 50.0) and math.isclose(values[-1], 0.01)
     # discrete table (linear betas, 1000 steps): sigma at integer timesteps is the table's own sigma

@@ -56,7 +56,8 @@ def test_diffusers_3m_is_second_order_ours_third_order():
     steps = [32, 64, 128]
     ours, theirs = [], []
     for n in steps:
-        scheduler = EDMDPMSolverMultistepScheduler(solver_order=3, final_sigmas_type="sigma_min", lower_order_final=False)
+        scheduler = EDMDPMSolverMultistepScheduler(solver_order=3, final_sigmas_type="sigma_min",
+                                                   lower_order_final=False)
         schedule = sigmas("logsnr", n, SIGMA_MIN, SIGMA_MAX, append_zero=False)
         error_ours, error_theirs, *_ = errors(scheduler, schedule, x, 3, lower_order_final=False)
         ours.append(error_ours)

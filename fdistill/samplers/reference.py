@@ -34,7 +34,7 @@ class _EDMAdapter:
 
 
 class _VPAdapter:
-    """DPMSolverMultistepScheduler (epsilon prediction): VP sample x / sqrt(1 + sigma^2), output eps = (x - x0)/sigma."""
+    """DPMSolverMultistepScheduler (epsilon prediction): VP sample x / sqrt(1 + sigma^2), output (x - x0) / sigma."""
 
     @staticmethod
     def to_scheduler(x: Tensor, sigma: float) -> Tensor:

@@ -31,8 +31,9 @@ def time_uniform_sigmas(num_points: int, sigma_min: float, sigma_max: float, *, 
                         beta_max: float = 20.0, alphas_cumprod: Tensor | None = None) -> Tensor:
     """Uniform in the time t of a variance-preserving (VP) process, converted to VE sigma = sqrt(1 - a) / sqrt(a).
 
-    Without ``alphas_cumprod``: the continuous VP-SDE of Song et al. 2021 (Eq. 33), linear beta(t) on t in [0, 1],
-    alpha_bar(t) = exp(-beta_min t - (beta_max - beta_min) t^2 / 2), so sigma(t) = sqrt(exp(beta_min t + beta_d t^2/2) - 1).
+    Without ``alphas_cumprod``: the continuous VP-SDE of Song et al. 2021 (App. B), linear beta(t) on t in [0, 1],
+    alpha_bar(t) = exp(-beta_min t - beta_d t^2 / 2) with beta_d = beta_max - beta_min, so
+    sigma(t) = sqrt(exp(beta_min t + beta_d t^2 / 2) - 1).
     With ``alphas_cumprod`` ([T] table of a discrete model, e.g. a Diffusers scheduler's): t is the (fractional)
     training timestep index; log sigma is interpolated linearly between table entries (k-diffusion convention).
     """

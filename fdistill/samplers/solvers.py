@@ -2,11 +2,11 @@
 
 The ODE is dx/dsigma = (x - D(x, sigma)) / sigma. With lambda = -log sigma (alpha = 1) and h = lambda_t - lambda_s =
 log(sigma_s / sigma_t) > 0 for a step from sigma_s to sigma_t, its exact solution in data-prediction form is
-(Lu et al. 2022b, DPM-Solver++, Eq. 8 with alpha = 1)
+(Lu et al. 2022b, DPM-Solver++, Sec. 3, with alpha = 1)
 
     x_t = (sigma_t / sigma_s) x_s + integral_{lambda_s}^{lambda_t} e^{lambda - lambda_t} D(lambda) dlambda,
 
-and in noise-prediction form, with eps = (x - D) / sigma (Lu et al. 2022, DPM-Solver, Eq. 3.4 with alpha = 1)
+and in noise-prediction form, with eps = (x - D) / sigma (Lu et al. 2022, DPM-Solver, Prop. 3.1, with alpha = 1)
 
     x_t = x_s - integral_{lambda_s}^{lambda_t} e^{-lambda} eps(lambda) dlambda.
 
@@ -142,7 +142,7 @@ def _ddim_step(x0_fn: X0Fn, x: Tensor, sigma_s: float, sigma_t: float) -> Tensor
 
 
 def _dpm_solver_2_step(x0_fn: X0Fn, x: Tensor, sigma_s: float, sigma_t: float, *, r1: float) -> Tensor:
-    """DPM-Solver-2, noise prediction (Lu et al. 2022, Alg. 4 / Eq. 3.8, alpha = 1); r1 = 1/2 is the midpoint rule."""
+    """DPM-Solver-2, noise prediction (Lu et al. 2022, Alg. 1, alpha = 1); r1 = 1/2 is the midpoint rule in lambda."""
     h = math.log(sigma_s / sigma_t)
     sigma_1 = sigma_s * math.exp(-r1 * h)                      # sigma at lambda_s + r1 h
     eps_s = _eps(x0_fn, x, sigma_s)
@@ -152,7 +152,7 @@ def _dpm_solver_2_step(x0_fn: X0Fn, x: Tensor, sigma_s: float, sigma_t: float, *
 
 
 def _dpm_solver_3_step(x0_fn: X0Fn, x: Tensor, sigma_s: float, sigma_t: float, *, r1: float, r2: float) -> Tensor:
-    """DPM-Solver-3, noise prediction (Lu et al. 2022, Alg. 5 / Eq. 3.9, alpha = 1), default r1 = 1/3, r2 = 2/3."""
+    """DPM-Solver-3, noise prediction (Lu et al. 2022, Alg. 2, alpha = 1), default r1 = 1/3, r2 = 2/3."""
     h = math.log(sigma_s / sigma_t)
     sigma_1, sigma_2 = sigma_s * math.exp(-r1 * h), sigma_s * math.exp(-r2 * h)
     eps_s = _eps(x0_fn, x, sigma_s)
@@ -223,7 +223,7 @@ def _dpmpp_multistep_update(x: Tensor, sigma_s: float, sigma_t: float, history: 
 
 def _dpmpp_2m_sde_update(x: Tensor, sigma_s: float, sigma_t: float, history: History, *, eta: float,
                          noise: Callable[[], Tensor]) -> Tensor:
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, App. / Eq. for the SDE solver), generalised by ``eta`` >= 0.
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, SDE solvers in the appendix), generalised by ``eta`` >= 0.
 
     The SDE dx = (1 + eta)(x0 - x) dlambda + sqrt(2 eta) sigma dw keeps the marginals (eta = 0: the ODE; eta = 1: the
     reverse-time SDE of the paper). Exact linear part: x_t = (sigma_t/sigma_s) e^{-eta h} x_s + (1 - e^{-(1+eta) h}) x0
@@ -275,14 +275,14 @@ def dpm_solver_1(denoiser, x: Tensor, sigmas, cond=None, *, progress: bool = Fal
 
 def dpm_solver_2(denoiser, x: Tensor, sigmas, cond=None, *, r1: float = 0.5, lower_order_final: bool = True,
                  progress: bool = False) -> Tensor:
-    """Singlestep DPM-Solver-2 (noise prediction, Lu et al. 2022 Alg. 1 / 4), 2 NFE per step."""
+    """Singlestep DPM-Solver-2 (noise prediction, Lu et al. 2022 Alg. 1), 2 NFE per step."""
     steps = {1: _ddim_step, 2: partial(_dpm_solver_2_step, r1=r1)}
     return _singlestep("dpm_solver_2", denoiser, x, sigmas, cond, steps, progress, lower_order_final)
 
 
 def dpm_solver_3(denoiser, x: Tensor, sigmas, cond=None, *, r1: float = 1 / 3, r2: float = 2 / 3,
                  lower_order_final: bool = True, progress: bool = False) -> Tensor:
-    """Singlestep DPM-Solver-3 (noise prediction, Lu et al. 2022 Alg. 2 / 5), 3 NFE per step."""
+    """Singlestep DPM-Solver-3 (noise prediction, Lu et al. 2022 Alg. 2), 3 NFE per step."""
     steps = {1: _ddim_step, 2: partial(_dpm_solver_2_step, r1=0.5), 3: partial(_dpm_solver_3_step, r1=r1, r2=r2)}
     return _singlestep("dpm_solver_3", denoiser, x, sigmas, cond, steps, progress, lower_order_final)
 
@@ -302,7 +302,11 @@ def dpmpp_2m(denoiser, x: Tensor, sigmas, cond=None, *, lower_order_final: bool 
 
 def dpmpp_3m(denoiser, x: Tensor, sigmas, cond=None, *, lower_order_final: bool = True,
              progress: bool = False) -> Tensor:
-    """Multistep DPM-Solver++(3M) with the full-Taylor second derivative (third order), 1 NFE per step."""
+    """Multistep DPM-Solver++(3M) with the full-Taylor second derivative (third order), 1 NFE per step.
+
+    Third order shows once steps are small in lambda (h <~ 0.3). With few steps (h ~ 0.5-1) near the data end,
+    x0(lambda) ~ x0(0) + a e^{-2 lambda} is poorly extrapolated by a quadratic, and dpmpp_2m (or Diffusers' 3M,
+    whose halved second difference damps the extrapolation) can be more accurate: see benchmarks/samplers.json."""
     return _multistep("dpmpp_3m", denoiser, x, sigmas, cond, 3, _dpmpp_multistep_update, progress, lower_order_final)
 
 
