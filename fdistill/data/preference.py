@@ -14,7 +14,7 @@ from __future__ import annotations
 import glob
 import io
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -241,24 +241,43 @@ def _shape_image(mask: Tensor, colour: Tensor, background: float, noise: Tensor)
     return (image + noise).clamp(-1, 1)
 
 
-def generate_shape_pairs(num_pairs: int, resolution: int = 16, seed: int = 0) -> dict[str, Any]:
-    """Pairs of images of one shape on a grey background; the caption "a <colour> <shape>" names the winner's
-    colour, the loser shows the same shape at the same place in another colour.
+def brightness_reward(images: Tensor, captions: list[str]) -> Tensor:
+    """The caption-independent rule of the built-in pairs: mean pixel value (brighter is better), [B, 3, H, W] -> [B]."""
+    return images.flatten(1).mean(dim=1)
+
+
+# rule -> (the loser's (colour index, background shift) given the winner's colour and a generator, the reward)
+#   colour:     the caption names the winner's colour; the loser shows the shape in another colour (needs text).
+#   brightness: the loser is the same picture with a darker background (the same preference for every caption).
+PREFERENCE_RULES: dict[str, tuple[Callable[[int, torch.Generator], tuple[int, float]], Callable]] = {
+    "colour": (lambda colour, g: ((colour + int(torch.randint(1, len(COLOURS), (), generator=g))) % len(COLOURS),
+                                  0.0), shape_colour_reward),
+    "brightness": (lambda colour, g: (colour, -0.4), brightness_reward),
+}
+
+
+def generate_shape_pairs(num_pairs: int, resolution: int = 16, seed: int = 0, rule: str = "colour") -> dict[str, Any]:
+    """Pairs of images of one shape (caption "a <colour> <shape>") on a grey background; the loser differs from
+    the winner only as the ``rule`` of PREFERENCE_RULES says (same shape, same place, same pixel noise).
 
     Returns tensors x_w, x_l [N, 3, R, R] in [-1, 1] and the list of captions."""
+    if rule not in PREFERENCE_RULES:
+        raise ValueError(f"data.rule must be one of {sorted(PREFERENCE_RULES)}, got {rule!r}")
+    loser_of = PREFERENCE_RULES[rule][0]
     generator = torch.Generator().manual_seed(seed)
     names, palette = list(COLOURS), torch.tensor(list(COLOURS.values()))
     x_w, x_l, captions = [], [], []
     for _ in range(num_pairs):
-        colour, shape = torch.randint(len(names), (), generator=generator), torch.randint(len(SHAPES), (), generator=generator)
-        other = (colour + torch.randint(1, len(names), (), generator=generator)) % len(names)
+        colour = int(torch.randint(len(names), (), generator=generator))
+        shape = int(torch.randint(len(SHAPES), (), generator=generator))
+        other, shift = loser_of(colour, generator)
         radius = resolution * (0.2 + 0.15 * torch.rand((), generator=generator))
         centre = radius + (resolution - 2 * radius) * torch.rand(2, generator=generator)
         mask = shape_mask(SHAPES[shape], resolution, centre, radius)
-        background = float(-0.6 + 0.4 * torch.rand((), generator=generator))
+        background = float(-0.6 + 0.4 * torch.rand((), generator=generator)) - shift / 2
         noise = 0.03 * torch.randn(3, resolution, resolution, generator=generator)
         x_w.append(_shape_image(mask, palette[colour], background, noise))
-        x_l.append(_shape_image(mask, palette[other], background, noise))
+        x_l.append(_shape_image(mask, palette[other], background + shift, noise))
         captions.append(f"a {names[colour]} {SHAPES[shape]}")
     return {"x_w": torch.stack(x_w), "x_l": torch.stack(x_l), "captions": captions}
 
@@ -283,20 +302,30 @@ SPLIT_SEEDS = {"train": 0, "test": 1}
 
 
 def shape_preferences(num_pairs: int = 512, resolution: int = 16, split: str = "train",
-                      empty_caption_prob: float = 0.0, seed: int = 0) -> DataSource:
-    """Built-in generated preference pairs (no download): coloured shapes whose caption names the preferred colour.
+                      empty_caption_prob: float = 0.0, rule: str = "colour", seed: int = 0) -> DataSource:
+    """Built-in generated preference pairs (no download): coloured shapes, the winner chosen by a known ``rule``
+    ('colour': the caption names the preferred colour; 'brightness': the brighter picture wins).
 
     ``split`` 'train' and 'test' draw disjoint random streams (held-out pairs for the implicit reward accuracy).
-    ``extras["reward"]`` is the known rule as a scorer (``shape_colour_reward(images, captions) -> [B]``) and
-    ``extras["prompts"]`` the distinct captions (fixed prompts for reward-of-samples evaluation).
+    ``extras["reward"]`` is the rule as a scorer (``reward(images, captions) -> [B]``) and ``extras["prompts"]``
+    the distinct captions (fixed prompts for reward-of-samples evaluation).
     """
     if split not in SPLIT_SEEDS:
         raise ValueError(f"data.split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     if num_pairs < 1 or resolution < 8:
         raise ValueError(f"data.num_pairs must be >= 1 and data.resolution >= 8, got {num_pairs}, {resolution}")
-    pairs = generate_shape_pairs(num_pairs, resolution, seed=2 * seed + SPLIT_SEEDS[split])
+    pairs = generate_shape_pairs(num_pairs, resolution, seed=2 * seed + SPLIT_SEEDS[split], rule=rule)
     dataset = GeneratedPairs(pairs["x_w"], pairs["x_l"], pairs["captions"], empty_caption_prob)
     prompts = sorted(f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES)
-    return DataSource(dataset, (3, resolution, resolution), 0, name=f"shape-preferences-{split}",
-                      extras={"reward": shape_colour_reward, "prompts": prompts,
+    return DataSource(dataset, (3, resolution, resolution), 0, name=f"shape-preferences-{rule}-{split}",
+                      extras={"reward": PREFERENCE_RULES[rule][1], "prompts": prompts,
                               "stats": {"rows": num_pairs, "ties_dropped": 0, "bad_skipped": 0, "pairs": num_pairs}})
+
+
+def all_images_as_winners(source: DataSource, empty_caption_prob: float = 0.1) -> DataSource:
+    """Every image of a built-in pair source as a 'winner' (2N pairs). SFT on it is plain denoising on all the
+    images: it pre-trains an UNBIASED reference (as likely to draw a pair's loser as its winner)."""
+    pairs = source.dataset
+    mixed = GeneratedPairs(torch.cat([pairs.x_w, pairs.x_l]), torch.cat([pairs.x_l, pairs.x_w]), pairs.captions * 2,
+                           empty_caption_prob)
+    return DataSource(mixed, source.sample_shape, name=f"{source.name}-all-images", extras=source.extras)

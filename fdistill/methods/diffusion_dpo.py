@@ -52,6 +52,9 @@ class DiffusionDPOConfig:
         betas: Adam betas, two values in [0, 1).
         max_grad_norm: gradient clipping (> 0) or null.
         gradient_checkpointing: recompute UNet activations in backward (less memory, ~30 % slower).
+        vae_sample: encode images with a draw from the VAE posterior (the released script) instead of its mean
+            (default: the mean; SD's posterior std is negligible, and the mean keeps winner and loser free of
+            independent encoding noise and the cache deterministic).
         cache_path: if set, VAE latents and text embeddings of the whole data set are computed once and stored
             in this file (reused when it exists); training then reads the cache. Crops, flips and empty captions
             are then fixed at caching time.
@@ -73,6 +76,7 @@ class DiffusionDPOConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    vae_sample: bool = False
     cache_path: str | None = None
     prompts: list[str] | None = None
     sampler: SamplerConfig | None = None
@@ -237,9 +241,10 @@ class DiffusionDPO(Method):
 
     @torch.no_grad()
     def encode_latents(self, images: Tensor) -> Tensor:
-        """[B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/f, W/f] (one sample of the VAE posterior)."""
+        """[B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/f, W/f] (posterior mean, or a draw: vae_sample)."""
         vae = self.frozen["vae"]
-        latents = vae.encode(images.to(vae.dtype)).latent_dist.sample()
+        posterior = vae.encode(images.to(vae.dtype)).latent_dist
+        latents = posterior.sample() if self.config.vae_sample else posterior.mode()
         return latents.float() * vae.config.scaling_factor
 
     def encode_batch(self, item: dict[str, Any]) -> dict[str, Any]:
