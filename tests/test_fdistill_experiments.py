@@ -6,6 +6,7 @@ import torch
 
 from fdistill.config import ConfigError, build_run, compose, validate
 from fdistill.commands.distill import with_default_experiment
+from fdistill.denoisers import load_denoiser
 from fdistill.training import Trainer
 
 SHRINK = ["train.steps=2", "train.batch_size=8", "train.device=cpu", "train.progress=false", "train.sample_every=0",
@@ -16,25 +17,39 @@ def run_two_steps(overrides, tmp_path):
     spec = validate(compose([*overrides, *SHRINK, f"train.run_dir={tmp_path}"]))
     run = build_run(spec, with_loggers=False)
     before = {name: [p.detach().clone() for p in net.parameters()] for name, net in run.method.networks.items()}
-    Trainer(run.method, run.data, spec.train).fit()
+    trainer = Trainer(run.method, run.data, spec.train)
+    trainer.fit()
     for name, net in run.method.networks.items():
         assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), before[name])), name
-    return spec, run
+    return spec, run, trainer
 
 
 @pytest.mark.parametrize("overrides", [
     ["experiment=gmm_fdistill", "method.network.hidden=16", "data.num_samples=64"],
-    ["experiment=digits_fdistill", "method.network._target_=fdistill.networks.tiny_unet"],
+    ["experiment=digits_fdistill"],
     ["experiment=cifar10_fdistill", "model=tiny_unet", "~model.path_or_hub_id", "train.mixed_precision=no", "train.ema_decays=[0.9]"],
     ["experiment=imagenet64_fdistill", "model=tiny_unet", "model.num_classes=10", "train.mixed_precision=no",
      "train.ema_decays=[0.9]"],
 ], ids=["gmm", "digits", "cifar10", "imagenet64"])
 def test_experiments_compose_and_train_two_steps(overrides, tmp_path):
-    spec, run = run_two_steps(overrides, tmp_path)
+    spec, run, trainer = run_two_steps(overrides, tmp_path)
     assert spec.method_name == "fdistill"
     assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "model" / "fdistill.json").is_file()
     info = json.loads((tmp_path / "model" / "fdistill.json").read_text())
     assert info["kind"] == "generator" and info["generator_sigma"] == pytest.approx(run.method.generator_sigma)
+    # the exported one-step generator (EMA weights) reproduces the method's samples
+    method = run.method.eval()
+    generator, _ = load_denoiser(tmp_path / "model")
+    z = torch.randn(4, *method.sample_shape)
+    cond = torch.arange(4) % method.num_classes if method.num_classes else None
+    sigma = torch.full((4,), method.generator_sigma)
+    with trainer.ema.swapped_in(), torch.no_grad():
+        expected = method.student_sample(z, cond)
+    assert torch.allclose(generator(method.generator_sigma * z, sigma, cond), expected, atol=1e-5)
+    if (tmp_path / "model" / "unet" / "config.json").is_file() and "UNet2DModel" in (tmp_path / "model" / "unet" / "config.json").read_text():
+        from diffusers import UNet2DModel
+
+        assert UNet2DModel.from_pretrained(tmp_path / "model", subfolder="unet").config.sample_size == 8
 
 
 def test_recipes_carry_the_paper_settings():
