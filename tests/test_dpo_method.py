@@ -225,3 +225,16 @@ def test_train_command_runs_dpo_tiny(tmp_path):
         spec = validate(compose([f"experiment={name}"]))
         assert (spec.method_config.beta, spec.method_config.optimizer) == (beta, optimizer)
         assert spec.train.batch_size == 2048 and spec.method_config.lr == pytest.approx(2.048e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        method, data = _method(finetune="lora", gradient_checkpointing=checkpointing)
+        assert method.networks["unet"].is_gradient_checkpointing == checkpointing
+        method.train()
+        torch.manual_seed(1)
+        loss, _ = method.loss("model", _batch(data, 4), StepContext(0))
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in method.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
