@@ -110,3 +110,14 @@ def test_errors_name_the_problem(tmp_path):
         save_denoiser(tiny_unet(), tmp_path / "x", kind="generator")
     with pytest.raises(TypeError, match="cannot save a ClassifierFreeGuidance"):
         save_denoiser(ClassifierFreeGuidance(tiny_unet(), 2.0, None), tmp_path / "x")
+
+
+def test_hub_id_offline_is_a_file_not_found_error_naming_the_hub(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, filename, **kwargs):
+        raise LocalEntryNotFoundError(f"cannot reach the hub for {repo_id}/{filename}")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(FileNotFoundError, match="'owner/model' is not a local path.*Hugging Face hub"):
+        load_denoiser("owner/model")

@@ -192,18 +192,20 @@ class _Source:
             path = Path(self.name) / relative
             return json.loads(path.read_text()) if path.is_file() else None
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
         try:
             return json.loads(Path(hf_hub_download(self.name, relative)).read_text())
-        except EntryNotFoundError:
-            return None
-        except Exception as error:       # offline, unknown repo, gated...: say which source failed
+        except Exception as error:
+            if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
+                return None              # the repository exists and lacks this file: try the next layout
+            # offline (LocalEntryNotFoundError), unknown repo, gated...: say which source failed
             raise FileNotFoundError(f"model {self.name!r} is not a local path and could not be read from the "
                                     f"Hugging Face hub: {error}") from error
 
     def location(self, *parts: str) -> str:
         """A readable name of ``parts`` inside the source, for error messages."""
-        return str(Path(self.name) / self.join(*parts)) if self.local else f"{self.name}:{self.join(*parts)}"
+        relative = self.join(*parts)
+        return str(Path(self.name) / relative) if self.local else ":".join(filter(None, (self.name, relative)))
 
     def load_model(self, class_name: str, component: str | None) -> nn.Module:
         if class_name not in MODEL_CLASSES:
