@@ -201,14 +201,6 @@ class DiffusionDPO(Method):
         return [Phase("model", ("unet",), lr=c.lr, weight_decay=c.weight_decay, betas=tuple(c.betas),
                       max_grad_norm=c.max_grad_norm, optimizer=c.optimizer)]
 
-    def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """Full mode: the UNet (the reference is rebuilt from the config). LoRA mode: the adapter weights only
-        (the frozen base weights are rebuilt from the config too)."""
-        state = super().checkpoint_state_dict()
-        if self.config.finetune == "full":
-            return state
-        return {k: v for k, v in state.items() if not k.startswith("networks.unet.") or "lora_" in k}
-
     @contextlib.contextmanager
     def reference_unet(self) -> Iterator[nn.Module]:
         """The reference model: the frozen copy (full mode) or the trained UNet with adapters disabled (LoRA)."""
