@@ -42,7 +42,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, noise_std: float) 
 def train(network, images, labels, epochs: int, batch_size: int, lr: float, noise_std: float, seed: int):
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * -(-len(images) // batch_size))
+    steps = epochs * -(-len(images) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         for batch in order.split(batch_size):
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--noise-std", type=float, default=0.1, help="Gaussian pixel noise augmentation (in [-1,1] units)")
+    parser.add_argument("--noise-std", type=float, default=0.1, 
+                        help="Gaussian pixel noise augmentation (in [-1,1] units)")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", type=Path, default=WEIGHTS_PATH)

@@ -43,7 +43,8 @@ def test_missing_inception_weights_offline_says_how_to_provide_them(tmp_path, mo
     with pytest.raises(FileNotFoundError) as error:
         build_feature_extractor("inception")
     message = str(error.value)
-    for hint in ("--inception-weights", "FDISTILL_INCEPTION_WEIGHTS", inception.INCEPTION_URL, "network is unreachable"):
+    hints = ("--inception-weights", "FDISTILL_INCEPTION_WEIGHTS", inception.INCEPTION_URL, "network is unreachable")
+    for hint in hints:
         assert hint in message
     monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "nope.pt"))
     with pytest.raises(FileNotFoundError, match="nope.pt.*FDISTILL_INCEPTION_WEIGHTS.*does not exist"):
@@ -74,9 +75,9 @@ def test_named_statistics_are_read_locally_or_the_error_names_the_file(tmp_path,
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_clip")
-    config = {"model_cfg": {"embed_dim": 16,
-                            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-                            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
+    text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": vision, "text_cfg": text},
               "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
     (directory / "open_clip_config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
@@ -98,3 +99,28 @@ def test_clip_loads_local_weights_and_scores_like_the_formula(tiny_clip_dir):
     extractor = build_feature_extractor("clip", clip_model=f"local-dir:{directory}", clip_pretrained=None)
     features = extractor.features(extractor.preprocess(quantize_to_uint8(images)))
     assert features.shape == (3, 16)
+
+
+class StandInInception(torch.nn.Module):
+    """Same TorchScript interface as inception-2015-12-05.pt: ``layers`` and ``forward(x, return_features)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, 2048))
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers(x / 255)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_inception_extractor_loads_torchscript_from_env_and_applies_cleanfid_normalisation(tmp_path, monkeypatch):
+    stand_in = StandInInception().eval()
+    torch.jit.script(stand_in).save(str(tmp_path / "inception.pt"))
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "inception.pt"))
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    clean = build_feature_extractor("inception", mode="clean")
+    features = clean.features(clean.preprocess(images))
+    expected = stand_in.layers((clean_resize(images) - 128) / 128)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+    legacy = build_feature_extractor("inception", mode="legacy_tensorflow")
+    torch.testing.assert_close(legacy.features(legacy.preprocess(images)), stand_in(images.float()))

@@ -10,21 +10,14 @@ from PIL import Image
 from fdistill.cli import main as cli
 from fdistill.denoisers.io import save_denoiser
 from fdistill.evaluation import compute_metrics, digits_fd, digits_images
+from fdistill.evaluation.extractors import PooledPixelFeatures
 from fdistill.evaluation.fid import SourceOptions
 from fdistill.evaluation.periodic import make_evaluator
 from fdistill.networks import tiny_unet
 
 
-class PooledFeatures(torch.nn.Module):
-    """A small fixed extractor: [B, 3, 299, 299] in [0, 255] -> 8-d (4x4 average pool, fixed projection)."""
-
-    def __init__(self):
-        super().__init__()
-        self.project = torch.nn.Linear(48, 8)
-        torch.nn.init.normal_(self.project.weight, generator=torch.Generator().manual_seed(0))
-
-    def forward(self, x):
-        return self.project(torch.nn.functional.adaptive_avg_pool2d(x / 255, 4).flatten(1))
+def small_extractor():
+    return PooledPixelFeatures(pool=4, dim=8)
 
 
 def write_folder(folder, images):
@@ -47,11 +40,12 @@ def folders(tmp_path_factory):
 def test_folders_match_cleanfid_compute_fid_with_same_extractor(folders, tmp_path, monkeypatch):
     monkeypatch.setenv("FDISTILL_CACHE", str(tmp_path))
     real, fake = folders
-    expected = cleanfid.compute_fid(str(fake), str(real), mode="clean", custom_feat_extractor=PooledFeatures(),
+    expected = cleanfid.compute_fid(str(fake), str(real), mode="clean", custom_feat_extractor=small_extractor(),
                                     num_workers=0, batch_size=16, device=torch.device("cpu"), verbose=False)
-    ours = compute_metrics(str(fake), str(real), PooledFeatures(), options=SourceOptions(batch_size=16))
+    ours = compute_metrics(str(fake), str(real), small_extractor(), options=SourceOptions(batch_size=16))
     assert ours["fid"] == pytest.approx(expected, rel=1e-4) and ours["num_gen"] == ours["num_ref"] == 40
-    with_workers = compute_metrics(str(fake), str(real), PooledFeatures(), options=SourceOptions(batch_size=7, workers=2))
+    with_workers = compute_metrics(str(fake), str(real), small_extractor(),
+                                   options=SourceOptions(batch_size=7, workers=2))
     assert with_workers["fid"] == pytest.approx(ours["fid"], rel=1e-6)
 
 

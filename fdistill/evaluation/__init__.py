@@ -8,9 +8,10 @@ from .digits import (
     DigitsFeatureNet, digits_class_histogram, digits_fd, digits_feature_extractor, digits_images, digits_predict,
     digits_reference_statistics,
 )
-from .extractors import EXTRACTORS, FeatureExtractor, build_feature_extractor
+from .extractors import EXTRACTORS, FeatureExtractor, PooledPixelFeatures, build_feature_extractor
 from .fid import Statistics, SourceOptions, compute_metrics, evaluate_generator, reference_statistics, source_statistics
-from .frechet import FeatureStats, fid_from_stats, frechet_distance, load_statistics, save_statistics, trace_sqrt_product
+from .frechet import (FeatureStats, fid_from_stats, frechet_distance, load_statistics, save_statistics,
+                      trace_sqrt_product)
 from .metrics import kernel_inception_distance, mmd2_unbiased, precision_recall
 from .periodic import Evaluator, make_evaluator
 from .preprocess import clean_resize, clean_resize_pil, quantize_to_uint8
@@ -19,7 +20,8 @@ __all__ = [
     "frechet_distance", "trace_sqrt_product", "FeatureStats", "fid_from_stats", "save_statistics", "load_statistics",
     "DigitsFeatureNet", "digits_fd", "digits_class_histogram", "digits_feature_extractor", "digits_images",
     "digits_predict", "digits_reference_statistics",
-    "EXTRACTORS", "FeatureExtractor", "build_feature_extractor", "Statistics", "SourceOptions", "compute_metrics",
+    "EXTRACTORS", "FeatureExtractor", "PooledPixelFeatures", "build_feature_extractor", "Statistics", "SourceOptions",
+    "compute_metrics",
     "evaluate_generator", "reference_statistics", "source_statistics", "kernel_inception_distance", "mmd2_unbiased",
     "precision_recall", "Evaluator", "make_evaluator", "clean_resize", "clean_resize_pil", "quantize_to_uint8",
 ]

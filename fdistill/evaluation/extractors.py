@@ -36,6 +36,24 @@ class FeatureExtractor:
         return self
 
 
+class PooledPixelFeatures(nn.Module):
+    """A cheap, fixed extractor for CPU tests and benchmarks: [B, 3, H, W] in [0, 255] -> [B, dim].
+
+    Average-pools to ``pool`` x ``pool``, then applies a fixed random projection (seeded, N(0, 1) weights). Not a
+    perceptual metric: it stands in for Inception where its weights cannot be downloaded.
+    """
+
+    def __init__(self, pool: int = 8, dim: int = 64, seed: int = 0):
+        super().__init__()
+        self.pool = pool
+        self.project = nn.Linear(3 * pool * pool, dim)
+        nn.init.normal_(self.project.weight, generator=torch.Generator().manual_seed(seed))
+        nn.init.zeros_(self.project.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.project(torch.nn.functional.adaptive_avg_pool2d(images / 255, self.pool).flatten(1))
+
+
 def uint8_to_unit_range(images: Tensor) -> Tensor:
     """uint8 [B, C, H, W] -> float32 in [-1, 1] (inverse of ``quantize_to_uint8``)."""
     return (images.float() - 128) / 127.5

@@ -126,6 +126,13 @@ def named_statistics_path(name: str, mode: str, extractor_name: str, allow_downl
                             f"in {folders[0]} or {folders[1]} (or pass the npz path as the reference)")
 
 
+def _statistics_file(path: Path) -> Statistics:
+    """Statistics from an npz with mu, sigma and optionally num (0 when absent, as in clean-fid's files)."""
+    mu, sigma = load_statistics(path)
+    with np.load(path) as data:
+        return Statistics(mu, sigma, int(data["num"]) if "num" in data.files else 0)
+
+
 def _folder_cache_key(source: Path, extractor: FeatureExtractor, mode: str, num: int | None) -> str:
     files = list_images(source)[:num] if source.is_dir() else [source]
     described = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
@@ -139,7 +146,7 @@ def reference_statistics(reference, extractor: FeatureExtractor, mode: str = "cl
     from .digits import digits_images, digits_reference_statistics
 
     path = Path(reference) if isinstance(reference, (str, os.PathLike)) else None
-    if reference == "digits":
+    if isinstance(reference, str) and reference == "digits":
         if collect or extractor.name != "digits":
             images = ((digits_images()[0] + 1) * 127.5).round().to(torch.uint8)
             return source_statistics(images, extractor, num, collect, options, "reference")
@@ -149,14 +156,12 @@ def reference_statistics(reference, extractor: FeatureExtractor, mode: str = "cl
         if collect:
             raise ValueError(f"KID / precision-recall need reference images, but {reference} holds only statistics")
         stats_path = path if _is_statistics_npz(path) else named_statistics_path(str(reference), mode, extractor.name)
-        mu, sigma = load_statistics(stats_path)
-        return Statistics(mu, sigma, int(np.load(stats_path).get("num", 0)))
+        return _statistics_file(stats_path)
     if path is None or collect or not cache or extractor.name == "custom":
         return source_statistics(reference, extractor, num, collect, options, "reference")
     cached = cache_dir() / "stats" / f"{path.stem}_{_folder_cache_key(path, extractor, mode, num)}.npz"
     if cached.is_file():
-        mu, sigma = load_statistics(cached)
-        return Statistics(mu, sigma, int(np.load(cached)["num"]))
+        return _statistics_file(cached)
     statistics = source_statistics(reference, extractor, num, False, options, "reference")
     save_statistics(cached, statistics.mu, statistics.sigma, statistics.num)
     return statistics

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,7 +72,9 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights: str | os.PathLike | None = None, resize_inside: bool = False):
         super().__init__()
-        self.base = torch.jit.load(str(inception_weights_path(weights)), map_location="cpu").eval()
+        with warnings.catch_warnings():        # the published weights are TorchScript; torch 2.x deprecates jit.load
+            warnings.simplefilter("ignore", FutureWarning)
+            self.base = torch.jit.load(str(inception_weights_path(weights)), map_location="cpu").eval()
         self.resize_inside = resize_inside
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ Images enter as uint8 [B, 3, H, W] (what a PNG holds; in-memory images in [-1, 1
   mode='F')``), clipped to [0, 255], no re-quantisation. ``clean_resize_pil`` is that reference, one image at a time;
   ``clean_resize`` computes the same thing batched: PIL's resampling is separable and linear (a horizontal pass into
   a float32 buffer, then a vertical pass), so it equals ``R_h X R_w^T`` with the two matrices read off PIL itself by
-  resizing identity images. Same values to ~1e-6 relative, many times faster, no per-image Python loop.
+  resizing identity images. Same values to < 1e-3 on the 0-255 scale (float32 round-off), no per-image Python loop.
 - ``legacy_tensorflow``: no resize outside the network (the TorchScript Inception resizes internally).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def quantize_to_uint8(images: Tensor) -> Tensor:
 
 
 def as_rgb_uint8(images: Tensor) -> Tensor:
-    """[B, C, H, W] uint8 with C in {1, 3, 4} -> [B, 3, H, W] (gray repeated, alpha dropped, as PIL's convert('RGB'))."""
+    """uint8 [B, C, H, W], C in {1, 3, 4} -> [B, 3, H, W] (gray repeated, alpha dropped, as convert('RGB'))."""
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 images [B, C, H, W], got {images.dtype} {tuple(images.shape)}")
     channels = images.shape[1]
@@ -61,14 +61,13 @@ def pil_bicubic_matrix(in_size: int, out_size: int) -> Tensor:
 def clean_resize(images: Tensor, size: int = INCEPTION_SIZE) -> Tensor:
     """Batched clean-mode resize: uint8 or float [B, C, H, W] in [0, 255] -> float32 [B, C, size, size] in [0, 255].
 
-    Equals ``clean_resize_pil`` per image up to float32 round-off (horizontal pass first, rounded to float32 like
-    PIL's intermediate buffer, then the vertical pass).
+    Horizontal pass, then vertical pass, as PIL. Arithmetic is float32 (PIL accumulates each pass in double and
+    stores float32): results differ from ``clean_resize_pil`` by < 1e-3 on the 0-255 scale, at a fraction of the cost.
     """
     height, width = images.shape[-2:]
-    resize_width = pil_bicubic_matrix(width, size)                      # [size, W]
-    resize_height = pil_bicubic_matrix(height, size)                    # [size, H]
-    horizontal = (images.to(torch.float64) @ resize_width.T).to(torch.float32).to(torch.float64)
-    return (resize_height @ horizontal).clamp(0, 255).to(torch.float32)
+    resize_width = pil_bicubic_matrix(width, size).float()             # [size, W]
+    resize_height = pil_bicubic_matrix(height, size).float()           # [size, H]
+    return (resize_height @ (images.float() @ resize_width.T)).clamp_(0, 255)
 
 
 def inception_input(images: Tensor, mode: str = "clean") -> Tensor:

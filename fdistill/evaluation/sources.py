@@ -64,7 +64,8 @@ class _FileBatches(torch.utils.data.Dataset):
         return torch.cat([self.preprocess(image[None]) for image in images])     # mixed sizes: one at a time
 
 
-def folder_batches(folder, preprocess, batch_size: int = 64, workers: int = 0, num: int | None = None) -> Iterator[Tensor]:
+def folder_batches(folder, preprocess, batch_size: int = 64, workers: int = 0,
+                   num: int | None = None) -> Iterator[Tensor]:
     """Preprocessed batches of the first ``num`` (default all) images of ``folder``."""
     files = list_images(folder)[:num]
     loader = torch.utils.data.DataLoader(_FileBatches(files, batch_size, preprocess), batch_size=None,
