@@ -89,23 +89,24 @@ def main() -> None:
     divergences = ("rkl", "kl", "js") if args.quick else DIVERGENCES
     steps = args.steps or (600 if args.quick else 1500)
     seeds = range(args.seeds or (2 if args.quick else 3))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
     results = {}
     for divergence in divergences:
         runs = [train_2d(divergence, seed, steps)[1] for seed in seeds]
         results[divergence] = {"mean": summarise(runs), "runs": runs}
         print(f"{divergence}: {results[divergence]['mean']}", flush=True)
+        # written after every divergence, so an interrupted run keeps what it finished
+        out.write_text(json.dumps({"benchmark": "fdistill_2d", "data": "ring8 (weights 1..8, std 0.1, radius 2)",
+                                   "steps": steps, "batch_size": 256, "seeds": list(seeds), "quick": args.quick,
+                                   "machine": machine, "results": results}, indent=2))
     print("\n| divergence | modes covered (of 8, mean / min) | TV to true weights | precision (3 std) | s / run |")
     print("|---|---|---|---|---|")
     for divergence, result in results.items():
         m = result["mean"]
         print(f"| {divergence} | {m['modes_covered']:.2f} / {m['min_modes_covered']} | {m['tv']:.3f} | "
               f"{m['precision']:.3f} | {m['seconds']:.0f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
-    out.write_text(json.dumps({"benchmark": "fdistill_2d", "data": "ring8 (weights 1..8, std 0.1, radius 2)",
-                               "steps": steps, "batch_size": 256, "seeds": list(seeds), "quick": args.quick,
-                               "machine": machine, "results": results}, indent=2))
     print(f"\nwrote {out}")
 
 
