@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..losses.ddo import ddo_log_ratio, ddo_loss
+from ..losses.ddo import ddo_log_ratio, ddo_loss, likelihood_mode
 from ..training.config import SamplerConfig
 from .base import OPTIMIZERS, Method, Phase, StepContext
 from .denoising import drop_labels
@@ -90,7 +90,8 @@ class DDOConfig:
         summary_path: where ``finish`` writes the per-round table as JSON (null = do not write), e.g.
             ``${train.run_dir}/ddo_rounds.json``.
         sampler: the multi-step sampler that draws fakes, evaluation samples and ``generate`` (no guidance: DDO
-            fine-tunes guidance-free sampling).
+            fine-tunes guidance-free sampling); null = SamplerConfig() defaults; the yaml points it at the
+            top-level ``sampler`` group.
     """
 
     alpha: float = 1.0
@@ -114,7 +115,7 @@ class DDOConfig:
     eval_samples: int = 1000
     seed: int = 0
     summary_path: str | None = None
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplerConfig | None = None
 
     def __post_init__(self):
         checks = [
@@ -142,7 +143,9 @@ class DDOConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if isinstance(self.sampler, dict):  # built from plain Python rather than through Hydra
+        if self.sampler is None:
+            self.sampler = SamplerConfig()
+        elif isinstance(self.sampler, dict):  # built from plain Python rather than through Hydra
             self.sampler = SamplerConfig(**self.sampler)
 
 
@@ -158,7 +161,8 @@ def class_balanced_labels(num: int, num_classes: int, generator: torch.Generator
 @torch.no_grad()
 def sample_with(denoiser: nn.Module, num: int, sample_shape: tuple[int, ...], sampler: SamplerConfig,
                 cond: Tensor | None = None, generator: torch.Generator | None = None, batch: int = 512) -> Tensor:
-    """``num`` samples [num, *sample_shape] in [-1, 1] from a denoiser with a multi-step sampler, in batches."""
+    """``num`` samples [num, *sample_shape] from a denoiser with a multi-step sampler, in batches; images
+    ([C, H, W]) are clamped to [-1, 1], point data is left as is."""
     from .. import samplers
 
     device = next(denoiser.parameters()).device
@@ -167,11 +171,13 @@ def sample_with(denoiser: nn.Module, num: int, sample_shape: tuple[int, ...], sa
     schedule = samplers.sigmas(sampler.schedule, sampler.steps, sigma_min, sigma_max).to(device)
     noise = torch.randn(num, *sample_shape, generator=generator) * schedule[0]
     chunks = []
-    for start in range(0, num, batch):
-        chunk_cond = None if cond is None else cond[start:start + batch].to(device)
-        chunks.append(samplers.sample(denoiser, noise[start:start + batch].to(device), schedule,
-                                      solver=sampler.solver, cond=chunk_cond).clamp(-1, 1))
-    return torch.cat(chunks)
+    with likelihood_mode(denoiser):     # eval mode (no dropout), fp32
+        for start in range(0, num, batch):
+            chunk_cond = None if cond is None else cond[start:start + batch].to(device)
+            chunks.append(samplers.sample(denoiser, noise[start:start + batch].to(device), schedule,
+                                          solver=sampler.solver, cond=chunk_cond))
+    samples = torch.cat(chunks)
+    return samples.clamp(-1, 1) if len(sample_shape) == 3 else samples
 
 
 class DDO(Method):
@@ -223,8 +229,9 @@ class DDO(Method):
     def _round_start(self, round_: int) -> int:
         return round_ * self.config.steps_per_round
 
-    def _evaluate_target(self, step: int) -> float | None:
-        """Score the target, keep it as the best snapshot if it beats the round's best; None without evaluator."""
+    def _evaluate_target(self, step: int, all_reduce_mean: Callable[[Tensor], Tensor] | None = None) -> float | None:
+        """Score the target, keep it as the best snapshot if it beats the round's best; None without evaluator.
+        The score is averaged over processes, so every process takes the same snapshot decision."""
         if self.evaluate is None:
             return None
         c = self.config
@@ -233,6 +240,8 @@ class DDO(Method):
         samples = sample_with(self.networks["model"], c.eval_samples, self.sample_shape, c.sampler, cond, generator,
                               c.generation_batch)
         score = float(self.evaluate(samples))
+        if all_reduce_mean is not None:
+            score = float(all_reduce_mean(torch.tensor(score, dtype=torch.float64, device=self.best_score.device)))
         row = self.history[int(self.round_index)]
         if step == self._round_start(int(self.round_index)):
             row[0] = score
@@ -252,8 +261,8 @@ class DDO(Method):
         self.round_index += 1
         self.best_score.fill_(math.inf)
 
-    def _end_round_evaluation(self, step: int) -> None:
-        score = self._evaluate_target(step)
+    def _end_round_evaluation(self, step: int, all_reduce_mean: Callable[[Tensor], Tensor] | None = None) -> None:
+        score = self._evaluate_target(step, all_reduce_mean)
         if score is not None:
             self.history[int(self.round_index), 3] = score
 
@@ -261,13 +270,13 @@ class DDO(Method):
         offset = step - self._round_start(int(self.round_index))
         return offset == 0 or (self.config.eval_every > 0 and offset % self.config.eval_every == 0)
 
-    def _sync_round(self, step: int) -> None:
+    def _sync_round(self, step: int, all_reduce_mean: Callable[[Tensor], Tensor] | None = None) -> None:
         """Bring the round state up to ``step``: close finished rounds, evaluate when due, refresh the pool."""
         while self.round_at(step) > int(self.round_index):
-            self._end_round_evaluation(step)
+            self._end_round_evaluation(step, all_reduce_mean)
             self._advance_round()
         if self._due_for_evaluation(step) and self._last_eval_step != step:
-            self._evaluate_target(step)
+            self._evaluate_target(step, all_reduce_mean)
             self._last_eval_step = step
         if self._pool_round != int(self.round_index) and self.config.fake_pool_size > 0:
             self._pool = self._generate_fakes(self.config.fake_pool_size, self.config.seed + int(self.round_index))
@@ -319,7 +328,10 @@ class DDO(Method):
         """Advance rounds / evaluate when due (training steps only), then pair every micro-batch with as many fakes
         as it has real samples (1:1)."""
         if ctx.training:
-            self._sync_round(ctx.step)
+            # evaluation / pool generation must not shift the step's random stream (lazily built evaluators
+            # initialise weights from it), or a resumed run would draw other fakes than an uninterrupted one
+            with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+                self._sync_round(ctx.step, ctx.all_reduce_mean)
             self._next_step = ctx.step + 1
         elif self._pool is None and self.config.fake_pool_size > 0:
             self._pool = self._generate_fakes(self.config.fake_pool_size, self.config.seed + int(self.round_index))
@@ -385,7 +397,14 @@ def format_round_table(summary: dict[str, Any]) -> str:
 def build(config: DDOConfig, model: nn.Module, data, evaluate: Evaluate | None = None) -> DDO:
     """The method from its config, the pre-trained denoiser of the ``model`` group (becomes the frozen reference;
     the target is a copy) and the DataSource of the ``data`` group. ``evaluate`` overrides ``config.evaluator``."""
+    if isinstance(model, tuple):          # model=pretrained: fdistill.denoisers.load_denoiser returns (denoiser, info)
+        model = model[0]
+    if not isinstance(model, nn.Module) or not any(True for _ in model.parameters()):
+        raise ValueError("method=ddo needs a pre-trained network with parameters as the model group (the reference), "
+                         f"e.g. model=pretrained model.path_or_hub_id=<dir or hub id>; got {type(model).__name__}")
     factory = EVALUATORS[config.evaluator]
     if evaluate is None and factory is not None:
         evaluate = factory(data)
-    return DDO(config, model, data.sample_shape, data.num_classes, evaluate)
+    # labelled data with an unconditional model (e.g. DDPM CIFAR-10): train unconditionally
+    conditional = bool(data.num_classes) and bool(getattr(model, "num_classes", data.num_classes))
+    return DDO(config, model, data.sample_shape, data.num_classes if conditional else 0, evaluate)
