@@ -35,6 +35,7 @@ import torch
 
 from fdistill.data.base import DataSource
 from fdistill.data.preference import all_images_as_winners, shape_preferences
+from fdistill.methods.base import StepContext
 from fdistill.methods.diffusion_dpo import (DiffusionDPOConfig, build, held_out_preference_metrics,
                                             reward_of_samples, save_side_by_side)
 from fdistill.pipelines import SDComponents, tiny_sd_components
@@ -72,6 +73,17 @@ def pretrain_vae(components: SDComponents, images: torch.Tensor, steps: int) -> 
     vae.requires_grad_(True)
 
 
+def pretrained_reference(components: SDComponents, data: DataSource, steps: int, run_dir: str):
+    """A copy of ``components`` whose UNet is pre-trained by plain denoising on winners and losers alike (an
+    unbiased reference); returns it and the seconds per pre-training step."""
+    reference = copy.deepcopy(components)
+    sft = build(DiffusionDPOConfig(objective="sft", finetune="full", lr=2e-3, weight_decay=0.0, sampler=SAMPLER),
+                reference, data)
+    seconds = train(sft, all_images_as_winners(data), steps, 32, run_dir)
+    reference.unet = sft.networks["unet"]
+    return reference, seconds
+
+
 def count_unet_samples(method) -> list[int]:
     """Counts samples through every UNet forward (model + reference): per-step network evaluations."""
     counter = [0]
@@ -89,7 +101,7 @@ def dpo_run(components: SDComponents, finetune: str, train_data: DataSource, tes
                                 sampler=SAMPLER)
     method = build(config, copy.deepcopy(components), train_data)
     counter = count_unet_samples(method)
-    method.loss("model", next(train_data.loader(args.batch)), _ctx())
+    method.loss("model", next(train_data.loader(args.batch)), StepContext(step=0))
     evals_per_pair = counter[0] / args.batch
     seconds = train(method, train_data, args.dpo_steps, args.batch, f"{workdir}/{finetune}")
     method.eval()
@@ -105,11 +117,6 @@ def dpo_run(components: SDComponents, finetune: str, train_data: DataSource, tes
             "reward_reference": before, "reward_tuned": tuned, "sec_per_step": seconds,
             "unet_evals_per_pair": evals_per_pair, "trainable_params": trainable, "unet_params_held": unet_params,
             "images": (reference_images, tuned_images)}
-
-
-def _ctx():
-    from fdistill.methods.base import StepContext
-    return StepContext(step=0)
 
 
 # ---------------------------------------------------------------------------------------------- memory probe
@@ -173,11 +180,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="bench_dpo_")
     results, pretrain_sec = {}, 0.0
     for rule, (train_data, test_data) in splits.items():
-        reference = copy.deepcopy(components)
-        sft = build(DiffusionDPOConfig(objective="sft", finetune="full", lr=2e-3, weight_decay=0.0, sampler=SAMPLER),
-                    reference, train_data)
-        pretrain_sec = train(sft, all_images_as_winners(train_data), args.pretrain_steps, 32, f"{workdir}/{rule}")
-        reference.unet = sft.networks["unet"]
+        reference, pretrain_sec = pretrained_reference(components, train_data, args.pretrain_steps, f"{workdir}/{rule}")
         for mode in ("lora", "full"):
             run = dpo_run(reference, mode, train_data, test_data, args, f"{workdir}/{rule}")
             grid = Path(args.grid)
