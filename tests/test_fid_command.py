@@ -1,10 +1,14 @@
 """``fdistill fid`` and ``compute_metrics`` on folders / npz / models vs clean-fid with the same feature extractor."""
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from cleanfid import fid as cleanfid
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from fdistill.cli import main as cli
@@ -12,8 +16,10 @@ from fdistill.denoisers.io import save_denoiser
 from fdistill.evaluation import compute_metrics, digits_fd, digits_images
 from fdistill.evaluation.extractors import PooledPixelFeatures
 from fdistill.evaluation.fid import SourceOptions
-from fdistill.evaluation.periodic import make_evaluator
 from fdistill.networks import tiny_unet
+
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def small_extractor():
@@ -83,7 +89,7 @@ def test_cli_samples_a_one_step_generator_directory(tmp_path):
     assert cli(["fid", "--gen", str(model_dir), "--ref", "digits", "--features", "digits"]) == 1   # needs --num
 
 
-def test_periodic_evaluator_uses_balanced_labels_and_reports_class_tv():
+def test_eval_config_builds_an_evaluator_with_balanced_labels_and_class_tv():
     images, labels = digits_images()
     by_class = [images[labels == c] for c in range(10)]
     seen = []
@@ -92,6 +98,9 @@ def test_periodic_evaluator_uses_balanced_labels_and_reports_class_tv():
         seen.append(cond)
         return torch.stack([by_class[int(c)][i % len(by_class[int(c)])] for i, c in enumerate(cond)])
 
-    metrics = make_evaluator(num=300, batch_size=128, num_classes=10)(generate, step=5)
+    config = OmegaConf.merge(OmegaConf.load(CONF / "eval" / "digits_fd.yaml"),
+                             {"num": 300, "batch_size": 128, "num_classes": 10})
+    evaluate = instantiate(config, _convert_="all")
+    metrics = evaluate(generate, step=5)
     assert torch.bincount(torch.cat(seen), minlength=10).tolist() == [30] * 10
     assert metrics["class_tv"] < 0.05 and 0 <= metrics["fd_digits"] < 20

@@ -97,7 +97,7 @@ class FeatureStats:
             raise ValueError(f"feature dimension {features.shape[1]} != accumulator dimension {self.dim}")
         self.num += features.shape[0]
         self.total += features.sum(0)
-        self.total_outer += features.T @ features
+        self.total_outer.addmm_(features.T, features)                # in place: no [d, d] temporary
         return self
 
     def merge(self, other: "FeatureStats") -> "FeatureStats":
