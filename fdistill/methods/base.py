@@ -24,6 +24,7 @@ One optimisation step of the trainer:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -121,6 +122,12 @@ class Method(nn.Module):
     def generate(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
         """``num`` samples in data space (images in [-1, 1], [N, C, H, W]) for sample grids and evaluation."""
         raise NotImplementedError
+
+    def export(self, directory: str | Path) -> None:
+        """Write the trained model to ``directory`` as a model directory that ``fdistill sample`` and Diffusers load
+        (``fdistill.denoisers.save_denoiser``). The trainer calls it at the end of a run with EMA weights swapped in;
+        methods without an exportable model leave this unimplemented."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement export()")
 
     def ema_networks(self) -> tuple[str, ...]:
         """Networks that get EMA copies (default: all trained networks)."""

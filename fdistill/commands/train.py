@@ -1,0 +1,49 @@
+"""``fdistill train <hydra overrides>``: compose ``conf/config.yaml``, build data / model / method, run the trainer.
+
+Examples:
+    fdistill train experiment=digits_teacher
+    fdistill train experiment=digits_teacher train.steps=200 train.run_dir=runs/quick
+    accelerate launch --num_processes 2 -m fdistill.cli train experiment=digits_teacher
+A bad key or value stops before any work with a one-line message and exit code 2; a non-finite loss stops the run
+with exit code 1, keeping the last good checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+
+from ..config import GROUPS, ConfigError, build_run, compose, config_dir, save_config, validate
+
+USAGE = """usage: fdistill train [KEY=VALUE ...]   (Hydra overrides)
+
+Config groups (conf/<group>/<option>.yaml): {groups}
+Keys: train.* (steps, batch_size, micro_batches, mixed_precision, seed, ema_decays, checkpoint_every, keep_last,
+      sample_every, eval_every, log_every, lr_warmup_steps, run_dir, resume, device), method.*, sampler.*, data.*, model.*
+Example: fdistill train experiment=digits_teacher train.steps=500 method.lr=1e-3"""
+
+
+def available_options() -> str:
+    root = config_dir()
+    return "; ".join(f"{g}: {', '.join(sorted(p.stem for p in (root / g).glob('*.yaml')))}" for g in GROUPS)
+
+
+def main(argv: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE.format(groups=available_options()))
+        return 0
+    from ..training import NonFiniteLossError, Trainer
+
+    try:
+        spec = validate(compose(argv))
+        run = build_run(spec)
+    except ConfigError as error:
+        print(f"fdistill train: config error: {error}", file=sys.stderr)
+        return 2
+    trainer = Trainer(run.method, run.data, spec.train, loggers=run.loggers, evaluator=run.evaluator)
+    if trainer.is_main:
+        save_config(spec.cfg, trainer.run_dir / "config.yaml")
+    try:
+        trainer.fit()
+    except NonFiniteLossError as error:
+        print(f"fdistill train: {error}", file=sys.stderr)
+        return 1
+    return 0

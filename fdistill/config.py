@@ -1,0 +1,207 @@
+"""Hydra configuration of ``fdistill train``: the METHODS registry, schemas, composition and building a run.
+
+Conventions (method engineers: follow these, they are all there is):
+
+- Configs live in the top-level ``conf/`` (installed as the package ``fdistill.conf``), one group per folder:
+  ``method/ model/ data/ sampler/ eval/ logger/ experiment/`` plus the ``train:`` section (``TrainConfig``).
+  ``conf/config.yaml`` picks the defaults; ``fdistill train <overrides>`` composes it with Hydra's compose API.
+- A method is a module registered in ``METHODS`` (name -> module path). The module defines a dataclass ``Config``
+  (alias of ``<Name>Config``; every field documented, validated in ``__post_init__`` with a message naming the field
+  and the allowed values / range) and ``build(config, model, data) -> Method``.
+  Its schema is registered here as ``method/<name>_schema`` (the dataclass plus a ``name`` field), so
+  ``conf/method/<name>.yaml`` starts with::
+
+      defaults:
+        - <name>_schema
+        - _self_
+      name: <name>
+      lr: ...
+
+  and Hydra rejects unknown keys; ``OmegaConf.to_object`` then runs ``__post_init__``.
+- ``_target_`` only at object boundaries: ``model`` (a network / denoiser / pipeline factory; an empty model group
+  gives ``model=None``), ``data`` (a factory returning a ``fdistill.data.DataSource``), ``logger`` (a ``_partial_``
+  logger factory called with ``run_dir`` and ``config``; empty = metrics.jsonl only) and ``eval`` (a factory returning
+  ``evaluate(generate_fn, step) -> dict[str, float]``; empty = none). Targets receive plain Python values.
+- ``sampler`` (``SamplerConfig``) is the multi-step sampler of sample grids. A method that samples with it declares a
+  field ``sampler: SamplerConfig | None = None``; when it is null, the top-level ``sampler`` group is filled in.
+- Experiments (``conf/experiment/<name>.yaml``) start with ``# @package _global_``, select groups with
+  ``defaults: [{override /method: ...}, ...]`` and set any key (``train.steps``, ``method.lr``, ...).
+
+Only this module and ``fdistill.commands`` import omegaconf / hydra; library code receives dataclasses and objects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field, make_dataclass
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .training.config import SamplerConfig, TrainConfig
+
+METHODS = {
+    "denoising": "fdistill.methods.denoising",
+    "fdistill": "fdistill.methods.fdistill",
+    "ddo": "fdistill.methods.ddo",
+    "diffusion_dpo": "fdistill.methods.diffusion_dpo",
+}
+
+GROUPS = ("method", "model", "data", "sampler", "eval", "logger", "experiment")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the allowed values."""
+
+
+def config_dir() -> Path:
+    """The ``conf/`` directory: the installed package ``fdistill.conf``, else ``<repo>/conf``."""
+    try:
+        path = Path(str(resources.files("fdistill.conf")))
+        if (path / "config.yaml").is_file():
+            return path
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def method_module(name: str) -> ModuleType:
+    """Import the module of method ``name`` (must define ``Config`` and ``build``)."""
+    if name not in METHODS:
+        raise ConfigError(f"method.name={name!r} is not a registered method; allowed: {sorted(METHODS)}")
+    return importlib.import_module(METHODS[name])
+
+
+def method_schema(name: str, config_cls: type) -> type:
+    """The registered schema of a method: its Config dataclass plus a ``name`` field defaulting to the method name."""
+    return make_dataclass(f"{config_cls.__name__}Schema", [("name", str, field(default=name))], bases=(config_cls,))
+
+
+_REGISTERED = False
+
+
+def register_schemas() -> None:
+    """Put the train / sampler / method schemas in Hydra's ConfigStore (once per process). A method module that
+    fails to import is left out; composing that method then reports the import error."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(group="train", name="base", node=TrainConfig)
+    store.store(group="sampler", name="sampler_schema", node=SamplerConfig)
+    for name in METHODS:
+        try:
+            module = method_module(name)
+        except ImportError:
+            continue
+        store.store(group="method", name=f"{name}_schema", node=method_schema(name, module.Config))
+    _REGISTERED = True
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (Hydra's messages span several)."""
+    return " ".join(str(error).split())
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides (``experiment=digits_teacher train.steps=10``) and validate
+    every section; raises ConfigError with a one-line message naming the problem."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        validate(cfg)
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(one_line(error)) from error
+    return cfg
+
+
+@dataclass
+class RunSpec:
+    """A composed, validated configuration, split into the parts the trainer and the method need."""
+
+    cfg: DictConfig
+    train: TrainConfig
+    method_name: str
+    method_config: Any
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+def to_method_config(node: DictConfig, sampler: SamplerConfig) -> tuple[str, Any]:
+    """(method name, the module's ``Config`` instance) of the ``method`` section; runs ``__post_init__``.
+    A null ``sampler`` field is filled with the top-level sampler."""
+    name = node.get("name")
+    module = method_module(name)
+    schema_obj = OmegaConf.to_object(node)
+    values = {f.name: getattr(schema_obj, f.name) for f in dataclasses.fields(module.Config)}
+    if "sampler" in values and values["sampler"] is None:
+        values["sampler"] = sampler
+    return name, module.Config(**values)
+
+
+def validate(cfg: DictConfig) -> RunSpec:
+    """Convert the schema'd sections to dataclasses (running their validation) and return them."""
+    train = OmegaConf.to_object(cfg.train)
+    sampler = OmegaConf.to_object(cfg.sampler)
+    name, method_config = to_method_config(cfg.method, sampler)
+    return RunSpec(cfg, train, name, method_config, sampler)
+
+
+def instantiate_optional(node: DictConfig | None, **kwargs) -> Any:
+    """``hydra.utils.instantiate`` with plain-Python arguments; an empty or missing node gives None."""
+    from hydra.utils import instantiate
+
+    if node is None or len(node) == 0:
+        return None
+    return instantiate(node, _convert_="all", **kwargs)
+
+
+@dataclass
+class Run:
+    """Everything ``fdistill train`` needs: the spec and the built objects."""
+
+    spec: RunSpec
+    data: Any
+    model: Any
+    method: Any
+    evaluator: Any
+    loggers: list = field(default_factory=list)
+
+
+def build_run(spec: RunSpec, with_loggers: bool = True) -> Run:
+    """Build data, model, method (seeded by ``train.seed`` so initial weights are reproducible), evaluator and
+    loggers from a validated spec."""
+    from .training.trainer import seed_all
+
+    cfg = spec.cfg
+    seed_all(spec.train.seed)
+    data = instantiate_optional(cfg.data)
+    if data is None:
+        raise ConfigError("the data group is empty; choose one with data=<name>")
+    model = instantiate_optional(cfg.get("model"))
+    method = method_module(spec.method_name).build(spec.method_config, model, data)
+    evaluator = instantiate_optional(cfg.get("eval"))
+    loggers = []
+    factory = instantiate_optional(cfg.get("logger")) if with_loggers else None
+    if factory is not None:
+        loggers.append(factory(run_dir=spec.train.run_dir, config=OmegaConf.to_container(cfg, resolve=True)))
+    return Run(spec, data, model, method, evaluator, loggers)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """The resolved config as YAML (``run_dir/config.yaml``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.to_container(cfg, resolve=True), path)

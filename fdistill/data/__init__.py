@@ -1,0 +1,12 @@
+"""Data sources (``data`` config group): built-in digits and Gaussian mixtures, image folders, Hugging Face datasets.
+
+Every source is a ``DataSource``: ``.dataset`` (items are dicts of tensors), ``.sample_shape``, ``.num_classes`` and
+``.loader(batch_size, seed, start_step, rank, world_size)``, a deterministic, resumable infinite batch stream.
+"""
+from .base import DataSource, StepBatchSampler, TensorDictDataset, epoch_permutation, global_batch_indices
+from .builtin import GMM_PRESETS, digits, digits_images, gaussian_mixture
+
+__all__ = [
+    "DataSource", "StepBatchSampler", "TensorDictDataset", "epoch_permutation", "global_batch_indices",
+    "GMM_PRESETS", "digits", "digits_images", "gaussian_mixture",
+]

@@ -1,0 +1,74 @@
+"""Denoising (score-matching) losses in sigma units, for training teachers (EDM, Karras et al. 2022).
+
+All of them are a weighted x0 regression  lambda(sigma) * ||D(x0 + sigma * n, sigma) - x0||^2  (EDM Eq. 2 / Eq. 8):
+the epsilon and v losses of VP models are the same regression with another weight, because in sigma units
+eps_hat - eps = -(x0_hat - x0) / sigma and, with alpha = 1 / sqrt(1 + sigma^2), v_hat - v = -(x0_hat - x0) *
+sqrt(1 + sigma^2) / sigma. So a loss never needs to know a Diffusers timestep or prediction_type.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..denoisers.base import append_dims
+
+
+def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    """EDM Eq. 8 / Table 1: lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 (unit loss at init)."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+def epsilon_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    """||eps_hat - eps||^2 = ||x0_hat - x0||^2 / sigma^2 (DDPM's simple loss, Ho et al. 2020 Eq. 14)."""
+    return sigma ** -2
+
+
+def v_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    """||v_hat - v||^2 = ||x0_hat - x0||^2 (1 + sigma^2) / sigma^2 (v-prediction, Salimans & Ho 2022, Sec. 4)."""
+    return (1 + sigma ** 2) / sigma ** 2
+
+
+def x0_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    """Plain x0 regression, lambda = 1."""
+    return torch.ones_like(sigma)
+
+
+LOSS_WEIGHTS: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "edm": edm_weight, "epsilon": epsilon_weight, "v_prediction": v_weight, "x0": x0_weight,
+}
+
+
+def lognormal_sigmas(num: int, p_mean: float, p_std: float, generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> Tensor:
+    """EDM's training noise levels (Sec. 5, Table 1): ln(sigma) ~ N(P_mean, P_std^2); returns [num] float32."""
+    return (p_mean + p_std * torch.randn(num, generator=generator, device=device)).exp()
+
+
+def table_sigmas(num: int, table: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform draws from a discrete table of sigmas ([T], e.g. a VP model's training timesteps t ~ U{0..T-1});
+    returns [num] on the table's device."""
+    index = torch.randint(len(table), (num,), generator=generator, device=table.device)
+    return table[index].float()
+
+
+def weighted_denoising_loss(x0_hat: Tensor, x0: Tensor, sigma: Tensor, weighting: str = "edm",
+                            sigma_data: float = 0.5) -> Tensor:
+    """Per-sample loss [B]: lambda(sigma) * mean over the non-batch dims of (x0_hat - x0)^2, in float32.
+
+    Args:
+        x0_hat: [B, ...] denoiser output; x0: [B, ...] clean data; sigma: [B] noise levels (> 0).
+        weighting: a key of LOSS_WEIGHTS ('edm', 'epsilon', 'v_prediction', 'x0').
+        sigma_data: data standard deviation for the EDM weight.
+    """
+    if weighting not in LOSS_WEIGHTS:
+        raise ValueError(f"weighting must be one of {sorted(LOSS_WEIGHTS)}, got {weighting!r}")
+    squared = (x0_hat.float() - x0.float()) ** 2
+    per_sample = squared.reshape(squared.shape[0], -1).mean(dim=1)
+    return LOSS_WEIGHTS[weighting](sigma.float(), sigma_data) * per_sample
+
+
+def noisy_sample(x0: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
+    """x = x0 + sigma * n (the VE forward process of the denoiser protocol); sigma [B]."""
+    return x0 + append_dims(sigma, x0.ndim).to(x0.dtype) * noise

@@ -1,0 +1,108 @@
+"""Plain dataclasses for the ``train:`` and ``sampler:`` sections of a run (no omegaconf here: library code).
+
+``fdistill.config`` registers them as Hydra schemas, so a wrong key or value fails when the config is composed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+SCHEDULES = ("karras", "logsnr", "time_uniform")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop's settings (``train.<field>=...`` on the command line).
+
+    Attributes:
+        steps: total optimisation steps (> 0); a resumed run continues to this count.
+        batch_size: GLOBAL batch per step, summed over processes and micro-batches (> 0); must be divisible by
+            num_processes * micro_batches.
+        micro_batches: gradient-accumulation micro-batches per process and step (>= 1).
+        mixed_precision: 'no', 'fp16' or 'bf16' (torch.autocast around the method's loss; fp16 adds a loss scaler).
+        seed: base seed; data order and every micro-batch's random draws derive from (seed, step, micro-batch), so
+            runs are reproducible and resume exactly.
+        ema_decays: EMA decays of ``method.ema_networks()`` (each in (0, 1)); [] = no EMA.
+        ema_warmup_steps: EMA decay ramps as min(decay, (1 + k) / (10 + k)) for k < this many updates (0 = off).
+        checkpoint_every: steps between checkpoints (> 0); a final checkpoint is always written.
+        keep_last: number of checkpoints kept (>= 1); older ones are deleted.
+        sample_every: steps between sample grids (``run_dir/samples/step_XXXXXX.png``); 0 = never.
+        num_samples: images in a sample grid (> 0).
+        eval_every: steps between evaluations (the ``eval`` group); 0 = never.
+        log_every: steps between scalar logs (> 0).
+        lr_warmup_steps: linear learning-rate warm-up per phase (>= 0), then constant.
+        run_dir: output directory (config.yaml, metrics.jsonl, checkpoints/, samples/, model/).
+        resume: 'auto' (latest complete checkpoint in run_dir, if any), 'never', or a checkpoint directory.
+        device: 'auto' (accelerate's choice: GPU when present), 'cpu' or 'cuda'.
+        num_workers: data-loader worker processes (>= 0).
+        export: write ``method.export(run_dir / 'model')`` at the end when the method supports it.
+        progress: show a tqdm progress bar on the main process.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    micro_batches: int = 1
+    mixed_precision: str = "no"
+    seed: int = 0
+    ema_decays: list[float] = field(default_factory=list)
+    ema_warmup_steps: int = 0
+    checkpoint_every: int = 1000
+    keep_last: int = 2
+    sample_every: int = 0
+    num_samples: int = 64
+    eval_every: int = 0
+    log_every: int = 50
+    lr_warmup_steps: int = 0
+    run_dir: str = "runs/train"
+    resume: str = "auto"
+    device: str = "auto"
+    num_workers: int = 0
+    export: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "micro_batches", "checkpoint_every", "keep_last", "log_every", "num_samples"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sample_every", "eval_every", "lr_warmup_steps", "num_workers", "ema_warmup_steps"):
+            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.batch_size % self.micro_batches == 0,
+                 f"train.batch_size ({self.batch_size}) must be divisible by train.micro_batches ({self.micro_batches})")
+        _require(self.mixed_precision in MIXED_PRECISION,
+                 f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        _require(self.device in ("auto", "cpu", "cuda"), f"train.device must be one of ('auto', 'cpu', 'cuda'), got {self.device!r}")
+        _require(all(0.0 < d < 1.0 for d in self.ema_decays), f"train.ema_decays must each be in (0, 1), got {list(self.ema_decays)}")
+        _require(bool(self.run_dir), "train.run_dir must be a non-empty path")
+
+
+@dataclass
+class SamplerConfig:
+    """Multi-step sampler used by methods that sample with ``fdistill.samplers`` (e.g. sample grids of a teacher).
+
+    Attributes:
+        solver: a solver name of ``fdistill.samplers.SOLVERS`` (checked when the method samples), e.g. 'dpmpp_2m'.
+        steps: number of sampling steps (>= 1).
+        schedule: sigma schedule: 'karras', 'logsnr' or 'time_uniform'.
+        sigma_min: smallest nonzero sigma (> 0); null = the model's own (``denoiser.sigma_min``) or 0.002.
+        sigma_max: largest sigma (> sigma_min); null = the model's own (``denoiser.sigma_max``) or 80.
+        guidance: classifier-free guidance scale w (1 = no guidance; >= 0).
+    """
+
+    solver: str = "dpmpp_2m"
+    steps: int = 20
+    schedule: str = "karras"
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    guidance: float = 1.0
+
+    def __post_init__(self):
+        _require(self.steps >= 1, f"sampler.steps must be >= 1, got {self.steps}")
+        _require(self.schedule in SCHEDULES, f"sampler.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require(self.sigma_min is None or self.sigma_min > 0, f"sampler.sigma_min must be > 0, got {self.sigma_min}")
+        _require(self.sigma_max is None or self.sigma_max > (self.sigma_min or 0.0),
+                 f"sampler.sigma_max must be > sigma_min, got {self.sigma_max}")
+        _require(self.guidance >= 0, f"sampler.guidance must be >= 0, got {self.guidance}")
