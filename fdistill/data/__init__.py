@@ -5,8 +5,10 @@ Every source is a ``DataSource``: ``.dataset`` (items are dicts of tensors), ``.
 """
 from .base import DataSource, StepBatchSampler, TensorDictDataset, epoch_permutation, global_batch_indices
 from .builtin import GMM_PRESETS, digits, digits_images, gaussian_mixture
+from .images import IMAGE_EXTENSIONS, BadImageError, LazyImageDataset, hf_images, image_folder
 
 __all__ = [
     "DataSource", "StepBatchSampler", "TensorDictDataset", "epoch_permutation", "global_batch_indices",
     "GMM_PRESETS", "digits", "digits_images", "gaussian_mixture",
+    "IMAGE_EXTENSIONS", "BadImageError", "LazyImageDataset", "hf_images", "image_folder",
 ]
