@@ -146,7 +146,7 @@ def to_method_config(node: DictConfig, sampler: SamplerConfig) -> tuple[str, Any
     module = method_module(name)
     schema_obj = OmegaConf.to_object(node)
     values = {f.name: getattr(schema_obj, f.name) for f in dataclasses.fields(module.Config)}
-    if "sampler" in values and values["sampler"] is None:
+    if "sampler" in values and node.get("sampler") is None:  # __post_init__ may already have put a default there
         values["sampler"] = sampler
     return name, module.Config(**values)
 

@@ -1,0 +1,57 @@
+"""Hydra configuration: every experiment composes and validates; bad keys / values fail naming the key and the
+allowed values; the CLI turns config errors into one line and exit code 2."""
+from __future__ import annotations
+
+import pytest
+
+from fdistill.config import METHODS, ConfigError, compose, config_dir, validate
+from fdistill.commands.train import main as train_main
+from fdistill.training.config import TrainConfig
+
+EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment):
+    spec = validate(compose([f"experiment={experiment}", "train.steps=2", "train.batch_size=4", "train.micro_batches=1"]))
+    assert spec.method_name in METHODS
+    assert spec.train.steps == 2 and spec.train.batch_size == 4
+    assert type(spec.method_config).__name__.endswith("Config")
+
+
+def test_digits_teacher_settings_reach_the_dataclasses():
+    spec = validate(compose(["experiment=digits_teacher", "method.lr=3e-4", "sampler.steps=7"]))
+    assert spec.method_name == "denoising"
+    assert spec.method_config.lr == pytest.approx(3e-4)
+    assert spec.method_config.label_dropout == pytest.approx(0.1)
+    assert spec.method_config.sampler.steps == 7 and spec.method_config.sampler.solver == "dpmpp_2m"
+    assert spec.train.ema_decays == [0.999]
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("method.lr=-1", ["method.lr", "> 0"]),
+    ("method.weighting=banana", ["method.weighting", "edm", "epsilon", "v_prediction"]),
+    ("train.mixed_precision=fp8", ["train.mixed_precision", "bf16", "fp16"]),
+    ("train.steps=0", ["train.steps", ">= 1"]),
+    ("sampler.schedule=cosine", ["sampler.schedule", "karras", "logsnr"]),
+    ("method.no_such_key=1", ["no_such_key"]),
+    ("method=banana", ["method/banana", "denoising"]),
+])
+def test_bad_values_name_the_key_and_allowed_values(override, needles):
+    with pytest.raises(ConfigError) as info:
+        compose(["experiment=digits_teacher", override])
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_train_cli_config_error_is_one_line_and_exit_2(capsys):
+    assert train_main(["experiment=digits_teacher", "method.lr=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "method.lr" in err
+
+
+def test_batch_not_divisible_by_micro_batches_is_rejected():
+    with pytest.raises(ValueError, match="train.micro_batches"):
+        TrainConfig(batch_size=10, micro_batches=4)
