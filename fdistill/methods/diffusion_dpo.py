@@ -402,13 +402,29 @@ def held_out_preference_metrics(method: DiffusionDPO, dataset, batch_size: int =
             "pairs": float(len(margin))}
 
 
+Reward = Callable[[Tensor, list[str]], Tensor]
+
+
 @torch.no_grad()
-def reward_of_samples(method: DiffusionDPO, prompts: list[str], reward: Callable[[Tensor, list[str]], Tensor],
-                      seed: int = 0, reference: bool = False) -> tuple[float, Tensor]:
-    """Mean reward of images generated for ``prompts`` (one per prompt, noise from ``seed``) by the tuned model or
-    the reference; returns (mean reward, the images [N, 3, H, W])."""
+def sample_rewards(method: DiffusionDPO, prompts: list[str], reward: Reward | str, seed: int = 0,
+                   reference: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-image rewards [N] of images generated for ``prompts`` (one per prompt, noise from ``seed``) by the tuned
+    model or the reference, and the images [N, 3, H, W]. ``reward``: a scorer ``(images, prompts) -> [N]`` (the
+    built-in preference data's rule is ``data.extras["reward"]``) or a name of ``fdistill.evaluation.rewards.SCORERS``
+    ('clip', 'pickscore') loaded with its default weights."""
+    if isinstance(reward, str):
+        from ..evaluation.rewards import build_scorer
+
+        reward = build_scorer(reward, device=next(method.networks["unet"].parameters()).device)
     images = method.sample_images(prompts, torch.Generator().manual_seed(seed), reference=reference)
-    return reward(images, prompts).float().mean().item(), images
+    return reward(images, prompts).float().cpu(), images
+
+
+def reward_of_samples(method: DiffusionDPO, prompts: list[str], reward: Reward | str, seed: int = 0,
+                      reference: bool = False) -> tuple[float, Tensor]:
+    """Mean reward of ``sample_rewards`` (same arguments); returns (mean reward, the images [N, 3, H, W])."""
+    scores, images = sample_rewards(method, prompts, reward, seed, reference)
+    return scores.mean().item(), images
 
 
 def save_side_by_side(reference_images: Tensor, tuned_images: Tensor, path: str | Path) -> None:

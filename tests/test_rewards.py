@@ -1,0 +1,136 @@
+"""Reward scorers (fdistill.evaluation.rewards) on tiny random CLIP models, and scripts/eval_dpo.py end to end."""
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from fdistill.evaluation.clip import clip_score, load_clip
+from fdistill.evaluation.preprocess import quantize_to_uint8
+from fdistill.evaluation.rewards import SCORERS, build_scorer, win_rate
+from fdistill.pipelines import save_components, tiny_clip_tokenizer, tiny_sd_components
+
+PROMPTS = ["a red square", "the blue circle on a dark background", "green cross"]
+
+
+@pytest.fixture(scope="module")
+def open_clip_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("open_clip")
+    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
+    text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": vision, "text_cfg": text},
+              "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+    (directory / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{directory}", load_weights=False)
+    save_file(model.state_dict(), str(directory / "open_clip_model.safetensors"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pickscore_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    directory = tmp_path_factory.mktemp("pickscore")
+    tokenizer = tiny_clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                num_hidden_layers=1, max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16, logit_scale_init_value=3.0))
+    model.save_pretrained(directory)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
+def images_of(seed: int, count: int = 3) -> torch.Tensor:
+    return torch.rand(count, 3, 24, 20, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_pickscore_is_logit_scale_times_cosine_per_image(pickscore_dir):
+    from transformers import AutoProcessor, CLIPModel
+
+    score = build_scorer("pickscore", str(pickscore_dir), str(pickscore_dir))
+    images = images_of(0)
+    scores = score(images, PROMPTS)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    torch.testing.assert_close(score(images, PROMPTS), scores, rtol=0, atol=0)       # deterministic
+    model, processor = CLIPModel.from_pretrained(pickscore_dir).eval(), AutoProcessor.from_pretrained(pickscore_dir)
+    pixels = [image.permute(1, 2, 0).numpy() for image in quantize_to_uint8(images)]
+    inputs = processor(images=pixels, text=PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image_embed = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        text_embed = model.get_text_features(input_ids=inputs["input_ids"],
+                                             attention_mask=inputs["attention_mask"]).pooler_output
+    cosine = (F.normalize(image_embed, dim=-1) * F.normalize(text_embed, dim=-1)).sum(-1)
+    torch.testing.assert_close(scores, torch.exp(torch.tensor(3.0)) * cosine, rtol=1e-5, atol=1e-5)
+    batched = SCORERS["pickscore"](str(pickscore_dir), str(pickscore_dir), batch_size=2)(images, PROMPTS)
+    torch.testing.assert_close(batched, scores, rtol=1e-5, atol=1e-5)              # batching does not matter
+    assert not torch.allclose(score(images, PROMPTS[::-1]), scores)                 # the prompt enters the score
+
+
+def test_clip_reward_is_per_image_clip_score(open_clip_dir):
+    score = build_scorer("clip", f"local-dir:{open_clip_dir}")
+    images = images_of(1)
+    scores = score(images, PROMPTS)
+    clip = load_clip(f"local-dir:{open_clip_dir}", None)
+    cosine = (clip.image_embeddings(images) * clip.text_embeddings(PROMPTS)).sum(-1)
+    torch.testing.assert_close(scores, 100 * cosine.clamp_min(0), rtol=1e-5, atol=1e-4)
+    assert scores.mean().item() == pytest.approx(clip_score(images, PROMPTS, clip), rel=1e-5)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        score(images, PROMPTS[:2])
+
+
+def test_scorer_errors_name_the_model_and_the_local_path_option(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown reward scorer 'hps'.*'clip', 'pickscore'"):
+        build_scorer("hps")
+    missing = str(tmp_path / "PickScore_v1")
+    with pytest.raises(OSError, match=r"PickScore model '.*PickScore_v1'.*local path as model="):
+        build_scorer("pickscore", missing)
+    with pytest.raises(OSError, match=r"open_clip model 'local-dir:.*nowhere.*local-dir:/path"):
+        build_scorer("clip", f"local-dir:{tmp_path / 'nowhere'}")
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate(torch.tensor([2.0, 1.0, 3.0, 0.0]), torch.tensor([1.0, 1.0, 4.0, -1.0])) == pytest.approx(0.625)
+    with pytest.raises(ValueError, match="paired scores"):
+        win_rate(torch.zeros(3), torch.zeros(2))
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("eval_dpo", Path(__file__).parents[1] / "scripts" / "eval_dpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_dpo_script_scores_base_and_tuned_on_the_same_noise(tmp_path, pickscore_dir):
+    script = load_script()
+    components = tiny_sd_components(image_size=8)
+    save_components(components, str(tmp_path / "base"))
+    tuned_unet = tiny_sd_components(image_size=8, seed=1).unet                      # other weights, same shapes
+    save_components(dataclasses.replace(components, unet=tuned_unet), str(tmp_path / "tuned"))
+    (tmp_path / "prompts.txt").write_text("a red square\n\nthe blue circle\n")
+    common = ["--base", str(tmp_path / "base"), "--prompts", str(tmp_path / "prompts.txt"), "--scorer", "pickscore",
+              "--scorer-model", str(pickscore_dir), "--scorer-processor", str(pickscore_dir), "--seeds", "1", "--steps", "2", "--guidance", "1",
+              "--device", "cpu"]
+    same = script.main(common + ["--tuned", str(tmp_path / "base"), "--out", str(tmp_path / "same")])
+    assert same["rewards_base"] == same["rewards_tuned"] and same["win_rate"] == 0.5   # identical model, same noise
+    result = script.main(common + ["--tuned", str(tmp_path / "tuned"), "--out", str(tmp_path / "out")])
+    written = json.loads((tmp_path / "out" / "eval_dpo.json").read_text())
+    assert written["prompts"] == ["a red square", "the blue circle"] and written["seeds"] == 1
+    assert written["rewards_base"] == same["rewards_base"]                           # base samples reproducible
+    base, tuned = torch.tensor(written["rewards_base"]), torch.tensor(written["rewards_tuned"])
+    assert base.shape == (1, 2) and not torch.equal(base, tuned)
+    assert written["win_rate"] == pytest.approx(win_rate(tuned, base))
+    assert written["mean_reward_tuned"] == pytest.approx(tuned.mean().item())
+    assert (tmp_path / "out" / "side_by_side.png").is_file() and result["win_rate"] == written["win_rate"]
