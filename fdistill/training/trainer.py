@@ -202,8 +202,9 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite loss ({mean_loss.item()}) at step {step} in phase {phase_name!r}: the update was not "
                 f"applied; last good checkpoint: {self.last_checkpoint or 'none'}")
+        lr = self.schedulers[phase_name].get_last_lr()[0]  # the LR of this update (the scheduler steps after it)
         grad_norm = self._apply_update(phase, params, scaler)
-        return {**totals, "loss": mean_loss.item(), "grad_norm": grad_norm, "lr": self.schedulers[phase_name].get_last_lr()[0]}
+        return {**totals, "loss": mean_loss.item(), "grad_norm": grad_norm, "lr": lr}
 
     def _apply_update(self, phase: Phase, params: list[Tensor], scaler) -> float:
         """Average gradients across processes, unscale (fp16), clip, step; returns the pre-clip gradient norm."""
