@@ -104,8 +104,13 @@ def register_schemas() -> None:
 
 
 def one_line(error: BaseException) -> str:
-    """An exception's message on one line (Hydra's messages span several)."""
-    return " ".join(str(error).split())
+    """An exception's message and those of its causes on one line (Hydra's messages span several, and the key and the
+    expected type are often only in the cause), without Hydra's config search path listing."""
+    messages = []
+    while error is not None:
+        messages.append(str(error).split("Config search path:")[0])
+        error = error.__cause__
+    return " ".join(" ".join(messages).split())
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:
@@ -151,8 +156,22 @@ def to_method_config(node: DictConfig, sampler: SamplerConfig) -> tuple[str, Any
     return name, module.Config(**values)
 
 
+def reject_unknown_keys(section: str, node: DictConfig, allowed: set[str]) -> None:
+    """Hydra's ``+key=value`` appends even to schema'd sections; a key no dataclass field reads is a typo."""
+    unknown = sorted(set(node.keys()) - allowed)
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]} is not a known key of {section}; allowed: {sorted(allowed)}")
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def validate(cfg: DictConfig) -> RunSpec:
     """Convert the schema'd sections to dataclasses (running their validation) and return them."""
+    reject_unknown_keys("train", cfg.train, field_names(TrainConfig))
+    reject_unknown_keys("sampler", cfg.sampler, field_names(SamplerConfig))
+    reject_unknown_keys("method", cfg.method, field_names(method_module(cfg.method.get("name")).Config) | {"name"})
     train = OmegaConf.to_object(cfg.train)
     sampler = OmegaConf.to_object(cfg.sampler)
     name, method_config = to_method_config(cfg.method, sampler)

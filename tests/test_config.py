@@ -2,6 +2,9 @@
 allowed values; the CLI turns config errors into one line and exit code 2."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from fdistill.config import METHODS, ConfigError, compose, config_dir, validate
@@ -55,3 +58,28 @@ def test_train_cli_config_error_is_one_line_and_exit_2(capsys):
 def test_batch_not_divisible_by_micro_batches_is_rejected():
     with pytest.raises(ValueError, match="train.micro_batches"):
         TrainConfig(batch_size=10, micro_batches=4)
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("+method.no_such_key=1", ["method.no_such_key", "allowed", "label_dropout"]),   # '+' appends past the schema
+    ("+train.stepz=3", ["train.stepz", "allowed", "steps"]),
+    ("+sampler.order=2", ["sampler.order", "allowed", "solver"]),
+    ("train.steps=abc", ["train.steps", "Integer"]),                               # the type, from Hydra's cause
+    ("experiment=banana", ["experiment/banana", "digits_teacher"]),
+])
+def test_appended_keys_and_wrong_types_name_the_key(override, needles):
+    with pytest.raises(ConfigError) as info:
+        compose(["experiment=digits_teacher", override])
+    message = str(info.value)
+    assert "\n" not in message and "Config search path" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_fdistill_train_subprocess_exits_2_with_one_line_and_no_traceback():
+    result = subprocess.run([sys.executable, "-m", "fdistill.cli", "train", "train.mixed_precision=fp8"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "train.mixed_precision" in lines[0] and "'bf16'" in lines[0]
