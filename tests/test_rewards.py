@@ -1,5 +1,4 @@
 """Reward scorers (fdistill.evaluation.rewards) on tiny random CLIP models, and scripts/eval_dpo.py end to end."""
-import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -13,8 +12,11 @@ from safetensors.torch import save_file
 from fdistill.evaluation.clip import clip_score, load_clip
 from fdistill.evaluation.preprocess import quantize_to_uint8
 from fdistill.evaluation.rewards import SCORERS, build_scorer, win_rate
+from fdistill.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig, sample_rewards
 from fdistill.pipelines import save_components, tiny_clip_tokenizer, tiny_sd_components
+from fdistill.training.config import SamplerConfig
 
+SAMPLER = SamplerConfig(solver="dpmpp_2m", steps=2, guidance=1.0)
 PROMPTS = ["a red square", "the blue circle on a dark background", "green cross"]
 
 
@@ -113,24 +115,37 @@ def load_script():
     return module
 
 
+def lora_dpo_method(rank: int = 2):
+    """A LoRA DiffusionDPO on the tiny SD with nonzero adapters (a stand-in for a trained run)."""
+    method = DiffusionDPO(DiffusionDPOConfig(finetune="lora", lora_rank=rank, lora_alpha=8.0, sampler=SAMPLER),
+                          tiny_sd_components(image_size=8), (8, 8))
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in method.networks["unet"].named_parameters():
+        if "lora_B" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.3
+    return method
+
+
 def test_eval_dpo_script_scores_base_and_tuned_on_the_same_noise(tmp_path, pickscore_dir):
     script = load_script()
-    components = tiny_sd_components(image_size=8)
-    save_components(components, str(tmp_path / "base"))
-    tuned_unet = tiny_sd_components(image_size=8, seed=1).unet                      # other weights, same shapes
-    save_components(dataclasses.replace(components, unet=tuned_unet), str(tmp_path / "tuned"))
+    save_components(tiny_sd_components(image_size=8), str(tmp_path / "base"))
+    method = lora_dpo_method()
+    method.export(tmp_path / "lora")
     (tmp_path / "prompts.txt").write_text("a red square\n\nthe blue circle\n")
     common = ["--base", str(tmp_path / "base"), "--prompts", str(tmp_path / "prompts.txt"), "--scorer", "pickscore",
-              "--scorer-model", str(pickscore_dir), "--scorer-processor", str(pickscore_dir), "--seeds", "1", "--steps", "2", "--guidance", "1",
-              "--device", "cpu"]
+              "--scorer-model", str(pickscore_dir), "--scorer-processor", str(pickscore_dir), "--seeds", "1",
+              "--steps", str(SAMPLER.steps), "--guidance", "1", "--device", "cpu"]
     same = script.main(common + ["--tuned", str(tmp_path / "base"), "--out", str(tmp_path / "same")])
     assert same["rewards_base"] == same["rewards_tuned"] and same["win_rate"] == 0.5   # identical model, same noise
-    result = script.main(common + ["--tuned", str(tmp_path / "tuned"), "--out", str(tmp_path / "out")])
+    script.main(common + ["--tuned", str(tmp_path / "lora"), "--out", str(tmp_path / "out")])
     written = json.loads((tmp_path / "out" / "eval_dpo.json").read_text())
     assert written["prompts"] == ["a red square", "the blue circle"] and written["seeds"] == 1
-    assert written["rewards_base"] == same["rewards_base"]                           # base samples reproducible
     base, tuned = torch.tensor(written["rewards_base"]), torch.tensor(written["rewards_tuned"])
     assert base.shape == (1, 2) and not torch.equal(base, tuned)
+    scorer = build_scorer("pickscore", str(pickscore_dir), str(pickscore_dir))
+    for reference, rewards in ((True, base), (False, tuned)):   # the exported LoRA reproduces the method's samples
+        expected, _ = sample_rewards(method, written["prompts"], scorer, seed=0, reference=reference)
+        torch.testing.assert_close(rewards[0], expected, rtol=1e-4, atol=1e-4)
     assert written["win_rate"] == pytest.approx(win_rate(tuned, base))
     assert written["mean_reward_tuned"] == pytest.approx(tuned.mean().item())
-    assert (tmp_path / "out" / "side_by_side.png").is_file() and result["win_rate"] == written["win_rate"]
+    assert (tmp_path / "out" / "side_by_side.png").is_file()

@@ -52,8 +52,8 @@ def clip_scorer(model: str | None = None, processor: str | None = None, device: 
     try:
         clip = load_clip(model, pretrained, device=device)
     except (OSError, RuntimeError, ValueError) as error:
-        raise _load_error("open_clip model", f"{model} ({pretrained})", "model='local-dir:/path' (open_clip_config.json "
-                          "+ weights) or processor='/path/to/weights.bin'", error) from error
+        raise _load_error("open_clip model", f"{model} ({pretrained})", "model='local-dir:/path' "
+                          "(open_clip_config.json + weights) or processor='/path/to/weights.bin'", error) from error
 
     def score(images: Tensor, prompts: list[str]) -> Tensor:
         _check_pairs(images, prompts)
@@ -78,7 +78,8 @@ def pickscore_scorer(model: str | None = None, processor: str | None = None, dev
     try:
         clip = CLIPModel.from_pretrained(model_id).to(device).eval().requires_grad_(False)
     except (OSError, ValueError) as error:
-        raise _load_error("PickScore model", model_id, "model='/path/to/PickScore_v1' (--scorer-model)", error) from error
+        raise _load_error("PickScore model", model_id, "model='/path/to/PickScore_v1' (--scorer-model)",
+                          error) from error
     try:
         preprocess = AutoProcessor.from_pretrained(processor_id)
     except (OSError, ValueError) as error:

@@ -339,7 +339,10 @@ class DiffusionDPO(Method):
             from peft.utils import get_peft_model_state_dict
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.networks["unet"]))
-            type(pipeline).save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+            # the adapter config travels as metadata: without it Diffusers loads with alpha = rank (wrong scale)
+            metadata = self.networks["unet"].peft_config["default"].to_dict()
+            type(pipeline).save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
+                                             unet_lora_adapter_metadata=metadata)
         with open(os.path.join(directory, "fdistill_dpo.json"), "w") as f:
             json.dump({"method": "diffusion_dpo", "kind": self.kind, "finetune": self.config.finetune,
                        "objective": self.config.objective, "beta": self.config.beta}, f, indent=2)
