@@ -149,3 +149,18 @@ def test_eval_dpo_script_scores_base_and_tuned_on_the_same_noise(tmp_path, picks
     assert written["win_rate"] == pytest.approx(win_rate(tuned, base))
     assert written["mean_reward_tuned"] == pytest.approx(tuned.mean().item())
     assert (tmp_path / "out" / "side_by_side.png").is_file()
+
+
+def test_prompts_come_from_text_or_partiprompts_parquet(tmp_path):
+    import pandas as pd
+
+    script = load_script()
+    pd.DataFrame({"Prompt": ["a red square", "two dogs", "a city"], "Category": ["A", "B", "C"]}).to_parquet(
+        tmp_path / "parti.parquet")
+    assert script.read_prompts(str(tmp_path / "parti.parquet"), limit=2) == ["a red square", "two dogs"]
+    pd.DataFrame({"words": ["x"]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet: no prompt column.*'Prompt'.*\['words'\]"):
+        script.read_prompts(str(tmp_path / "bad.parquet"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.txt: no prompts"):
+        script.read_prompts(str(tmp_path / "empty.txt"))
