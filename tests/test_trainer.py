@@ -250,3 +250,14 @@ def test_metrics_jsonl_and_sample_grid_png(tmp_path):
         assert grid.size == (2 * 8 + 3, 2 * 8 + 3)                        # 2 x 2 grid of 8x8 digits, 1 px padding
         pixels = torch.from_numpy(np.asarray(grid.convert("L"), dtype=np.float32))
     assert pixels.std() > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_stay_finite_and_train(tmp_path, precision):
+    """bf16 autocast; fp16 adds a loss scaler whose first too-large scale skips a step instead of corrupting weights."""
+    method = tiny_denoising_method()
+    before = state(method)
+    trainer_for(method, tmp_path, steps=3, mixed_precision=precision, export=False).fit()
+    after = method.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert sum(not torch.equal(before[k], v) for k, v in after.items()) == len(list(method.parameters()))

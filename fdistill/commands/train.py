@@ -4,6 +4,8 @@ Examples:
     fdistill train experiment=digits_teacher
     fdistill train experiment=digits_teacher train.steps=200 train.run_dir=runs/quick
     accelerate launch --num_processes 2 -m fdistill.cli train experiment=digits_teacher
+On a machine without GPUs add --multi_gpu (it starts torchrun; train.device=cpu then joins a gloo group):
+accelerate's --cpu flag alone starts ONE process whatever --num_processes says.
 A bad key or value stops before any work with a one-line message and exit code 2; a non-finite loss stops the run
 with exit code 1, keeping the last good checkpoint.
 """
