@@ -207,7 +207,8 @@ class Trainer:
         return {**totals, "loss": mean_loss.item(), "grad_norm": grad_norm, "lr": lr}
 
     def _apply_update(self, phase: Phase, params: list[Tensor], scaler) -> float:
-        """Average gradients across processes, unscale (fp16), clip, step; returns the pre-clip gradient norm."""
+        """Average gradients across processes, unscale (fp16), clip, step; returns the pre-clip gradient norm.
+        An fp16 step the loss scaler skips (inf/NaN gradients: its scale drops) leaves the LR schedule and EMA alone."""
         optimizer = self.optimizers[phase.name]
         self._average_gradients(params)
         scaler.unscale_(optimizer)
@@ -216,10 +217,13 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, phase.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
-        self.schedulers[phase.name].step()
         optimizer.zero_grad(set_to_none=True)
+        if scaler.get_scale() < scale:
+            return float(norm)
+        self.schedulers[phase.name].step()
         if self.phase_updates_ema[phase.name]:
             self.ema.update()
         return float(norm)
