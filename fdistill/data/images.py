@@ -226,7 +226,10 @@ def hf_images(path: str, split: str = "train", image_column: str = "image", labe
         raise ValueError(f"data.image_column={image_column!r} is not a column of {path!r} {table.column_names}")
     if isinstance(table.features[image_column], datasets.Image):
         table = table.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: name bad rows
-    where = lambda i: f"{path}[{split}][row {i}]"  # noqa: E731
+
+    def where(row: int) -> str:
+        return f"{path}[{split}][row {row}]"
+
     rows = list(range(len(table)))
     skipped: list[str] = []
     if skip_bad:
