@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, build_run, compose, save_config, validate
+from .train import run_training
 
 DEFAULT_EXPERIMENT = "digits_fdistill"
 EVAL_SAMPLES = 2000
@@ -86,27 +86,10 @@ def main(argv: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(USAGE)
         return 0
-    from ..training import NonFiniteLossError, Trainer
-
-    try:
-        spec = validate(compose(with_default_experiment(argv)))
-        if spec.method_name != "fdistill":
-            raise ConfigError(f"fdistill distill runs method=fdistill, got method.name={spec.method_name!r}")
-        run = build_run(spec)
-    except ConfigError as error:
-        print(f"fdistill distill: config error: {error}", file=sys.stderr)
-        return 2
-    trainer = Trainer(run.method, run.data, spec.train, loggers=run.loggers, evaluator=run.evaluator)
     started = time.perf_counter()
-    if trainer.is_main:
-        save_config(spec.cfg, trainer.run_dir / "config.yaml")
-    try:
-        trainer.fit()
-    except NonFiniteLossError as error:
-        print(f"fdistill distill: {error}", file=sys.stderr)
-        return 1
-    if not trainer.is_main:
-        return 0
+    code, trainer, spec, run = run_training("distill", with_default_experiment(argv), method_name="fdistill")
+    if code or not trainer.is_main:
+        return code
     metrics: dict[str, Any] = {"divergence": spec.method_config.divergence, "steps": spec.train.steps,
                                "train_seconds": time.perf_counter() - started}
     if str(getattr(run.data, "name", "")).startswith("digits"):

@@ -28,24 +28,35 @@ def available_options() -> str:
     return "; ".join(f"{g}: {', '.join(sorted(p.stem for p in (root / g).glob('*.yaml')))}" for g in GROUPS)
 
 
-def main(argv: list[str]) -> int:
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(USAGE.format(groups=available_options()))
-        return 0
+def run_training(prog: str, overrides: list[str], method_name: str | None = None):
+    """Compose, validate, build and fit one run; the shared body of ``fdistill train`` and ``fdistill distill``.
+
+    Returns ``(exit_code, trainer, spec, run)``: exit code 2 (and ``trainer`` None) for a config error, 1 for a
+    non-finite loss, 0 when training finished. ``method_name`` restricts the command to one method.
+    """
     from ..training import NonFiniteLossError, Trainer
 
     try:
-        spec = validate(compose(argv))
+        spec = validate(compose(overrides))
+        if method_name is not None and spec.method_name != method_name:
+            raise ConfigError(f"fdistill {prog} runs method={method_name}, got method.name={spec.method_name!r}")
         run = build_run(spec)
     except ConfigError as error:
-        print(f"fdistill train: config error: {error}", file=sys.stderr)
-        return 2
+        print(f"fdistill {prog}: config error: {error}", file=sys.stderr)
+        return 2, None, None, None
     trainer = Trainer(run.method, run.data, spec.train, loggers=run.loggers, evaluator=run.evaluator)
     if trainer.is_main:
         save_config(spec.cfg, trainer.run_dir / "config.yaml")
     try:
         trainer.fit()
     except NonFiniteLossError as error:
-        print(f"fdistill train: {error}", file=sys.stderr)
-        return 1
-    return 0
+        print(f"fdistill {prog}: {error}", file=sys.stderr)
+        return 1, trainer, spec, run
+    return 0, trainer, spec, run
+
+
+def main(argv: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE.format(groups=available_options()))
+        return 0
+    return run_training("train", argv)[0]

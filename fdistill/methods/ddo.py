@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses.ddo import ddo_log_ratio, ddo_loss, likelihood_mode
-from ..training.config import SamplerConfig
+from ..training.config import SamplerConfig, as_sampler_config
 from .base import OPTIMIZERS, Method, Phase, StepContext
 from .denoising import drop_labels
 
@@ -143,10 +143,7 @@ class DDOConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.sampler is None:
-            self.sampler = SamplerConfig()
-        elif isinstance(self.sampler, dict):  # built from plain Python rather than through Hydra
-            self.sampler = SamplerConfig(**self.sampler)
+        self.sampler = as_sampler_config(self.sampler)
 
 
 Config = DDOConfig

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..denoisers.guidance import ClassifierFreeGuidance
 from ..losses.denoising import LOSS_WEIGHTS, lognormal_sigmas, noisy_sample, table_sigmas, weighted_denoising_loss
-from ..training.config import SamplerConfig
+from ..training.config import SamplerConfig, as_sampler_config
 from .base import OPTIMIZERS, Method, Phase, StepContext
 
 SIGMA_DISTRIBUTIONS = ("lognormal", "table")
@@ -75,10 +75,7 @@ class DenoisingConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.sampler is None:
-            self.sampler = SamplerConfig()
-        elif isinstance(self.sampler, dict):  # built from plain Python rather than through Hydra
-            self.sampler = SamplerConfig(**self.sampler)
+        self.sampler = as_sampler_config(self.sampler)
 
 
 Config = DenoisingConfig

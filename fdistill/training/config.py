@@ -106,3 +106,11 @@ class SamplerConfig:
         _require(self.sigma_max is None or self.sigma_max > (self.sigma_min or 0.0),
                  f"sampler.sigma_max must be > sigma_min, got {self.sigma_max}")
         _require(self.guidance >= 0, f"sampler.guidance must be >= 0, got {self.guidance}")
+
+
+def as_sampler_config(sampler: SamplerConfig | dict | None) -> SamplerConfig:
+    """A method config's ``sampler`` field as a SamplerConfig: the default when null (Hydra fills it from the
+    top-level ``sampler`` group), built from a plain dict when the config was made in Python."""
+    if sampler is None:
+        return SamplerConfig()
+    return SamplerConfig(**sampler) if isinstance(sampler, dict) else sampler
