@@ -1,12 +1,9 @@
 """clean-fid preprocessing, Inception weight lookup, named statistics, CLIP (tiny random open_clip model)."""
-import json
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from cleanfid.resize import build_resizer
-from safetensors.torch import save_file
 
 from fdistill.evaluation import clean_resize, clean_resize_pil, quantize_to_uint8
 from fdistill.evaluation import inception
@@ -73,17 +70,8 @@ def test_named_statistics_are_read_locally_or_the_error_names_the_file(tmp_path,
 
 
 @pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_clip")
-    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
-    text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": vision, "text_cfg": text},
-              "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
-    (directory / "open_clip_config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{directory}", load_weights=False)
-    save_file(model.state_dict(), str(directory / "open_clip_model.safetensors"))
-    return directory, model.state_dict()
+def tiny_clip_dir(tiny_open_clip):
+    return tiny_open_clip
 
 
 def test_clip_loads_local_weights_and_scores_like_the_formula(tiny_clip_dir):

@@ -3,11 +3,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from fdistill.evaluation.clip import clip_score, load_clip
 from fdistill.evaluation.preprocess import quantize_to_uint8
@@ -21,17 +19,8 @@ PROMPTS = ["a red square", "the blue circle on a dark background", "green cross"
 
 
 @pytest.fixture(scope="module")
-def open_clip_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("open_clip")
-    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
-    text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": vision, "text_cfg": text},
-              "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
-    (directory / "open_clip_config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{directory}", load_weights=False)
-    save_file(model.state_dict(), str(directory / "open_clip_model.safetensors"))
-    return directory
+def open_clip_dir(tiny_open_clip):
+    return tiny_open_clip[0]
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from ..denoisers.base import append_dims
 from ..losses.fdistill import (DIVERGENCES, binned_sums, check_divergence, density_ratio, discriminator_loss,
                                f_divergence_weight, fake_score_loss, fdistill_generator_loss, generator_gan_loss,
                                noise_level_bins)
+from ..training.config import require
 from .base import Method, Phase, StepContext
 
 
@@ -72,11 +73,6 @@ FAKE_SCORE_WEIGHTINGS: dict[str, Callable[[Tensor, float], Tensor]] = {
     "edm": _edm_weight, "uniform": lambda sigma, sigma_data: torch.ones_like(sigma),
 }
 FEATURE_SOURCES = ("teacher", "fake_score")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass
@@ -144,33 +140,33 @@ class FDistillConfig:
     network: dict[str, Any] | None = field(default=None)
 
     def __post_init__(self):
-        _require(self.divergence in DIVERGENCES,
+        require(self.divergence in DIVERGENCES,
                  f"method.divergence must be one of {', '.join(DIVERGENCES)}; got {self.divergence!r}")
         for name in ("lr", "sigma_data", "rho", "p_std", "logit_clamp", "normaliser_eps"):
-            _require(getattr(self, name) > 0, f"method.{name} must be > 0, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, f"method.{name} must be > 0, got {getattr(self, name)}")
         for name in ("critic_lr", "student_grad_clip", "critic_grad_clip", "generator_sigma"):
             value = getattr(self, name)
-            _require(value is None or value > 0, f"method.{name} must be > 0 or null, got {value}")
-        _require(self.weight_decay >= 0, f"method.weight_decay must be >= 0, got {self.weight_decay}")
+            require(value is None or value > 0, f"method.{name} must be > 0 or null, got {value}")
+        require(self.weight_decay >= 0, f"method.weight_decay must be >= 0, got {self.weight_decay}")
         self.betas = tuple(self.betas)
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                  f"method.betas must be two numbers in [0, 1), got {self.betas}")
-        _require(self.student_update_freq >= 2, f"method.student_update_freq must be >= 2, got {self.student_update_freq}")
-        _require(self.gan_weight >= 0, f"method.gan_weight must be >= 0, got {self.gan_weight}")
-        _require(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1, got {self.guidance_scale}")
-        _require(self.sigma_distribution in SIGMA_DISTRIBUTIONS,
+        require(self.student_update_freq >= 2, f"method.student_update_freq must be >= 2, got {self.student_update_freq}")
+        require(self.gan_weight >= 0, f"method.gan_weight must be >= 0, got {self.gan_weight}")
+        require(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1, got {self.guidance_scale}")
+        require(self.sigma_distribution in SIGMA_DISTRIBUTIONS,
                  f"method.sigma_distribution must be one of {sorted(SIGMA_DISTRIBUTIONS)}, got {self.sigma_distribution!r}")
-        _require(0 < self.sigma_min < self.sigma_max,
+        require(0 < self.sigma_min < self.sigma_max,
                  f"method.sigma_min / sigma_max must satisfy 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
-        _require(self.fake_score_weighting in FAKE_SCORE_WEIGHTINGS,
+        require(self.fake_score_weighting in FAKE_SCORE_WEIGHTINGS,
                  f"method.fake_score_weighting must be one of {sorted(FAKE_SCORE_WEIGHTINGS)}, got {self.fake_score_weighting!r}")
-        _require(self.num_ratio_bins >= 0, f"method.num_ratio_bins must be >= 0, got {self.num_ratio_bins}")
-        _require(0 <= self.ratio_ema < 1, f"method.ratio_ema must be in [0, 1), got {self.ratio_ema}")
-        _require(0 < self.ratio_min < self.ratio_max,
+        require(self.num_ratio_bins >= 0, f"method.num_ratio_bins must be >= 0, got {self.num_ratio_bins}")
+        require(0 <= self.ratio_ema < 1, f"method.ratio_ema must be in [0, 1), got {self.ratio_ema}")
+        require(0 < self.ratio_min < self.ratio_max,
                  f"method.ratio_min / ratio_max must satisfy 0 < ratio_min < ratio_max, got {self.ratio_min}, {self.ratio_max}")
-        _require(self.features in FEATURE_SOURCES, f"method.features must be one of {FEATURE_SOURCES}, got {self.features!r}")
-        _require(self.head_width >= 1, f"method.head_width must be >= 1, got {self.head_width}")
-        _require(self.network is None or "_target_" in self.network,
+        require(self.features in FEATURE_SOURCES, f"method.features must be one of {FEATURE_SOURCES}, got {self.features!r}")
+        require(self.head_width >= 1, f"method.head_width must be >= 1, got {self.head_width}")
+        require(self.network is None or "_target_" in self.network,
                  f"method.network must be null or a mapping with a '_target_' callable path, got {self.network!r}")
 
 

@@ -10,7 +10,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 SCHEDULES = ("karras", "logsnr", "time_uniform")
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise ValueError(message) unless condition holds (config validation; the message names the field)."""
     if not condition:
         raise ValueError(message)
 
@@ -67,16 +68,16 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "micro_batches", "checkpoint_every", "keep_last", "log_every", "num_samples"):
-            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("sample_every", "eval_every", "lr_warmup_steps", "num_workers", "ema_warmup_steps"):
-            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
-        _require(self.batch_size % self.micro_batches == 0,
+            require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        require(self.batch_size % self.micro_batches == 0,
                  f"train.batch_size ({self.batch_size}) must be divisible by train.micro_batches ({self.micro_batches})")
-        _require(self.mixed_precision in MIXED_PRECISION,
+        require(self.mixed_precision in MIXED_PRECISION,
                  f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        _require(self.device in ("auto", "cpu", "cuda"), f"train.device must be one of ('auto', 'cpu', 'cuda'), got {self.device!r}")
-        _require(all(0.0 < d < 1.0 for d in self.ema_decays), f"train.ema_decays must each be in (0, 1), got {list(self.ema_decays)}")
-        _require(bool(self.run_dir), "train.run_dir must be a non-empty path")
+        require(self.device in ("auto", "cpu", "cuda"), f"train.device must be one of ('auto', 'cpu', 'cuda'), got {self.device!r}")
+        require(all(0.0 < d < 1.0 for d in self.ema_decays), f"train.ema_decays must each be in (0, 1), got {list(self.ema_decays)}")
+        require(bool(self.run_dir), "train.run_dir must be a non-empty path")
 
 
 @dataclass
@@ -100,12 +101,12 @@ class SamplerConfig:
     guidance: float = 1.0
 
     def __post_init__(self):
-        _require(self.steps >= 1, f"sampler.steps must be >= 1, got {self.steps}")
-        _require(self.schedule in SCHEDULES, f"sampler.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        _require(self.sigma_min is None or self.sigma_min > 0, f"sampler.sigma_min must be > 0, got {self.sigma_min}")
-        _require(self.sigma_max is None or self.sigma_max > (self.sigma_min or 0.0),
+        require(self.steps >= 1, f"sampler.steps must be >= 1, got {self.steps}")
+        require(self.schedule in SCHEDULES, f"sampler.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        require(self.sigma_min is None or self.sigma_min > 0, f"sampler.sigma_min must be > 0, got {self.sigma_min}")
+        require(self.sigma_max is None or self.sigma_max > (self.sigma_min or 0.0),
                  f"sampler.sigma_max must be > sigma_min, got {self.sigma_max}")
-        _require(self.guidance >= 0, f"sampler.guidance must be >= 0, got {self.guidance}")
+        require(self.guidance >= 0, f"sampler.guidance must be >= 0, got {self.guidance}")
 
 
 def as_sampler_config(sampler: SamplerConfig | dict | None) -> SamplerConfig:
