@@ -13,6 +13,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+# The preview grid ``fdistill sample`` writes beside its samples; readers of sample folders (FID) skip it.
+GRID_FILENAME = "grid.png"
+
 
 def to_uint8(images: Tensor) -> np.ndarray:
     """[B, C, H, W] in [-1, 1] -> [B, H, W, C] uint8 in [0, 255] (clipped; rounded to nearest, as EDM saves)."""

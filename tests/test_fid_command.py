@@ -104,3 +104,21 @@ def test_eval_config_builds_an_evaluator_with_balanced_labels_and_class_tv():
     metrics = evaluate(generate, step=5)
     assert torch.bincount(torch.cat(seen), minlength=10).tolist() == [30] * 10
     assert metrics["class_tv"] < 0.05 and 0 <= metrics["fd_digits"] < 20
+
+
+def test_fid_reads_a_sample_command_folder_without_its_preview_grid(tmp_path):
+    """The new-user flow: `fdistill sample --out gen/` then `fdistill fid --gen gen/` (grid.png is not a sample)."""
+    gen = tmp_path / "gen"
+    assert cli(["sample", "--model", "digits-exact", "--num", "20", "--steps", "4", "--out", str(gen)]) == 0
+    assert (gen / "grid.png").exists()
+    out = tmp_path / "fid.json"
+    assert cli(["fid", "--gen", str(gen), "--ref", "digits", "--features", "digits", "--quiet", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_gen"] == 20
+    samples = tmp_path / "samples_only"
+    samples.mkdir()
+    for png in sorted(gen.glob("0*.png")):
+        (samples / png.name).write_bytes(png.read_bytes())
+    only = tmp_path / "only.json"
+    assert cli(["fid", "--gen", str(samples), "--ref", "digits", "--features", "digits", "--quiet", "--out", str(only)]) == 0
+    assert json.loads(only.read_text())["fid"] == pytest.approx(result["fid"], rel=1e-12)

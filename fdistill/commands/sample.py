@@ -260,15 +260,15 @@ def check_arguments(model: Model, args: argparse.Namespace) -> None:
 def write_outputs(images: Tensor, out: Path) -> str:
     """PNGs + grid.png for images [N, C, H, W] with C in (1, 3); anything else (point data [N, D], latents of a
     model without a VAE) goes to samples.npy. Returns a summary line."""
-    from fdistill.images import save_grid, save_images
+    from fdistill.images import GRID_FILENAME, save_grid, save_images
 
     out.mkdir(parents=True, exist_ok=True)
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         np.save(out / "samples.npy", images.numpy())
         return f"wrote {len(images)} samples of shape {tuple(images.shape[1:])} to {out / 'samples.npy'}"
     save_images(images, out)
-    save_grid(images, out / "grid.png", upscale=max(1, 128 // images.shape[-1]))
-    return f"wrote {len(images)} images and grid.png to {out}"
+    save_grid(images, out / GRID_FILENAME, upscale=max(1, 128 // images.shape[-1]))
+    return f"wrote {len(images)} images and {GRID_FILENAME} to {out}"
 
 
 def run(args: argparse.Namespace) -> str:

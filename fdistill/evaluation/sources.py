@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..images import GRID_FILENAME
 from .extractors import FeatureExtractor
 from .frechet import FeatureStats
 from .preprocess import quantize_to_uint8
@@ -32,11 +33,13 @@ IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "w
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted by path as clean-fid does."""
+    """Image files under ``folder`` (recursive), sorted by path as clean-fid does; the preview grid that
+    ``fdistill sample`` writes at the folder's top level is not a sample and is skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+                   and p != folder / GRID_FILENAME)
     if not files:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
     return files
