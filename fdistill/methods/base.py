@@ -68,6 +68,27 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: trains no network")
 
 
+def optimizer_checks(config) -> list[tuple[bool, str]]:
+    """(condition, message) checks of the optimizer fields method configs share: lr, weight_decay, betas, optimizer,
+    max_grad_norm (messages name ``method.<field>`` and the allowed values)."""
+    return [
+        (config.lr > 0, f"method.lr must be > 0, got {config.lr}"),
+        (config.weight_decay >= 0, f"method.weight_decay must be >= 0, got {config.weight_decay}"),
+        (len(config.betas) == 2 and all(0 <= b < 1 for b in config.betas),
+         f"method.betas must be two values in [0, 1), got {list(config.betas)}"),
+        (config.optimizer in OPTIMIZERS, f"method.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}"),
+        (config.max_grad_norm is None or config.max_grad_norm > 0,
+         f"method.max_grad_norm must be > 0 or null, got {config.max_grad_norm}"),
+    ]
+
+
+def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
+    """ValueError with the message of the first failed (condition, message) check."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 def _identity(t: Tensor) -> Tensor:
     return t
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..losses.ddo import ddo_log_ratio, ddo_loss, likelihood_mode
 from ..training.config import SamplerConfig, as_sampler_config
-from .base import OPTIMIZERS, Method, Phase, StepContext
+from .base import Method, Phase, StepContext, optimizer_checks, raise_first_failure
 from .denoising import drop_labels
 
 Evaluate = Callable[[Tensor], float]
@@ -118,16 +118,9 @@ class DDOConfig:
     sampler: SamplerConfig | None = None
 
     def __post_init__(self):
-        checks = [
+        checks = optimizer_checks(self) + [
             (0.5 <= self.alpha <= 6, f"method.alpha must be in [0.5, 6], got {self.alpha}"),
             (0.01 <= self.beta <= 0.1, f"method.beta must be in [0.01, 0.1], got {self.beta}"),
-            (self.lr > 0, f"method.lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"method.weight_decay must be >= 0, got {self.weight_decay}"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-             f"method.betas must be two values in [0, 1), got {list(self.betas)}"),
-            (self.optimizer in OPTIMIZERS, f"method.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0,
-             f"method.max_grad_norm must be > 0 or null, got {self.max_grad_norm}"),
             (self.num_draws >= 1, f"method.num_draws must be >= 1, got {self.num_draws}"),
             (self.p_std > 0, f"method.p_std must be > 0, got {self.p_std}"),
             (self.sigma_data > 0, f"method.sigma_data must be > 0, got {self.sigma_data}"),
@@ -140,9 +133,7 @@ class DDOConfig:
             (self.evaluator in EVALUATORS, f"method.evaluator must be one of {sorted(EVALUATORS)}, got {self.evaluator!r}"),
             (self.eval_samples >= 2, f"method.eval_samples must be >= 2, got {self.eval_samples}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        raise_first_failure(checks)
         self.sampler = as_sampler_config(self.sampler)
 
 

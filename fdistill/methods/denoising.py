@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..denoisers.guidance import ClassifierFreeGuidance
 from ..losses.denoising import LOSS_WEIGHTS, lognormal_sigmas, noisy_sample, table_sigmas, weighted_denoising_loss
 from ..training.config import SamplerConfig, as_sampler_config
-from .base import OPTIMIZERS, Method, Phase, StepContext
+from .base import Method, Phase, StepContext, optimizer_checks, raise_first_failure
 
 SIGMA_DISTRIBUTIONS = ("lognormal", "table")
 
@@ -57,14 +57,7 @@ class DenoisingConfig:
     sampler: SamplerConfig | None = None
 
     def __post_init__(self):
-        checks = [
-            (self.lr > 0, f"method.lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"method.weight_decay must be >= 0, got {self.weight_decay}"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-             f"method.betas must be two values in [0, 1), got {list(self.betas)}"),
-            (self.optimizer in OPTIMIZERS, f"method.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0,
-             f"method.max_grad_norm must be > 0 or null, got {self.max_grad_norm}"),
+        checks = optimizer_checks(self) + [
             (self.weighting in LOSS_WEIGHTS, f"method.weighting must be one of {sorted(LOSS_WEIGHTS)}, got {self.weighting!r}"),
             (self.sigma_distribution in SIGMA_DISTRIBUTIONS,
              f"method.sigma_distribution must be one of {SIGMA_DISTRIBUTIONS}, got {self.sigma_distribution!r}"),
@@ -72,9 +65,7 @@ class DenoisingConfig:
             (self.sigma_data > 0, f"method.sigma_data must be > 0, got {self.sigma_data}"),
             (0 <= self.label_dropout < 1, f"method.label_dropout must be in [0, 1), got {self.label_dropout}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        raise_first_failure(checks)
         self.sampler = as_sampler_config(self.sampler)
 
 
