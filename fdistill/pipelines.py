@@ -232,6 +232,36 @@ def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int]
     return row.expand(batch_size, 6).clone()
 
 
+@torch.no_grad()
+def text_conditioning(components: SDComponents, captions: list[str], image_size: tuple[int, int],
+                      time_ids: Tensor | None = None) -> dict[str, Any]:
+    """UNet keyword arguments for ``captions`` (``encode_prompts`` + ``unet_conditioning``). SDXL: ``time_ids``
+    [B, 6], by default original size = target size = ``image_size`` (H, W) in pixels and no crop."""
+    prompt_embeds, pooled = encode_prompts(components, list(captions))
+    if pooled is None:
+        return unet_conditioning(prompt_embeds)
+    if time_ids is None:
+        time_ids = sdxl_time_ids(image_size, (0, 0), image_size, len(captions))
+    return unet_conditioning(prompt_embeds, pooled, time_ids.to(pooled.device))
+
+
+@torch.no_grad()
+def encode_latents(vae: nn.Module, images: Tensor, sample: bool = False) -> Tensor:
+    """[B, 3, H, W] images in [-1, 1] -> scaled latents [B, C, H/f, W/f] (float32): the posterior mean, or a draw
+    from it (``sample``), as (z - shift_factor) * scaling_factor (the Diffusers convention)."""
+    posterior = vae.encode(images.to(vae.dtype)).latent_dist
+    latents = posterior.sample() if sample else posterior.mode()
+    shift = vae.config.get("shift_factor") or 0.0
+    return (latents.float() - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Scaled latents [B, C, h, w] -> images [B, 3, h f, w f] in [-1, 1] (float32); inverse of ``encode_latents``."""
+    shift = vae.config.get("shift_factor") or 0.0
+    return vae.decode((latents.float() / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float().clamp(-1, 1)
+
+
 def unet_conditioning(prompt_embeds: Tensor, pooled: Tensor | None = None,
                       time_ids: Tensor | None = None) -> dict[str, Any]:
     """Keyword arguments of ``UNet2DConditionModel.forward`` besides the sample and timestep."""
@@ -245,15 +275,25 @@ def unet_conditioning(prompt_embeds: Tensor, pooled: Tensor | None = None,
 
 # ------------------------------------------------------------------------------------------ pipelines
 
-def build_pipeline(components: SDComponents, unet: nn.Module | None = None):
+def one_step_scheduler(scheduler: Any):
+    """A DDIMScheduler for one-step generators: with ``num_inference_steps=1`` its only timestep is T - 1
+    ("trailing" spacing) and it returns the UNet's x0 prediction at the initial latents (alpha_prev = 1), i.e. the
+    generator G(z) = x0(z, T - 1) with z ~ N(0, I) the pipeline's initial latents."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                     clip_sample=False, thresholding=False)
+
+
+def build_pipeline(components: SDComponents, unet: nn.Module | None = None, scheduler: Any = None):
     """A Diffusers text-to-image pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) from the
-    components, optionally with another UNet (e.g. the tuned one). No safety checker."""
+    components, optionally with another UNet (e.g. the tuned one) or scheduler. No safety checker."""
     import diffusers
 
     cls = getattr(diffusers, PIPELINE_CLASSES[components.kind])
     parts = dict(unet=unet if unet is not None else components.unet, vae=components.vae,
                  text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-                 scheduler=components.scheduler)
+                 scheduler=scheduler if scheduler is not None else components.scheduler)
     if components.kind == "sdxl":
         parts.update(text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2)
     else:

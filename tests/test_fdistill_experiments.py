@@ -74,13 +74,15 @@ def test_distill_defaults_to_the_digits_experiment():
     assert with_default_experiment(["experiment=gmm_fdistill"]) == ["experiment=gmm_fdistill"]
 
 
-@pytest.mark.parametrize("name, lr, gan, cfg", [("sd15_fdistill", 1e-5, 1e-3, 1.75), ("sdxl_fdistill", 5e-7, 5e-3, 8.0)])
-def test_text_to_image_recipes_compose_and_fail_clearly_at_build(name, lr, gan, cfg):
+@pytest.mark.parametrize("name, lr, gan, cfg, resolution", [("sd15_fdistill", 1e-5, 1e-3, 1.75, 512),
+                                                           ("sdxl_fdistill", 5e-7, 5e-3, 8.0, 1024)])
+def test_text_to_image_recipes_carry_the_paper_settings(name, lr, gan, cfg, resolution):
     spec = validate(compose([f"experiment={name}"]))
     c = spec.method_config
     assert (c.divergence, c.lr, c.gan_weight, c.guidance_scale, c.student_update_freq) == ("js", lr, gan, cfg, 10)
     assert spec.train.mixed_precision == "bf16" and spec.cfg.model._target_ == "fdistill.pipelines.load_sd_components"
+    assert (spec.cfg.data.resolution, spec.cfg.data.caption_column) == (resolution, "caption")
     from fdistill.methods.fdistill import build
 
-    with pytest.raises(ValueError, match="text-to-image f-distill"):
+    with pytest.raises(ValueError, match="Stable Diffusion components"):
         build(c, object(), None)

@@ -16,7 +16,6 @@ Examples:
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any

@@ -11,6 +11,7 @@ noise during sampling, per batch: its images depend on the batch size.)
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fdistill.denoisers import ClassifierFreeGuidance
+from fdistill.pipelines import decode_latents
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULES = ("karras", "logsnr", "time_uniform")
@@ -65,16 +67,6 @@ def digits_exact(dtype: torch.dtype, device: str) -> Model:
 
 
 BUILTIN_MODELS: dict[str, Callable[[torch.dtype, str], Model]] = {"digits-exact": digits_exact}
-
-
-def _vae_decoder(vae: nn.Module) -> Callable[[Tensor], Tensor]:
-    """latents -> images in [-1, 1] with the pipeline's AutoencoderKL (latents divided by its scaling factor)."""
-    scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
-
-    @torch.no_grad()
-    def decode(latents: Tensor) -> Tensor:
-        return vae.decode(latents.float() / scale + shift).sample.clamp(-1, 1)
-    return decode
 
 
 def _prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, str]], image_size: int, device: str):
@@ -123,7 +115,7 @@ def load_model(name: str, dtype: torch.dtype, device: str) -> Model:
         root, subfolder = info.components["vae"]
         vae = AutoencoderKL.from_pretrained(root, subfolder=subfolder).to(device).eval()
         image_size *= 2 ** (len(vae.config.block_out_channels) - 1)
-        model.decode = _vae_decoder(vae)
+        model.decode = functools.partial(decode_latents, vae)
     if info.conditioning == "text":
         if "text_encoder" not in info.components:
             raise UsageError(f"--model {name}: a text-conditioned model needs its pipeline's text_encoder/tokenizer")
@@ -183,7 +175,7 @@ def draw(model: Model, denoiser: nn.Module, args: argparse.Namespace, levels: Te
     with torch.no_grad():
         if model.info.kind == "generator":
             sigma = torch.full((count,), model.info.generator_sigma, device=args.device)
-            x = denoiser(model.info.generator_sigma * noise, sigma, cond)
+            x = denoiser(model.info.generator_input_scale * noise, sigma, cond)
         else:
             options = {}
             if args.solver == "dpmpp_2m_sde":

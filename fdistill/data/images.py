@@ -85,19 +85,21 @@ def find_images(root: Path) -> list[Path]:
 
 
 class LazyImageDataset(Dataset):
-    """Items ``{"x": decode(i)[, "label": labels[i]]}`` decoded on access.
+    """Items ``{"x": decode(i)[, "label": labels[i]][, "caption": captions[i]]}`` decoded on access.
 
     Args:
         decode: ``index -> [C, R, R]`` tensor in [-1, 1] (raises BadImageError naming the bad file / row).
         count: number of items.
         labels: [count] long labels, or None.
         skipped_files: names of inputs dropped as unreadable (``skip_bad``); ``skipped`` is their count.
+        captions: [count] text captions, or None.
     """
 
     def __init__(self, decode: Callable[[int], Tensor], count: int, labels: Tensor | None = None,
-                 skipped_files: Sequence[str] = ()):
+                 skipped_files: Sequence[str] = (), captions: Sequence[str] | None = None):
         self.decode, self.count, self.labels = decode, count, labels
         self.skipped_files = list(skipped_files)
+        self.captions = None if captions is None else list(captions)
 
     @property
     def skipped(self) -> int:
@@ -106,10 +108,12 @@ class LazyImageDataset(Dataset):
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        item = {"x": self.decode(index)}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"x": self.decode(index)}
         if self.labels is not None:
             item["label"] = self.labels[index]
+        if self.captions is not None:
+            item["caption"] = self.captions[index]
         return item
 
 
@@ -206,7 +210,7 @@ def hf_labels(table, label_column: str) -> tuple[Tensor, int]:
 
 def hf_images(path: str, split: str = "train", image_column: str = "image", label_column: str | None = None,
               resolution: int = 32, channels: int = 3, name: str | None = None, data_files: Any = None,
-              data_dir: str | None = None, skip_bad: bool = False) -> DataSource:
+              data_dir: str | None = None, skip_bad: bool = False, caption_column: str | None = None) -> DataSource:
     """A Hugging Face dataset of images (``datasets.load_dataset(path, ...)`` or a ``save_to_disk`` directory).
 
     Args:
@@ -215,6 +219,7 @@ def hf_images(path: str, split: str = "train", image_column: str = "image", labe
         split: the split to use.
         image_column: column holding images (Image feature, encoded bytes, file paths or arrays).
         label_column: optional column of integer class labels.
+        caption_column: optional column of text captions (text-to-image data: items get ``"caption"``).
         resolution, channels, skip_bad: as in ``image_folder``; rows are named '<path>[split][row i]' in errors.
         name, data_files, data_dir: passed to ``datasets.load_dataset``.
     """
@@ -237,6 +242,7 @@ def hf_images(path: str, split: str = "train", image_column: str = "image", labe
     labels, num_classes = hf_labels(table, label_column) if label_column else (None, 0)
     if labels is not None:
         labels = labels[rows]
+    captions = hf_captions(table, caption_column, rows) if caption_column else None
     if not rows:
         raise ValueError(f"data.path={path!r} split {split!r} holds no readable images")
 
@@ -248,8 +254,17 @@ def hf_images(path: str, split: str = "train", image_column: str = "image", labe
         except DECODE_ERRORS as error:
             raise BadImageError(f"cannot decode the image of {where(row)}: {error}") from error
 
-    dataset = LazyImageDataset(decode, len(rows), labels, skipped)
+    dataset = LazyImageDataset(decode, len(rows), labels, skipped, captions)
     return DataSource(dataset, (channels, resolution, resolution), num_classes, name=f"hf:{path}:{split}")
+
+
+def hf_captions(table, caption_column: str, rows: list[int]) -> list[str]:
+    """The captions of ``rows`` (a list-valued cell, as in COCO's several captions per image, gives its first)."""
+    if caption_column not in table.column_names:
+        raise ValueError(f"data.caption_column={caption_column!r} is not a column of the dataset {table.column_names}")
+    column = table[caption_column]
+    return [str(value[0] if isinstance(value, (list, tuple)) and value else value or "") for value in
+            (column[row] for row in rows)]
 
 
 def hf_row_readable(value: Any) -> bool:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import append_dims, as_sigma_batch
+from .base import as_sigma_batch
 
 
 class GaussianMixtureDenoiser(nn.Module):

@@ -3,13 +3,15 @@
 fdistill layout (``save_denoiser``)::
 
     dir/fdistill.json      {"format": 1, "wrapper": "edm" | "vp", "model_class", "kind": "denoiser" | "generator",
-                            "generator_sigma", "sample_shape", "num_classes", "conditioning", "sigma_min",
-                            "sigma_max", "feature_block", + "sigma_data" (edm)}
+                            "generator_sigma", "generator_noise_scale", "sample_shape", "num_classes",
+                            "conditioning", "sigma_min", "sigma_max", "feature_block", + "sigma_data" (edm)}
     dir/unet/              the network's ``save_pretrained`` (safetensors + config.json); plain Diffusers loads it
                            with ``<ModelClass>.from_pretrained(dir, subfolder="unet")``
     dir/scheduler/         scheduler_config.json ("vp" wrappers: prediction_type and beta schedule)
+    (optional)             a whole Diffusers pipeline (model_index.json, vae/, text_encoder/, ...): text-to-image
 
-A one-step generator is used as x = D(generator_sigma * z, generator_sigma), z ~ N(0, I).
+A one-step generator is used as x = D(c z, generator_sigma), z ~ N(0, I), c = generator_noise_scale (null: c =
+generator_sigma).
 
 ``load_denoiser`` also reads Diffusers pipeline directories / hub ids (model_index.json with a ``unet`` or
 ``transformer`` and a ``scheduler``) and bare Diffusers model directories (config.json, with scheduler_config.json
@@ -55,8 +57,11 @@ class ModelInfo:
     """What a model directory says about its model.
 
     Attributes:
-        kind: "denoiser" (multi-step sampling) or "generator" (one step: x = D(generator_sigma * z, generator_sigma)).
+        kind: "denoiser" (multi-step sampling) or "generator" (one step: x = D(c * z, generator_sigma)).
         generator_sigma: noise level of a generator's input (None for denoisers).
+        generator_noise_scale: c, the scale of the generator's input noise z ~ N(0, I); None = generator_sigma.
+            Generators distilled from a discrete VP model use sqrt(1 + sigma^2), the "pure noise" input x_t = z of
+            Diffusers pipelines (one-step DDIM at t = T - 1).
         sample_shape: shape of one sample (C, H, W) or (dim,) (latents for latent-diffusion pipelines).
         num_classes: real classes of a class-conditional model (the null class index), else None.
         conditioning: "none", "class" (labels [B]) or "text" (encoder_hidden_states).
@@ -69,6 +74,7 @@ class ModelInfo:
 
     kind: str = "denoiser"
     generator_sigma: float | None = None
+    generator_noise_scale: float | None = None
     sample_shape: tuple[int, ...] = ()
     num_classes: int | None = None
     conditioning: str = "none"
@@ -77,6 +83,11 @@ class ModelInfo:
     wrapper: str = "edm"
     source: str = ""
     components: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def generator_input_scale(self) -> float:
+        """c of a generator's input c * z (``generator_noise_scale``, else ``generator_sigma``)."""
+        return self.generator_noise_scale or self.generator_sigma
 
 
 # ---------------------------------------------------------------------------------------------------- saving
@@ -117,7 +128,8 @@ def _saver_for(denoiser: nn.Module):
                     f"{[c.__name__ for c in SAVERS]} (unwrap guidance / EMA wrappers first)")
 
 
-def model_info_dict(denoiser: nn.Module, kind: str, generator_sigma: float | None) -> dict[str, Any]:
+def model_info_dict(denoiser: nn.Module, kind: str, generator_sigma: float | None,
+                    generator_noise_scale: float | None = None) -> dict[str, Any]:
     """The fdistill.json content for ``denoiser``."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -126,28 +138,35 @@ def model_info_dict(denoiser: nn.Module, kind: str, generator_sigma: float | Non
     fields, _ = _saver_for(denoiser)
     return {"format": FORMAT_VERSION, **fields(denoiser), "model_class": type(denoiser.net).__name__,
             "kind": kind, "generator_sigma": generator_sigma if kind == "generator" else None,
+            "generator_noise_scale": generator_noise_scale if kind == "generator" else None,
             "sample_shape": list(denoiser.sample_shape), "num_classes": denoiser.num_classes,
             "conditioning": denoiser.conditioning, "sigma_min": denoiser.sigma_min,
             "sigma_max": denoiser.sigma_max, "feature_block": denoiser.feature_block}
 
 
 def save_denoiser(denoiser: nn.Module, directory: str | os.PathLike, kind: str = "denoiser",
-                  generator_sigma: float | None = None) -> Path:
+                  generator_sigma: float | None = None, generator_noise_scale: float | None = None,
+                  pipeline: Any = None) -> Path:
     """Write ``denoiser`` (an EDMPrecond / MLPDenoiser or a DiffusersDenoiser) as an fdistill model directory.
 
-    The write is atomic: everything goes to a temporary sibling directory that is renamed into place, so a crash
+    With a Diffusers ``pipeline`` (whose ``unet`` is ``denoiser.net``) the directory is that pipeline's
+    ``save_pretrained`` layout plus fdistill.json: ``Pipeline.from_pretrained(directory)`` loads it, and so do
+    ``load_denoiser`` / ``fdistill sample`` (with its VAE and text encoders). The write is atomic: everything goes to a temporary sibling directory that is renamed into place, so a crash
     never leaves a half-written model, and an existing directory is replaced only once the new one is complete.
     Returns the directory path.
     """
     directory = Path(directory)
-    info = model_info_dict(denoiser, kind, generator_sigma)
+    info = model_info_dict(denoiser, kind, generator_sigma, generator_noise_scale)
     _, write_extra = _saver_for(denoiser)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        denoiser.net.save_pretrained(staging / NETWORK_DIR, safe_serialization=True)
-        if write_extra is not None:
-            write_extra(denoiser, staging)
+        if pipeline is not None:
+            pipeline.save_pretrained(staging, safe_serialization=True)   # unet/ (= denoiser.net), scheduler/, ...
+        else:
+            denoiser.net.save_pretrained(staging / NETWORK_DIR, safe_serialization=True)
+            if write_extra is not None:
+                write_extra(denoiser, staging)
         (staging / FORMAT_FILE).write_text(json.dumps(info, indent=2))
         _replace_directory(staging, directory)
     except BaseException:
@@ -226,7 +245,10 @@ def _load_fdistill(source: _Source, meta: dict, dtype: torch.dtype | None) -> tu
         denoiser = DiffusersDenoiser(net, scheduler, dtype=dtype, feature_block=meta["feature_block"])
     else:
         raise ValueError(f"{source.name}/{FORMAT_FILE}: wrapper {meta['wrapper']!r} not in ['edm', 'vp']")
-    info = ModelInfo(kind=meta["kind"], generator_sigma=meta["generator_sigma"], wrapper=meta["wrapper"])
+    index = source.read_json("model_index.json")
+    info = ModelInfo(kind=meta["kind"], generator_sigma=meta["generator_sigma"],
+                     generator_noise_scale=meta.get("generator_noise_scale"), wrapper=meta["wrapper"],
+                     components=_other_components(source, index, NETWORK_DIR) if index else {})
     return denoiser, info
 
 
@@ -243,10 +265,15 @@ def _load_pipeline(source: _Source, index: dict, dtype: torch.dtype | None) -> t
         raise ValueError(f"{source.name}: model_index.json has none of the components {PIPELINE_MODEL_COMPONENTS}")
     net = source.load_model(index[component][1], component)
     scheduler = _required_json(source, SCHEDULER_DIR, "scheduler_config.json")
-    others = {name: (source.name, source.join(name)) for name, value in index.items()
-              if not name.startswith("_") and name not in (component, SCHEDULER_DIR) and isinstance(value, list)
-              and value[0] is not None}
+    others = _other_components(source, index, component)
     return DiffusersDenoiser(net, scheduler, dtype=dtype), ModelInfo(wrapper="vp", components=others)
+
+
+def _other_components(source: _Source, index: dict, model_component: str) -> dict[str, tuple[str, str]]:
+    """The pipeline parts of model_index.json besides the model and the scheduler: name -> (root, subfolder)."""
+    return {name: (source.name, source.join(name)) for name, value in index.items()
+            if not name.startswith("_") and name not in (model_component, SCHEDULER_DIR) and isinstance(value, list)
+            and value[0] is not None}
 
 
 def _load_bare_model(source: _Source, config: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:

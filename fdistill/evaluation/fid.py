@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .extractors import FeatureExtractor, build_feature_extractor
-from .frechet import FeatureStats, frechet_distance, load_statistics, save_statistics
+from .frechet import frechet_distance, load_statistics, save_statistics
 from .inception import cache_dir, download
 from .metrics import kernel_inception_distance, precision_recall
 from .sources import (Extracted, dataset_batches, extract, folder_batches, generator_batches, list_images,

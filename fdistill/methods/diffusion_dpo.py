@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..losses.dpo import diffusion_dpo_loss, dpo_logits, per_sample_mse, sft_loss
-from ..pipelines import SDComponents, build_pipeline, encode_prompts, unet_conditioning
+from ..pipelines import (SDComponents, build_pipeline, decode_latents, encode_latents, text_conditioning,
+                         unet_conditioning)
 from ..training.config import SamplerConfig
 from .base import OPTIMIZERS, Method, Phase, StepContext
 
@@ -222,22 +223,14 @@ class DiffusionDPO(Method):
                             scheduler=self.scheduler, text_encoder_2=self.frozen["text_encoder_2"]
                             if "text_encoder_2" in self.frozen else None, tokenizer_2=self.tokenizers[1])
 
-    @torch.no_grad()
     def text_conditioning(self, captions: list[str], time_ids: Tensor | None = None) -> dict[str, Any]:
         """UNet keyword arguments for ``captions`` (SDXL: with pooled embeddings and ``time_ids`` [B, 6];
         default time ids: original = target = the training resolution, no crop)."""
-        prompt_embeds, pooled = encode_prompts(self._components(), list(captions))
-        if pooled is not None and time_ids is None:
-            time_ids = sdxl_time_ids_of_batch({"caption": captions}, self.image_size)
-        return unet_conditioning(prompt_embeds, pooled, None if pooled is None else time_ids.to(pooled.device))
+        return text_conditioning(self._components(), captions, self.image_size, time_ids)
 
-    @torch.no_grad()
     def encode_latents(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [-1, 1] -> scaled latents [B, 4, H/f, W/f] (posterior mean, or a draw: vae_sample)."""
-        vae = self.frozen["vae"]
-        posterior = vae.encode(images.to(vae.dtype)).latent_dist
-        latents = posterior.sample() if self.config.vae_sample else posterior.mode()
-        return latents.float() * vae.config.scaling_factor
+        return encode_latents(self.frozen["vae"], images, self.config.vae_sample)
 
     def encode_batch(self, item: dict[str, Any]) -> dict[str, Any]:
         """Latents of winner / loser and the UNet conditioning of a batch (raw images or a cached batch)."""
@@ -315,8 +308,7 @@ class DiffusionDPO(Method):
             shape = (len(prompts), unet.config.in_channels, self.image_size[0] // factor, self.image_size[1] // factor)
             noise = torch.randn(shape, generator=generator).to(device) * schedule[0]
             latents = samplers.sample(denoiser, noise, schedule, solver=s.solver, cond=self.text_conditioning(prompts))
-        vae = self.frozen["vae"]
-        return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float().clamp(-1, 1)
+        return decode_latents(self.frozen["vae"], latents)
 
     def generate(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
         """``num`` images for the prompts ``cond`` (list of str) or, by default, the configured prompts in turn."""

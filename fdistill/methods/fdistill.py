@@ -10,6 +10,9 @@ Networks:
 - ``networks.discriminator``: a head on ``features(x_t, sigma)`` of the teacher or the fake score (config choice);
   when that network has no ``features`` (analytic teachers) the head gets its own small feature net on (x, sigma).
 
+Stable Diffusion teachers (text-to-image in VAE latent space, prompts as condition, one-step Diffusers pipeline
+export) are the subclass in ``fdistill.methods.fdistill_text``; ``build`` picks it for SDComponents.
+
 Phases: 'student' every ``student_update_freq``-th step, 'critic' (fake score + discriminator) otherwise.
 Per-sample weights h(r) of the student phase are computed for all micro-batches in ``prepare_step`` (no grad),
 with the same noise that ``loss`` reuses, and normalised with global-batch statistics (all processes, all
@@ -108,6 +111,9 @@ class FDistillConfig:
         head_width: width of the discriminator head and of its own feature net (>= 1).
         network: for analytic teachers, how to build student and fake score: ``{"_target_": "module.function",
             **kwargs}`` (a callable returning a denoiser network). Ignored when the teacher is a network.
+        prompts: text-to-image only: prompts of the sample grids (null = the data's prompts / captions).
+        gradient_checkpointing: text-to-image only: recompute the student's and fake score's UNet activations in
+            backward (less memory, slower).
     """
 
     divergence: str = "js"
@@ -138,6 +144,8 @@ class FDistillConfig:
     features: str = "teacher"
     head_width: int = 64
     network: dict[str, Any] | None = field(default=None)
+    prompts: list[str] | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         require(self.divergence in DIVERGENCES,
@@ -255,10 +263,12 @@ class FDistill(Method):
         self.sample_shape = tuple(sample_shape)
         self.num_classes = int(num_classes)
         self.generator_sigma = float(config.generator_sigma or config.sigma_max)
+        self.generator_noise_scale = self.generator_sigma
         self.frozen["teacher"] = teacher.requires_grad_(False).eval()
         self.networks["student"] = student.requires_grad_(True)
         self.networks["fake_score"] = fake_score.requires_grad_(True)
-        self.networks["discriminator"] = self._build_discriminator()
+        if self.uses_discriminator:
+            self.networks["discriminator"] = self._build_discriminator()
         self.register_buffer("ratio_bin_means", torch.ones(config.num_ratio_bins))
         self.register_buffer("ratio_bins_seen", torch.zeros(config.num_ratio_bins, dtype=torch.bool))
 
@@ -288,8 +298,8 @@ class FDistill(Method):
         c = self.config
         common = dict(weight_decay=c.weight_decay, betas=c.betas, optimizer="adamw")
         return [Phase("student", ("student",), c.lr, max_grad_norm=c.student_grad_clip, **common),
-                Phase("critic", ("fake_score", "discriminator"), c.critic_lr or c.lr, max_grad_norm=c.critic_grad_clip,
-                      **common)]
+                Phase("critic", ("fake_score", "discriminator") if self.uses_discriminator else ("fake_score",),
+                      c.critic_lr or c.lr, max_grad_norm=c.critic_grad_clip, **common)]
 
     def phase_at(self, step: int) -> str:
         """'student' at steps n-1, 2n-1, ... (the critic warms up first), 'critic' otherwise."""
@@ -301,6 +311,12 @@ class FDistill(Method):
     @property
     def needs_ratio(self) -> bool:
         return self.config.divergence != "rkl"
+
+    @property
+    def uses_discriminator(self) -> bool:
+        """A discriminator is built and trained when the divergence needs the density ratio or the student loss has
+        a GAN term; rkl with gan_weight 0 is plain distribution matching (DMD) and needs no real samples."""
+        return self.needs_ratio or self.config.gan_weight > 0
 
     def sample_sigma(self, u: Tensor) -> Tensor:
         """Noise levels [B] from quantiles u [B] in [0, 1) of the configured sigma distribution."""
@@ -318,14 +334,27 @@ class FDistill(Method):
         return items
 
     def _draw(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        x_real = batch["x"].to(device)
-        n = x_real.shape[0]
+        """The random draws of one micro-batch: generator input z, noise levels (quantiles u) and noise of the
+        student's samples and, when the batch has real samples, of the real ones."""
+        n = len(next(iter(batch.values())))
         u, u_real = torch.rand(n, device=device), torch.rand(n, device=device)
+        z = torch.randn(n, *self.sample_shape, device=device)
+        eps = torch.randn(n, *self.sample_shape, device=device)
+        x_real = self.real_samples(batch, device)
+        item = {"x_real": x_real, "cond": self.condition_of(batch, device), "z": z, "u": u,
+                "sigma": self.sample_sigma(u), "eps": eps}
+        if x_real is not None:
+            item.update(sigma_real=self.sample_sigma(u_real), eps_real=torch.randn_like(x_real))
+        return item
+
+    def real_samples(self, batch: dict[str, Any], device: torch.device) -> Tensor | None:
+        """The discriminator's real samples [B, *sample_shape] of a batch (its ``"x"``), None when it has none."""
+        return batch["x"].to(device) if "x" in batch else None
+
+    def condition_of(self, batch: dict[str, Any], device: torch.device) -> Any:
+        """The condition of a batch: its class labels [B] when the data is labelled, else None."""
         label = batch.get("label") if self.num_classes else None
-        return {"x_real": x_real, "cond": None if label is None else label.to(device),
-                "z": torch.randn(n, *self.sample_shape, device=device),
-                "u": u, "sigma": self.sample_sigma(u), "eps": torch.randn_like(x_real),
-                "sigma_real": self.sample_sigma(u_real), "eps_real": torch.randn_like(x_real)}
+        return None if label is None else label.to(device)
 
     def _student_logit(self, item: dict[str, Any]) -> Tensor:
         x = self.student_sample(item["z"], item["cond"])
@@ -381,9 +410,10 @@ class FDistill(Method):
 
     # -- networks as functions
     def student_sample(self, z: Tensor, cond: Any = None) -> Tensor:
-        """One-step generation x = D_student(sigma_g z, sigma_g, cond); z [B, *shape] standard normal."""
+        """One-step generation x = D_student(c z, sigma_g, cond); z [B, *shape] standard normal, c =
+        ``generator_noise_scale`` (sigma_g; sqrt(1 + sigma_g^2) for text-to-image, see fdistill_text)."""
         sigma = torch.full((z.shape[0],), self.generator_sigma, device=z.device)
-        return self.networks["student"](self.generator_sigma * z, sigma, cond)
+        return self.networks["student"](self.generator_noise_scale * z, sigma, cond)
 
     def guided_teacher(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         """Teacher x0 with classifier-free guidance x0 + (w - 1)(x0 - x0_uncond); the null condition is the
@@ -417,7 +447,8 @@ class FDistill(Method):
         """Save the student as a one-step generator (``fdistill sample --steps 1`` and Diffusers load it)."""
         from ..denoisers.io import save_denoiser
 
-        save_denoiser(self.networks["student"], directory, kind="generator", generator_sigma=self.generator_sigma)
+        save_denoiser(self.networks["student"], directory, kind="generator", generator_sigma=self.generator_sigma,
+                      generator_noise_scale=self.generator_noise_scale)
 
 
 def _times(sigma: Tensor, eps: Tensor) -> Tensor:
@@ -460,13 +491,16 @@ def student_phase_loss(method: FDistill, item: dict[str, Any]) -> tuple[Tensor, 
 
 
 def critic_phase_loss(method: FDistill, item: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-    """Fake-score denoising loss on detached student samples + discriminator loss (real data positive)."""
+    """Fake-score denoising loss on detached student samples + discriminator loss (real data positive; only when
+    the method uses a discriminator)."""
     config, sigma, cond = method.config, item["sigma"], item["cond"]
     with torch.no_grad():
         x = method.student_sample(item["z"], cond).float()
     x_t = x + _times(sigma, item["eps"])
     lam = FAKE_SCORE_WEIGHTINGS[config.fake_score_weighting](sigma, config.sigma_data)
     denoising = fake_score_loss(method.networks["fake_score"](x_t, sigma, cond), x, lam).mean()
+    if not method.uses_discriminator:
+        return denoising, {"critic/fake_score": float(denoising.detach())}
     real_t = item["x_real"] + _times(item["sigma_real"], item["eps_real"])
     real_logit = method.discriminator_logit(real_t, item["sigma_real"], cond)
     fake_logit = method.discriminator_logit(x_t, sigma, cond)
@@ -512,16 +546,22 @@ def teacher_from(model: Any, data: Any) -> nn.Module:
 
 
 def build(config: FDistillConfig, model: Any, data: Any) -> FDistill:
-    """The f-distill method for a teacher ``model`` (a denoiser; None = the data's exact denoiser) and ``data``."""
+    """The f-distill method for a teacher ``model`` (a denoiser; None = the data's exact denoiser; Stable Diffusion
+    components: text-to-image, ``fdistill.methods.fdistill_text``) and ``data``."""
     if not isinstance(config, FDistillConfig):
         config = FDistillConfig(**dict(config))
     check_divergence(config.divergence)
     if isinstance(model, tuple):          # fdistill.denoisers.load_denoiser returns (denoiser, info)
         model = model[0]
+    from ..pipelines import SDComponents
+
+    if isinstance(model, SDComponents):   # Stable Diffusion: text-to-image in latent space
+        from .fdistill_text import build_text_to_image
+
+        return build_text_to_image(config, model, data)
     if model is not None and not isinstance(model, nn.Module):
-        raise ValueError(f"fdistill needs a denoiser teacher (nn.Module), got {type(model).__name__}: text-to-image "
-                         "f-distill of Stable Diffusion components (prompt encoding, VAE latents, pipeline export) is "
-                         "not implemented yet; the sd15_fdistill / sdxl_fdistill experiments only compose")
+        raise ValueError(f"fdistill needs a teacher denoiser (nn.Module) or Stable Diffusion components "
+                         f"(fdistill.pipelines.SDComponents, model=sd15|sdxl|tiny_sd), got {type(model).__name__}")
     teacher = teacher_from(model, data)
     if _is_network(teacher):
         student, fake_score = copy.deepcopy(teacher), copy.deepcopy(teacher)

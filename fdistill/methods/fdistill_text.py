@@ -1,0 +1,147 @@
+"""f-distill of Stable Diffusion 1.5 / SDXL into a one-step text-to-image generator (Xu, Nie & Vahdat 2025, the
+text-to-image experiments; DMD2 (Yin et al. 2024) with ``divergence=rkl``).
+
+Everything of ``fdistill.methods.fdistill.FDistill`` carries over; this subclass works in the VAE's latent space and
+conditions on prompts:
+- teacher: the pipeline's UNet as a ``DiffusersDenoiser`` (in ``model.torch_dtype`` when one is set), with the
+  encoded empty prompt as its null condition: classifier-free guidance (``method.guidance_scale``) on the teacher
+  only; student and fake score are float32 copies of the UNet and see the conditional pass.
+- condition of a batch: the UNet conditioning of its ``"caption"`` list (SDXL: pooled embeddings and time ids with
+  original size = target size = the model's resolution).
+- real samples of the discriminator: VAE latents (posterior mean) of the batch's ``"x"`` images. Prompt-only data
+  has none: then only distribution matching without a discriminator runs (``divergence=rkl``, ``gan_weight=0``).
+- generator: x = D_student(sqrt(1 + sigma_g^2) z, sigma_g) with sigma_g the teacher's largest sigma (t = T - 1) by
+  default. In the UNet's VP units its input is x_T = z, the pure noise Diffusers pipelines start from, so the
+  exported pipeline (one DDIM step at t = T - 1, ``fdistill.pipelines.one_step_scheduler``) generates the same
+  latents from the same noise.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoisers import DiffusersDenoiser
+from ..denoisers.io import save_denoiser
+from ..pipelines import (SDComponents, build_pipeline, decode_latents, encode_latents, one_step_scheduler,
+                         text_conditioning)
+from .fdistill import FDistill, FDistillConfig
+
+
+class TextToImageFDistill(FDistill):
+    """f-distill of a Stable Diffusion UNet (see the module docstring). Built by ``build_text_to_image``.
+
+    Args:
+        config: FDistillConfig.
+        components: the Stable Diffusion parts (their VAE and text encoders become frozen members).
+        teacher, student, fake_score: DiffusersDenoiser wrappers of the teacher UNet and its two trained copies.
+        image_size: (H, W) in pixels of the generated images.
+        prompts: prompts of ``generate`` when no condition is given (cycled).
+    """
+
+    def __init__(self, config: FDistillConfig, components: SDComponents, teacher: DiffusersDenoiser,
+                 student: DiffusersDenoiser, fake_score: DiffusersDenoiser, image_size: tuple[int, int],
+                 prompts: list[str]):
+        super().__init__(config, teacher, student, fake_score, tuple(teacher.sample_shape), num_classes=0)
+        self.generator_sigma = float(config.generator_sigma or teacher.sigma_max)
+        self.generator_noise_scale = math.sqrt(1.0 + self.generator_sigma ** 2)
+        self.image_size = tuple(image_size)
+        self.prompts = list(prompts)
+        self.kind = components.kind
+        self.tokenizers = (components.tokenizer, components.tokenizer_2)
+        self.scheduler = components.scheduler
+        for name, module in {"vae": components.vae, **components.text_encoders()}.items():
+            self.frozen[name] = module.requires_grad_(False).eval()
+
+    def components(self) -> SDComponents:
+        """The Stable Diffusion parts with the student's UNet."""
+        return SDComponents(unet=self.networks["student"].net, vae=self.frozen["vae"],
+                            text_encoder=self.frozen["text_encoder"], tokenizer=self.tokenizers[0],
+                            scheduler=self.scheduler, text_encoder_2=self.frozen["text_encoder_2"]
+                            if "text_encoder_2" in self.frozen else None, tokenizer_2=self.tokenizers[1])
+
+    def condition_of(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """UNet conditioning of the batch's captions."""
+        return text_conditioning(self.components(), batch["caption"], self.image_size)
+
+    def real_samples(self, batch: dict[str, Any], device: torch.device) -> Tensor | None:
+        """Latents [B, C, h, w] of the batch's images (posterior mean), None for prompt-only batches."""
+        return encode_latents(self.frozen["vae"], batch["x"].to(device)) if "x" in batch else None
+
+    @torch.no_grad()
+    def generate(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
+        """``num`` one-step images [num, 3, H, W] in [-1, 1] for the prompts ``cond`` (list of str), by default
+        the configured prompts in turn."""
+        prompts = list(cond) if cond is not None else [self.prompts[i % len(self.prompts)] for i in range(num)]
+        device = self._device()
+        z = torch.randn(num, *self.sample_shape, generator=generator,
+                        device=generator.device if generator is not None else device).to(device)
+        latents = self.student_sample(z, text_conditioning(self.components(), prompts[:num], self.image_size))
+        return decode_latents(self.frozen["vae"], latents)
+
+    def export(self, directory: str) -> None:
+        """Save the student as a Diffusers pipeline with a one-step scheduler plus fdistill.json (kind generator):
+        ``StableDiffusionPipeline.from_pretrained(directory)(prompt, num_inference_steps=1, guidance_scale=1.0)``
+        (SDXL: ``StableDiffusionXLPipeline``) and ``fdistill sample --model directory --prompt ...`` both generate
+        in one step. Guidance is distilled into the student: sample it without CFG."""
+        pipeline = build_pipeline(self.components(), scheduler=one_step_scheduler(self.scheduler))
+        save_denoiser(self.networks["student"], directory, kind="generator", generator_sigma=self.generator_sigma,
+                      generator_noise_scale=self.generator_noise_scale, pipeline=pipeline)
+
+
+def model_image_size(components: SDComponents) -> tuple[int, int]:
+    """(H, W) in pixels of the images the UNet's latents decode to."""
+    side = int(components.unet.config.sample_size) * components.vae_scale_factor
+    return side, side
+
+
+def check_text_to_image_data(config: FDistillConfig, data: Any, image_size: tuple[int, int]) -> None:
+    """Captioned data whose images (if any) have the model's resolution; prompt-only data only without a
+    discriminator. Raises ValueError naming the setting to change."""
+    if data is None or not hasattr(data, "dataset"):
+        raise ValueError("text-to-image f-distill needs a data source with captions: data=captioned_shapes, "
+                         "data=prompt_file, or data=hf_images with data.caption_column")
+    shape = tuple(getattr(data, "sample_shape", ()) or ())
+    if not shape:
+        if config.divergence != "rkl" or config.gan_weight > 0:
+            raise ValueError(f"data {data.name!r} has prompts but no images: method.divergence={config.divergence} / "
+                             f"method.gan_weight={config.gan_weight} need real images for the discriminator. Use "
+                             "captioned images (data=hf_images with data.caption_column, data=captioned_shapes), or "
+                             "method.divergence=rkl method.gan_weight=0 (distribution matching only)")
+        return
+    if tuple(shape[-2:]) != tuple(image_size) or shape[0] != 3:
+        raise ValueError(f"data {data.name!r} gives images of shape {list(shape)} but the model generates "
+                         f"[3, {image_size[0]}, {image_size[1]}]: set data.resolution={image_size[0]}")
+
+
+def default_prompts(config: FDistillConfig, data: Any) -> list[str]:
+    """Sample-grid prompts: ``method.prompts``, else the data's ``extras["prompts"]``, else its first captions."""
+    if config.prompts:
+        return list(config.prompts)
+    extras = getattr(data, "extras", None) or {}
+    if extras.get("prompts"):
+        return list(extras["prompts"])
+    captions = getattr(getattr(data, "dataset", None), "captions", None) or []
+    return list(dict.fromkeys(captions))[:16] or ["a photo"]
+
+
+def build_text_to_image(config: FDistillConfig, components: SDComponents, data: Any) -> TextToImageFDistill:
+    """The method for Stable Diffusion ``components`` (``fdistill.pipelines``) and captioned / prompt data."""
+    image_size = model_image_size(components)
+    check_text_to_image_data(config, data, image_size)
+    null_cond = text_conditioning(components, [""], image_size)
+    unet = components.unet
+    student_net, fake_net = copy.deepcopy(unet).float(), copy.deepcopy(unet).float()
+    if config.gradient_checkpointing:
+        for net in (student_net, fake_net):
+            net.enable_gradient_checkpointing()
+    frozen_dtype = components.vae.dtype
+    teacher = DiffusersDenoiser(unet, components.scheduler, null_cond=null_cond,
+                                dtype=None if frozen_dtype == torch.float32 else frozen_dtype)
+    student, fake_score = (DiffusersDenoiser(net, components.scheduler, null_cond=null_cond)
+                           for net in (student_net, fake_net))
+    return TextToImageFDistill(config, components, teacher, student, fake_score, image_size,
+                               default_prompts(config, data))
