@@ -285,6 +285,16 @@ def one_step_scheduler(scheduler: Any):
                                      clip_sample=False, thresholding=False)
 
 
+def few_step_scheduler(scheduler: Any):
+    """An LCMScheduler for few-step generators: at each timestep passed to the pipeline (``pipe(...,
+    timesteps=[t_1, ..., t_K])``) it takes the UNet's x0 prediction and re-noises it to the next timestep with fresh
+    noise, the chain x_{k+1} = G(x_k) + noise of ``fdistill.samplers.generator_sample`` (its boundary-condition skip
+    term c_skip = 0.25 / ((10 t)^2 + 0.25) is below 1e-5 for t >= 20)."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(scheduler.config)
+
+
 def build_pipeline(components: SDComponents, unet: nn.Module | None = None, scheduler: Any = None):
     """A Diffusers text-to-image pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) from the
     components, optionally with another UNet (e.g. the tuned one) or scheduler. No safety checker."""

@@ -97,7 +97,7 @@ def test_bad_input_exits_2_naming_the_problem(args, message, tmp_path, capsys):
 def test_model_specific_option_errors(model_dir, tmp_path, capsys):
     save_denoiser(tiny_unet(), tmp_path / "gen", kind="generator", generator_sigma=2.0)
     assert sample("--model", str(tmp_path / "gen"), "--steps", "4", "--out", str(tmp_path / "o")) == 2
-    assert "one-step generator; allowed: --steps 1" in capsys.readouterr().err
+    assert "1-step generator; allowed: --steps 1" in capsys.readouterr().err
     save_denoiser(tiny_unet(), tmp_path / "uncond")
     assert sample("--model", str(tmp_path / "uncond"), "--guidance", "2", "--out", str(tmp_path / "o")) == 2
     assert "--guidance needs a conditional model" in capsys.readouterr().err

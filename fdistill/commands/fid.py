@@ -6,7 +6,7 @@
     fdistill fid --gen digits_samples/ --ref digits --features digits       # built-in, no download
 
 ``--gen``: image folder, npz of images, or a model directory / hub id (``fdistill.denoisers.load_denoiser``; one-step
-generators draw x = D(generator_sigma z, generator_sigma); denoisers are sampled with ``fdistill.samplers``;
+generators run their one- or few-step chain (``fdistill.samplers.generator_sample``); denoisers are sampled with ``fdistill.samplers``;
 class-conditional models get exactly balanced labels). ``--ref``: folder, npz of images or of statistics (mu,
 sigma), clean-fid name ``name/split/res``, or ``digits``. Prints the metrics and writes them as JSON with ``--out``.
 """
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device: str):
     """``generate_fn(num, generator, cond=None) -> [-1, 1] images`` sampling a model directory / hub id."""
     from fdistill.denoisers import load_denoiser
-    from fdistill.samplers import sample, sigmas
+    from fdistill.samplers import generator_sample, sample, sigmas
 
     denoiser, info = load_denoiser(path, device=device)
     if info.conditioning == "text" or info.components.get("vae"):
@@ -68,8 +68,9 @@ def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device:
         z = torch.randn((num, *info.sample_shape), generator=generator).to(device)
         cond = None if cond is None else cond.to(device)
         if info.kind == "generator":
-            sigma = torch.full((num,), float(info.generator_sigma), device=device)
-            return denoiser(info.generator_sigma * z, sigma, cond).clamp(-1, 1)
+            chain = info.generator_chain
+            renoise = torch.randn((len(chain) - 1, num, *info.sample_shape), generator=generator).to(device)
+            return generator_sample(denoiser, z, chain, info.generator_input_scale, renoise, cond).clamp(-1, 1)
         return sample(denoiser, float(noise_levels[0]) * z, noise_levels, solver=solver, cond=cond).clamp(-1, 1)
 
     return generate, info

@@ -126,12 +126,14 @@ def load_model(name: str, dtype: torch.dtype, device: str) -> Model:
 # ------------------------------------------------------------------------------------------------ sampling
 
 
-def image_noise(seed: int, start: int, count: int, shape: tuple[int, ...]) -> Tensor:
+def image_noise(seed: int, start: int, count: int, shape: tuple[int, ...], stream: int = 0) -> Tensor:
     """Standard normal noise [count, *shape] (float32, CPU) for images start .. start + count - 1; image i uses a
-    generator seeded by (seed, i) alone, so a batch's noise does not depend on how images are batched."""
+    generator seeded by (seed, i) alone (and ``stream`` > 0: the re-noising of a few-step generator's step), so a
+    batch's noise does not depend on how images are batched."""
     noise = torch.empty(count, *shape)
     for offset in range(count):
-        state = np.random.SeedSequence([seed, start + offset]).generate_state(2, dtype=np.uint32)
+        entropy = [seed, start + offset] + ([stream] if stream else [])
+        state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
         generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
         noise[offset] = torch.randn(shape, generator=generator)
     return noise
@@ -168,14 +170,16 @@ def noise_levels(model: Model, args: argparse.Namespace) -> Tensor:
 def draw(model: Model, denoiser: nn.Module, args: argparse.Namespace, levels: Tensor, start: int,
          count: int) -> Tensor:
     """Images start .. start + count - 1 in data space (decoded), [count, *shape] on the CPU."""
-    from fdistill.samplers import sample
+    from fdistill.samplers import generator_sample, sample
 
     cond = batch_condition(model, args, start, count)
     noise = image_noise(args.seed, start, count, tuple(model.info.sample_shape)).to(args.device)
     with torch.no_grad():
         if model.info.kind == "generator":
-            sigma = torch.full((count,), model.info.generator_sigma, device=args.device)
-            x = denoiser(model.info.generator_input_scale * noise, sigma, cond)
+            chain = model.info.generator_chain
+            renoise = torch.stack([image_noise(args.seed, start, count, tuple(model.info.sample_shape), stream=k)
+                                   for k in range(1, len(chain))]).to(args.device) if len(chain) > 1 else None
+            x = generator_sample(denoiser, noise, chain, model.info.generator_input_scale, renoise, cond)
         else:
             options = {}
             if args.solver == "dpmpp_2m_sde":
@@ -238,9 +242,10 @@ def check_arguments(model: Model, args: argparse.Namespace) -> None:
     """Reject options that do not fit the model, naming the option and what is allowed."""
     info = model.info
     if args.steps is None:
-        args.steps = 1 if info.kind == "generator" else 20
-    if info.kind == "generator" and args.steps != 1:
-        raise UsageError(f"--steps {args.steps}: {args.model} is a one-step generator; allowed: --steps 1")
+        args.steps = len(info.generator_chain) if info.kind == "generator" else 20
+    if info.kind == "generator" and args.steps != len(info.generator_chain):
+        raise UsageError(f"--steps {args.steps}: {args.model} is a {len(info.generator_chain)}-step generator; "
+                         f"allowed: --steps {len(info.generator_chain)}")
     if args.class_label is not None and info.conditioning != "class":
         raise UsageError(f"--class: {args.model} is not class-conditional (conditioning: {info.conditioning})")
     if args.class_label is not None and not 0 <= args.class_label < info.num_classes:

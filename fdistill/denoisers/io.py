@@ -3,7 +3,7 @@
 fdistill layout (``save_denoiser``)::
 
     dir/fdistill.json      {"format": 1, "wrapper": "edm" | "vp", "model_class", "kind": "denoiser" | "generator",
-                            "generator_sigma", "generator_noise_scale", "sample_shape", "num_classes",
+                            "generator_sigma", "generator_sigmas", "generator_noise_scale", "sample_shape", "num_classes",
                             "conditioning", "sigma_min", "sigma_max", "feature_block", + "sigma_data" (edm)}
     dir/unet/              the network's ``save_pretrained`` (safetensors + config.json); plain Diffusers loads it
                            with ``<ModelClass>.from_pretrained(dir, subfolder="unet")``
@@ -11,7 +11,8 @@ fdistill layout (``save_denoiser``)::
     (optional)             a whole Diffusers pipeline (model_index.json, vae/, text_encoder/, ...): text-to-image
 
 A one-step generator is used as x = D(c z, generator_sigma), z ~ N(0, I), c = generator_noise_scale (null: c =
-generator_sigma).
+generator_sigma); a few-step one re-noises to each of its "generator_sigmas" in turn
+(``fdistill.samplers.generator_sample``).
 
 ``load_denoiser`` also reads Diffusers pipeline directories / hub ids (model_index.json with a ``unet`` or
 ``transformer`` and a ``scheduler``) and bare Diffusers model directories (config.json, with scheduler_config.json
@@ -59,6 +60,8 @@ class ModelInfo:
     Attributes:
         kind: "denoiser" (multi-step sampling) or "generator" (one step: x = D(c * z, generator_sigma)).
         generator_sigma: noise level of a generator's input (None for denoisers).
+        generator_sigmas: a few-step generator's noise levels sigma_1 > ... > sigma_K (sigma_1 = generator_sigma):
+            x_1 = c z, x_{k+1} = D(x_k, sigma_k) + sigma_{k+1} eps_k, output D(x_K, sigma_K); None = one step.
         generator_noise_scale: c, the scale of the generator's input noise z ~ N(0, I); None = generator_sigma.
             Generators distilled from a discrete VP model use sqrt(1 + sigma^2), the "pure noise" input x_t = z of
             Diffusers pipelines (one-step DDIM at t = T - 1).
@@ -74,6 +77,7 @@ class ModelInfo:
 
     kind: str = "denoiser"
     generator_sigma: float | None = None
+    generator_sigmas: tuple[float, ...] | None = None
     generator_noise_scale: float | None = None
     sample_shape: tuple[int, ...] = ()
     num_classes: int | None = None
@@ -88,6 +92,11 @@ class ModelInfo:
     def generator_input_scale(self) -> float:
         """c of a generator's input c * z (``generator_noise_scale``, else ``generator_sigma``)."""
         return self.generator_noise_scale or self.generator_sigma
+
+    @property
+    def generator_chain(self) -> tuple[float, ...]:
+        """A generator's noise levels, one per step (``generator_sigmas``, else (generator_sigma,))."""
+        return tuple(self.generator_sigmas or (self.generator_sigma,))
 
 
 # ---------------------------------------------------------------------------------------------------- saving
@@ -129,8 +138,11 @@ def _saver_for(denoiser: nn.Module):
 
 
 def model_info_dict(denoiser: nn.Module, kind: str, generator_sigma: float | None,
-                    generator_noise_scale: float | None = None) -> dict[str, Any]:
-    """The fdistill.json content for ``denoiser``."""
+                    generator_noise_scale: float | None = None,
+                    generator_sigmas: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """The fdistill.json content for ``denoiser`` (``generator_sigmas`` given: generator_sigma is its first)."""
+    if generator_sigmas:
+        generator_sigma = generator_sigmas[0]
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "generator" and not (generator_sigma and generator_sigma > 0):
@@ -139,6 +151,7 @@ def model_info_dict(denoiser: nn.Module, kind: str, generator_sigma: float | Non
     return {"format": FORMAT_VERSION, **fields(denoiser), "model_class": type(denoiser.net).__name__,
             "kind": kind, "generator_sigma": generator_sigma if kind == "generator" else None,
             "generator_noise_scale": generator_noise_scale if kind == "generator" else None,
+            "generator_sigmas": list(generator_sigmas or [generator_sigma]) if kind == "generator" else None,
             "sample_shape": list(denoiser.sample_shape), "num_classes": denoiser.num_classes,
             "conditioning": denoiser.conditioning, "sigma_min": denoiser.sigma_min,
             "sigma_max": denoiser.sigma_max, "feature_block": denoiser.feature_block}
@@ -146,17 +159,20 @@ def model_info_dict(denoiser: nn.Module, kind: str, generator_sigma: float | Non
 
 def save_denoiser(denoiser: nn.Module, directory: str | os.PathLike, kind: str = "denoiser",
                   generator_sigma: float | None = None, generator_noise_scale: float | None = None,
-                  pipeline: Any = None) -> Path:
+                  pipeline: Any = None, generator_sigmas: tuple[float, ...] | None = None,
+                  extra_info: dict[str, Any] | None = None) -> Path:
     """Write ``denoiser`` (an EDMPrecond / MLPDenoiser or a DiffusersDenoiser) as an fdistill model directory.
 
     With a Diffusers ``pipeline`` (whose ``unet`` is ``denoiser.net``) the directory is that pipeline's
     ``save_pretrained`` layout plus fdistill.json: ``Pipeline.from_pretrained(directory)`` loads it, and so do
-    ``load_denoiser`` / ``fdistill sample`` (with its VAE and text encoders). The write is atomic: everything goes to a temporary sibling directory that is renamed into place, so a crash
+    ``load_denoiser`` / ``fdistill sample`` (with its VAE and text encoders). ``extra_info`` adds fields to
+    fdistill.json (e.g. how to call the pipeline). The write is atomic: everything goes to a temporary sibling directory that is renamed into place, so a crash
     never leaves a half-written model, and an existing directory is replaced only once the new one is complete.
     Returns the directory path.
     """
     directory = Path(directory)
-    info = model_info_dict(denoiser, kind, generator_sigma, generator_noise_scale)
+    info = {**model_info_dict(denoiser, kind, generator_sigma, generator_noise_scale, generator_sigmas),
+            **(extra_info or {})}
     _, write_extra = _saver_for(denoiser)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -248,6 +264,7 @@ def _load_fdistill(source: _Source, meta: dict, dtype: torch.dtype | None) -> tu
     index = source.read_json("model_index.json")
     info = ModelInfo(kind=meta["kind"], generator_sigma=meta["generator_sigma"],
                      generator_noise_scale=meta.get("generator_noise_scale"), wrapper=meta["wrapper"],
+                     generator_sigmas=tuple(meta["generator_sigmas"]) if meta.get("generator_sigmas") else None,
                      components=_other_components(source, index, NETWORK_DIR) if index else {})
     return denoiser, info
 

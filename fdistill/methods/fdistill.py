@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..denoisers import ClassifierFreeGuidance, EmpiricalDenoiser
 from ..denoisers.base import append_dims
+from ..samplers.sampling import generator_inputs, generator_sample
 from ..losses.fdistill import (DIVERGENCES, binned_sums, check_divergence, density_ratio, discriminator_loss,
                                f_divergence_weight, fake_score_loss, fdistill_generator_loss, generator_gan_loss,
                                noise_level_bins)
@@ -95,6 +96,10 @@ class FDistillConfig:
         guidance_scale: classifier-free guidance of the teacher only (>= 1; 1 = off).
         generator_sigma: sigma_g, the noise level the one-step student is fed (> 0): x = D(sigma_g z, sigma_g);
             null = sigma_max.
+        generator_sigmas: a few-step student instead: its chain's decreasing noise levels [sigma_1, ..., sigma_K]
+            (x_1 = sigma_1 z, x_{k+1} = G(x_k, sigma_k) + sigma_{k+1} eps; DMD2 Sec. 4.5). Each training sample
+            is the output of a uniformly drawn step whose earlier steps run without gradient (backward
+            simulation). null = one step at generator_sigma.
         sigma_distribution: distribution of the noise levels of the distribution-matching, fake-score and
             discriminator terms: 'karras' (uniform on the EDM schedule), 'lognormal', 'loguniform'.
         sigma_min, sigma_max: its range (0 < sigma_min < sigma_max).
@@ -127,6 +132,7 @@ class FDistillConfig:
     gan_weight: float = 1e-3
     guidance_scale: float = 1.0
     generator_sigma: float | None = None
+    generator_sigmas: list[float] | None = None
     sigma_distribution: str = "karras"
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -159,6 +165,12 @@ class FDistillConfig:
         self.betas = tuple(self.betas)
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                  f"method.betas must be two numbers in [0, 1), got {self.betas}")
+        sigmas = self.generator_sigmas
+        require(sigmas is None or (len(sigmas) >= 1 and all(s > 0 for s in sigmas)
+                                   and all(a > b for a, b in zip(sigmas, sigmas[1:]))),
+                f"method.generator_sigmas must be null or a strictly decreasing list of positive sigmas, got {sigmas}")
+        require(sigmas is None or self.generator_sigma is None,
+                "set either method.generator_sigmas (few-step) or method.generator_sigma (one step), not both")
         require(self.student_update_freq >= 2, f"method.student_update_freq must be >= 2, got {self.student_update_freq}")
         require(self.gan_weight >= 0, f"method.gan_weight must be >= 0, got {self.gan_weight}")
         require(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1, got {self.guidance_scale}")
@@ -262,8 +274,7 @@ class FDistill(Method):
         self.config = config
         self.sample_shape = tuple(sample_shape)
         self.num_classes = int(num_classes)
-        self.generator_sigma = float(config.generator_sigma or config.sigma_max)
-        self.generator_noise_scale = self.generator_sigma
+        self.set_generator_chain(config.generator_sigmas or [config.generator_sigma or config.sigma_max])
         self.frozen["teacher"] = teacher.requires_grad_(False).eval()
         self.networks["student"] = student.requires_grad_(True)
         self.networks["fake_score"] = fake_score.requires_grad_(True)
@@ -273,6 +284,14 @@ class FDistill(Method):
         self.register_buffer("ratio_bins_seen", torch.zeros(config.num_ratio_bins, dtype=torch.bool))
 
     # -- construction
+    def set_generator_chain(self, sigmas: list[float], vp_input: bool = False) -> None:
+        """The student's noise levels (``generator_sigmas``; sigma_g = the first) and the scale c of its input
+        noise: sigma_g (VE: x = c z has std sigma_g), or sqrt(1 + sigma_g^2) with ``vp_input`` (a VP network's
+        input x / sqrt(1 + sigma^2) is then exactly z: the pure noise Diffusers pipelines start from)."""
+        self.generator_sigmas = tuple(float(s) for s in sigmas)
+        self.generator_sigma = self.generator_sigmas[0]
+        self.generator_noise_scale = math.sqrt(1.0 + self.generator_sigma ** 2) if vp_input else self.generator_sigma
+
     def _feature_source(self) -> nn.Module:
         return self.frozen["teacher"] if self.config.features == "teacher" else self.networks["fake_score"]
 
@@ -345,6 +364,9 @@ class FDistill(Method):
                 "sigma": self.sample_sigma(u), "eps": eps}
         if x_real is not None:
             item.update(sigma_real=self.sample_sigma(u_real), eps_real=torch.randn_like(x_real))
+        if len(self.generator_sigmas) > 1:     # few-step student: the step each sample is generated at
+            item.update(generator_step=torch.randint(len(self.generator_sigmas), (n,), device=device),
+                        renoise=torch.randn(len(self.generator_sigmas) - 1, n, *self.sample_shape, device=device))
         return item
 
     def real_samples(self, batch: dict[str, Any], device: torch.device) -> Tensor | None:
@@ -357,7 +379,7 @@ class FDistill(Method):
         return None if label is None else label.to(device)
 
     def _student_logit(self, item: dict[str, Any]) -> Tensor:
-        x = self.student_sample(item["z"], item["cond"])
+        x = self.generated(item)
         return self.discriminator_logit(x + _times(item["sigma"], item["eps"]), item["sigma"], item["cond"])
 
     def normalized_weights(self, logits: list[Tensor], quantiles: list[Tensor], ctx: StepContext
@@ -409,11 +431,31 @@ class FDistill(Method):
         return PHASE_LOSSES[phase](self, item)
 
     # -- networks as functions
-    def student_sample(self, z: Tensor, cond: Any = None) -> Tensor:
-        """One-step generation x = D_student(c z, sigma_g, cond); z [B, *shape] standard normal, c =
-        ``generator_noise_scale`` (sigma_g; sqrt(1 + sigma_g^2) for text-to-image, see fdistill_text)."""
-        sigma = torch.full((z.shape[0],), self.generator_sigma, device=z.device)
-        return self.networks["student"](self.generator_noise_scale * z, sigma, cond)
+    def student_sample(self, z: Tensor, cond: Any = None, renoise: Tensor | None = None) -> Tensor:
+        """Generation: one step x = D_student(c z, sigma_g, cond) (c = ``generator_noise_scale``), or the whole
+        few-step chain. z [B, *shape] standard normal; renoise [K - 1, B, *shape] (few-step; None: drawn here)."""
+        if renoise is None and len(self.generator_sigmas) > 1:
+            renoise = torch.randn(len(self.generator_sigmas) - 1, *z.shape, device=z.device)
+        return generator_sample(self.networks["student"], z, self.generator_sigmas, self.generator_noise_scale,
+                                renoise, cond)
+
+    def generated(self, item: dict[str, Any]) -> Tensor:
+        """The student's training sample of a prepared micro-batch (with gradient into the student): the one-step
+        output, or the output of each sample's drawn step of the few-step chain (earlier steps without gradient)."""
+        with torch.no_grad():
+            x_in, sigma_in = generator_inputs(self.networks["student"], item["z"], self.generator_sigmas,
+                                              self.generator_noise_scale, item.get("generator_step"),
+                                              item.get("renoise"), item["cond"])
+        return self.networks["student"](x_in, sigma_in, item["cond"])
+
+    def generator_noise(self, num: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """z [num, *shape] and, for a few-step student, renoise [K - 1, num, *shape], drawn from ``generator``
+        (on its device) and moved to the student's device."""
+        device = self._device()
+        noise_device = generator.device if generator is not None else device
+        noise = torch.randn(len(self.generator_sigmas), num, *self.sample_shape, generator=generator,
+                            device=noise_device).to(device)
+        return noise[0], noise[1:] if len(self.generator_sigmas) > 1 else None
 
     def guided_teacher(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         """Teacher x0 with classifier-free guidance x0 + (w - 1)(x0 - x0_uncond); the null condition is the
@@ -433,21 +475,20 @@ class FDistill(Method):
         return disc.head(feats, _class_labels(cond))
 
     def generate(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
-        """``num`` one-step samples; class labels cycle 0..num_classes-1 when the data is labelled and cond is None."""
-        device = self._device()
-        noise_device = generator.device if generator is not None else device
-        z = torch.randn(num, *self.sample_shape, generator=generator, device=noise_device).to(device)
+        """``num`` samples of the student; class labels cycle 0..num_classes-1 when the data is labelled and cond is
+        None."""
+        z, renoise = self.generator_noise(num, generator)
         if cond is None and self.num_classes:
-            cond = torch.arange(num, device=device) % self.num_classes
+            cond = torch.arange(num, device=z.device) % self.num_classes
         with torch.no_grad():
-            x = self.student_sample(z, cond).float()
+            x = self.student_sample(z, cond, renoise).float()
         return x.clamp(-1, 1) if x.ndim == 4 else x
 
     def export(self, directory: str) -> None:
-        """Save the student as a one-step generator (``fdistill sample --steps 1`` and Diffusers load it)."""
+        """Save the student as a one- or few-step generator (``fdistill sample`` and Diffusers load it)."""
         from ..denoisers.io import save_denoiser
 
-        save_denoiser(self.networks["student"], directory, kind="generator", generator_sigma=self.generator_sigma,
+        save_denoiser(self.networks["student"], directory, kind="generator", generator_sigmas=self.generator_sigmas,
                       generator_noise_scale=self.generator_noise_scale)
 
 
@@ -471,7 +512,7 @@ def parameters_frozen(*modules: nn.Module) -> Iterator[None]:
 def student_phase_loss(method: FDistill, item: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
     """Weighted distribution matching (+ gan_weight * generator GAN term) at the prepared noise."""
     config, sigma, cond = method.config, item["sigma"], item["cond"]
-    x = method.student_sample(item["z"], cond)
+    x = method.generated(item)
     x_t = x + _times(sigma, item["eps"])
     with torch.no_grad():
         x0_teacher = method.guided_teacher(x_t.detach(), sigma, cond)
@@ -495,7 +536,7 @@ def critic_phase_loss(method: FDistill, item: dict[str, Any]) -> tuple[Tensor, d
     the method uses a discriminator)."""
     config, sigma, cond = method.config, item["sigma"], item["cond"]
     with torch.no_grad():
-        x = method.student_sample(item["z"], cond).float()
+        x = method.generated(item).float()
     x_t = x + _times(sigma, item["eps"])
     lam = FAKE_SCORE_WEIGHTINGS[config.fake_score_weighting](sigma, config.sigma_data)
     denoising = fake_score_loss(method.networks["fake_score"](x_t, sigma, cond), x, lam).mean()

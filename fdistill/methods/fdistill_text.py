@@ -13,12 +13,13 @@ conditions on prompts:
 - generator: x = D_student(sqrt(1 + sigma_g^2) z, sigma_g) with sigma_g the teacher's largest sigma (t = T - 1) by
   default. In the UNet's VP units its input is x_T = z, the pure noise Diffusers pipelines start from, so the
   exported pipeline (one DDIM step at t = T - 1, ``fdistill.pipelines.one_step_scheduler``) generates the same
-  latents from the same noise.
+  latents from the same noise. A few-step student (``method.generator_sigmas``, noise levels of integer timesteps,
+  e.g. DMD2's t = 999, 749, 499, 249 of the SD schedule: [14.61465, 4.08173, 1.61289, 0.69321]) exports with an
+  LCM scheduler that runs the same chain (``fdistill.pipelines.few_step_scheduler``).
 """
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -26,8 +27,8 @@ from torch import Tensor
 
 from ..denoisers import DiffusersDenoiser
 from ..denoisers.io import save_denoiser
-from ..pipelines import (SDComponents, build_pipeline, decode_latents, encode_latents, one_step_scheduler,
-                         text_conditioning)
+from ..pipelines import (SDComponents, build_pipeline, decode_latents, encode_latents, few_step_scheduler,
+                         one_step_scheduler, text_conditioning)
 from .fdistill import FDistill, FDistillConfig
 
 
@@ -46,8 +47,7 @@ class TextToImageFDistill(FDistill):
                  student: DiffusersDenoiser, fake_score: DiffusersDenoiser, image_size: tuple[int, int],
                  prompts: list[str]):
         super().__init__(config, teacher, student, fake_score, tuple(teacher.sample_shape), num_classes=0)
-        self.generator_sigma = float(config.generator_sigma or teacher.sigma_max)
-        self.generator_noise_scale = math.sqrt(1.0 + self.generator_sigma ** 2)
+        self.set_generator_chain(config.generator_sigmas or [config.generator_sigma or teacher.sigma_max], vp_input=True)
         self.image_size = tuple(image_size)
         self.prompts = list(prompts)
         self.kind = components.kind
@@ -76,20 +76,41 @@ class TextToImageFDistill(FDistill):
         """``num`` one-step images [num, 3, H, W] in [-1, 1] for the prompts ``cond`` (list of str), by default
         the configured prompts in turn."""
         prompts = list(cond) if cond is not None else [self.prompts[i % len(self.prompts)] for i in range(num)]
-        device = self._device()
-        z = torch.randn(num, *self.sample_shape, generator=generator,
-                        device=generator.device if generator is not None else device).to(device)
-        latents = self.student_sample(z, text_conditioning(self.components(), prompts[:num], self.image_size))
+        z, renoise = self.generator_noise(num, generator)
+        latents = self.student_sample(z, text_conditioning(self.components(), prompts[:num], self.image_size), renoise)
         return decode_latents(self.frozen["vae"], latents)
 
+    def generator_timesteps(self) -> list[int]:
+        """The integer UNet timesteps of the generator's noise levels (t = T - 1 for the default one step)."""
+        return integer_timesteps(self.frozen["teacher"], self.generator_sigmas)
+
     def export(self, directory: str) -> None:
-        """Save the student as a Diffusers pipeline with a one-step scheduler plus fdistill.json (kind generator):
+        """Save the student as a Diffusers pipeline plus fdistill.json (kind generator). One step:
         ``StableDiffusionPipeline.from_pretrained(directory)(prompt, num_inference_steps=1, guidance_scale=1.0)``
-        (SDXL: ``StableDiffusionXLPipeline``) and ``fdistill sample --model directory --prompt ...`` both generate
-        in one step. Guidance is distilled into the student: sample it without CFG."""
-        pipeline = build_pipeline(self.components(), scheduler=one_step_scheduler(self.scheduler))
-        save_denoiser(self.networks["student"], directory, kind="generator", generator_sigma=self.generator_sigma,
-                      generator_noise_scale=self.generator_noise_scale, pipeline=pipeline)
+        (SDXL: ``StableDiffusionXLPipeline``; a DDIM scheduler). Few steps: an LCM scheduler, called with
+        ``timesteps=<fdistill.json "diffusers_timesteps">``. ``fdistill sample --model directory --prompt ...``
+        runs either. Guidance is distilled into the student: sample it without CFG."""
+        one_step = len(self.generator_sigmas) == 1
+        scheduler = (one_step_scheduler if one_step else few_step_scheduler)(self.scheduler)
+        pipeline = build_pipeline(self.components(), scheduler=scheduler)
+        timesteps = self.generator_timesteps()
+        call = ("pipe(prompt, num_inference_steps=1, guidance_scale=1.0)" if one_step else
+                f"pipe(prompt, timesteps={timesteps}, guidance_scale=1.0)")
+        save_denoiser(self.networks["student"], directory, kind="generator", generator_sigmas=self.generator_sigmas,
+                      generator_noise_scale=self.generator_noise_scale, pipeline=pipeline,
+                      extra_info={"diffusers_timesteps": timesteps, "diffusers_call": call})
+
+
+def integer_timesteps(teacher: DiffusersDenoiser, sigmas: tuple[float, ...]) -> list[int]:
+    """UNet timesteps of ``sigmas`` under the teacher's DDPM schedule; ValueError (listing the grid sigmas of the
+    nearest timesteps) unless every sigma is a grid sigma: Diffusers pipelines only take integer timesteps."""
+    fractional = teacher.schedule.timestep(torch.tensor(sigmas, dtype=torch.float64)).double()
+    nearest = fractional.round()
+    if (fractional - nearest).abs().max() > 1e-3:
+        grid = [round(float(s), 5) for s in teacher.schedule.sigma_at(nearest.long())]
+        raise ValueError(f"method.generator_sigmas={list(sigmas)} are not noise levels of the UNet's timesteps; the "
+                         f"nearest are timesteps {nearest.long().tolist()}: method.generator_sigmas={grid}")
+    return nearest.long().tolist()
 
 
 def model_image_size(components: SDComponents) -> tuple[int, int]:
@@ -143,5 +164,7 @@ def build_text_to_image(config: FDistillConfig, components: SDComponents, data: 
                                 dtype=None if frozen_dtype == torch.float32 else frozen_dtype)
     student, fake_score = (DiffusersDenoiser(net, components.scheduler, null_cond=null_cond)
                            for net in (student_net, fake_net))
-    return TextToImageFDistill(config, components, teacher, student, fake_score, image_size,
-                               default_prompts(config, data))
+    method = TextToImageFDistill(config, components, teacher, student, fake_score, image_size,
+                                 default_prompts(config, data))
+    method.generator_timesteps()      # fail at start-up, not at export, on sigmas off the timestep grid
+    return method

@@ -62,3 +62,40 @@ def nfe(solver: str, num_steps: int, *, to_zero: bool = True, **options) -> int:
         sigma_values[-1] = 0.0
     sample(counter, torch.zeros(1, 1, dtype=torch.float64), sigma_values, solver, **options)
     return counter.calls
+
+
+def generator_inputs(generator: Callable, z: Tensor, sigmas: tuple[float, ...] | list[float], noise_scale: float,
+                     steps: Tensor | None = None, renoise: Tensor | None = None, cond: Any = None
+                     ) -> tuple[Tensor, Tensor]:
+    """Input of step ``steps[b]`` (0-based) of a few-step generator's chain (DMD2, Yin et al. 2024, Sec. 4.5):
+
+        x_1 = c z at sigma_1,      x_{k+1} = G(x_k, sigma_k) + sigma_{k+1} eps_k   at sigma_{k+1}
+
+    Args:
+        generator: ``G(x, sigma [B], cond) -> x0`` (denoiser protocol).
+        z: [B, *shape] standard normal.
+        sigmas: the chain's decreasing noise levels sigma_1 > ... > sigma_K (one step: K = 1).
+        noise_scale: c (sigma_1 for a VE input; sqrt(1 + sigma_1^2) for VP "pure noise").
+        steps: [B] long in [0, K); None = 0 (the first input for every sample).
+        renoise: [K - 1, B, *shape] standard normal eps_k (needed when some step > 0).
+    Returns: x [B, *shape] and sigma [B] (float32 on z's device). Runs the generator max(steps) times, as is (wrap
+    the call in ``torch.no_grad()`` where no gradient should flow, e.g. DMD2's backward simulation).
+    """
+    x = noise_scale * z
+    sigma = torch.full((z.shape[0],), float(sigmas[0]), device=z.device)
+    last = 0 if steps is None else int(steps.max())
+    for k in range(1, last + 1):
+        advance = steps >= k
+        renoised = generator(x, sigma, cond) + float(sigmas[k]) * renoise[k - 1]
+        x = torch.where(advance.view(-1, *[1] * (x.ndim - 1)), renoised.to(x.dtype), x)
+        sigma = torch.where(advance, torch.full_like(sigma, float(sigmas[k])), sigma)
+    return x, sigma
+
+
+def generator_sample(generator: Callable, z: Tensor, sigmas: tuple[float, ...] | list[float], noise_scale: float,
+                     renoise: Tensor | None = None, cond: Any = None) -> Tensor:
+    """A one- or few-step generator's sample: the output of the last step of its chain (``generator_inputs``).
+    z [B, *shape]; renoise [K - 1, B, *shape] (None for one step). Returns [B, *shape]."""
+    steps = torch.full((z.shape[0],), len(sigmas) - 1, dtype=torch.long, device=z.device)
+    x, sigma = generator_inputs(generator, z, sigmas, noise_scale, steps, renoise, cond)
+    return generator(x, sigma, cond)
