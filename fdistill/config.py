@@ -201,16 +201,23 @@ class Run:
 
 def build_run(spec: RunSpec, with_loggers: bool = True) -> Run:
     """Build data, model, method (seeded by ``train.seed`` so initial weights are reproducible), evaluator and
-    loggers from a validated spec."""
+    loggers from a validated spec. Bad data / model / method settings raise ConfigError with a one-line message."""
     from .training.trainer import seed_all
+
+    from hydra.errors import InstantiationException
 
     cfg = spec.cfg
     seed_all(spec.train.seed)
-    data = instantiate_optional(cfg.data)
-    if data is None:
-        raise ConfigError("the data group is empty; choose one with data=<name>")
-    model = instantiate_optional(cfg.get("model"))
-    method = method_module(spec.method_name).build(spec.method_config, model, data)
+    try:
+        data = instantiate_optional(cfg.data)
+        if data is None:
+            raise ConfigError("the data group is empty; choose one with data=<name>")
+        model = instantiate_optional(cfg.get("model"))
+        method = method_module(spec.method_name).build(spec.method_config, model, data)
+    except (InstantiationException, ValueError, FileNotFoundError) as error:
+        # bad data / model / method settings (a missing file, a wrong option of a data source, data that do not
+        # fit the model) reach the user as one line naming the problem, not as a traceback
+        raise ConfigError(error if isinstance(error, ConfigError) else one_line(error)) from error
     evaluator = instantiate_optional(cfg.get("eval"))
     loggers = []
     factory = instantiate_optional(cfg.get("logger")) if with_loggers else None

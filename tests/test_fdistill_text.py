@@ -157,3 +157,14 @@ def test_hf_images_with_a_caption_column(tmp_path):
     assert source.dataset[0]["x"].shape == (3, 8, 8)
     with pytest.raises(ValueError, match="caption_column='caption' is not a column"):
         hf_images(str(tmp_path / "ds"), caption_column="caption", resolution=8)
+
+
+def test_command_line_reports_data_that_do_not_fit_the_model_in_one_line(tmp_path, capsys):
+    from fdistill.commands.train import main
+
+    assert main(["experiment=sd_tiny_fdistill", "data.resolution=8", f"train.run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "set data.resolution=16" in err and "Traceback" not in err
+    assert main(["experiment=sd15_fdistill", "model=tiny_sd", "data=prompt_file", "data.path=missing.txt",
+                 f"train.run_dir={tmp_path}"]) == 2
+    assert "resolution" in capsys.readouterr().err        # the recipe's data.resolution does not fit a prompt file
