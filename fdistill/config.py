@@ -175,6 +175,8 @@ def validate(cfg: DictConfig) -> RunSpec:
     train = OmegaConf.to_object(cfg.train)
     sampler = OmegaConf.to_object(cfg.sampler)
     name, method_config = to_method_config(cfg.method, sampler)
+    if hasattr(method_config, "check_train"):  # settings of a method that constrain the train section (DDO rounds)
+        method_config.check_train(train)
     return RunSpec(cfg, train, name, method_config, sampler)
 
 

@@ -1,6 +1,7 @@
 """`fdistill train method=ddo`: the experiments compose and run with tiny stand-in models through the real trainer;
 a killed run resumes into the right round."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -45,17 +46,28 @@ def test_paper_experiments_compose_and_run_two_steps(overrides, tmp_path):
 
 def test_digits_ddo_rounds_and_resume_match_an_uninterrupted_run(base_model, tmp_path):
     overrides = ["experiment=digits_ddo", f"model.path_or_hub_id={base_model}"]
-    straight = fit(overrides, tmp_path / "straight", steps=3)
+    straight = fit(overrides, tmp_path / "straight", steps=2)
     summary = json.loads((tmp_path / "straight" / "ddo_rounds.json").read_text())
     assert [row["round"] for row in summary["rounds"]] == [0, 1]
     assert all(row["start_score"] is not None and row["best_score"] <= row["start_score"] for row in summary["rounds"])
     checkpoint = load_file(tmp_path / "straight" / "checkpoints" / "step_000002" / "model.safetensors")
     assert any(k.startswith("frozen.reference.") for k in checkpoint)   # the swapped reference is checkpointed
 
-    fit(overrides, tmp_path / "killed", steps=1)                          # killed after round 0 ...
-    resumed = fit(overrides, tmp_path / "killed", steps=3)                # ... resumes into round 1
+    fit(overrides, tmp_path / "killed", steps=2)                          # as if killed after round 0 ...
+    shutil.rmtree(tmp_path / "killed" / "checkpoints" / "step_000002")
+    resumed = fit(overrides, tmp_path / "killed", steps=2)                # ... resumes into round 1
     assert int(resumed.round_index) == 1
     for a, b in [(straight.frozen["reference"], resumed.frozen["reference"]),
                  (straight.frozen["best"], resumed.frozen["best"]), (straight.networks["model"], resumed.networks["model"])]:
         for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(x, y), key
+
+
+def test_train_steps_must_cover_the_rounds_exactly():
+    from fdistill.config import ConfigError
+
+    overrides = ["experiment=gmm_ddo", "model=mlp", "~model.path_or_hub_id", *SHRINK]
+    with pytest.raises(ConfigError, match=r"train.steps \(3\) must equal method.rounds \* method.steps_per_round = "
+                                          r"2 \* 1 = 2"):
+        compose([*overrides, "train.steps=3"])
+    assert validate(compose([*overrides, "train.steps=2"])).train.steps == 2

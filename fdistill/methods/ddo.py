@@ -80,7 +80,7 @@ class DDOConfig:
             fakes online (exact 1:1 with fresh samples, but a full sampling run per step).
         generation_batch: batch size when generating the pool / evaluation samples (>= 1).
         rounds: self-play rounds (>= 1).
-        steps_per_round: optimisation steps per round (>= 1); set train.steps = rounds * steps_per_round.
+        steps_per_round: optimisation steps per round (>= 1); train.steps must equal rounds * steps_per_round.
         eval_every: steps between evaluations inside a round (>= 0; 0 = only at the round start and end).
         evaluator: 'none', 'digits_fd' (built-in digits feature network) or 'raw_frechet' (Frechet distance of raw
             samples to the dataset, for point data); lower is better. 'none' = no best-checkpoint selection: the
@@ -135,6 +135,13 @@ class DDOConfig:
         ]
         raise_first_failure(checks)
         self.sampler = as_sampler_config(self.sampler)
+
+    def check_train(self, train) -> None:
+        """The run must be exactly the rounds (``fdistill.config.validate`` calls this with the TrainConfig)."""
+        expected = self.rounds * self.steps_per_round
+        if train.steps != expected:
+            raise ValueError(f"train.steps ({train.steps}) must equal method.rounds * method.steps_per_round = "
+                             f"{self.rounds} * {self.steps_per_round} = {expected}")
 
 
 Config = DDOConfig
