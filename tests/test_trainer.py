@@ -18,15 +18,15 @@ from torch import nn
 
 from fdistill.config import build_run, compose, validate
 from fdistill.data import gaussian_mixture
-from fdistill.methods.base import Method, Phase
-from fdistill.training import (NonFiniteLossError, Trainer, TrainConfig, latest_checkpoint, list_checkpoints,
-                               load_checkpoint, save_checkpoint)
+from fdistill.methods.base import Method
+from fdistill.training import (JsonlLogger, NonFiniteLossError, Trainer, TrainConfig, latest_checkpoint,
+                               list_checkpoints, load_checkpoint, save_checkpoint)
 from fdistill.training.ema import ema_decay_at
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
-from trainer_helpers import tiny_denoising_method, train_and_record  # noqa: E402
+from trainer_helpers import probe_method, tiny_denoising_method, train_and_record  # noqa: E402
 
 TINY_RING = ["method=denoising", "model=mlp", "model.hidden=16", "model.depth=1", "data=gaussian_mixture",
              "data.num_samples=128", "train.batch_size=8", "train.device=cpu", "train.progress=false",
@@ -34,7 +34,8 @@ TINY_RING = ["method=denoising", "model=mlp", "model.hidden=16", "model.depth=1"
 
 
 def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}   # bitwise comparisons with in-process runs need it
     return subprocess.run([sys.executable, "-m", "fdistill.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120, **kwargs)
 
@@ -43,32 +44,6 @@ def trainer_for(method: Method, run_dir: Path, **train) -> Trainer:
     config = TrainConfig(**{"steps": 4, "batch_size": 8, "device": "cpu", "progress": False, "log_every": 1,
                             "run_dir": str(run_dir), **train})
     return Trainer(method, gaussian_mixture(preset="ring8", num_samples=64), config)
-
-
-class Probe(Method):
-    """A student regressed onto a frozen teacher; its first layer is frozen inside the trained network (like a LoRA
-    base weight); from step ``nan_at`` on the loss is NaN."""
-
-    def __init__(self, nan_at: int | None = None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.networks["student"] = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2))
-        self.networks["student"][0].requires_grad_(False)
-        self.frozen["teacher"] = nn.Linear(2, 2).requires_grad_(False)
-        self.nan_at = nan_at
-
-    def phases(self):
-        return [Phase("student", ("student",), lr=1e-2, weight_decay=0.5)]  # decay would move frozen weights
-
-    def loss(self, phase, item, ctx):
-        x = item["x"]
-        loss = (self.networks["student"](x) - self.frozen["teacher"](x)).pow(2).mean()
-        if self.nan_at is not None and ctx.step >= self.nan_at:
-            loss = loss * float("nan")
-        return loss, {"probe": 1.0}
-
-    def generate(self, num, generator=None, cond=None):
-        return self.networks["student"](torch.randn(num, 2, generator=generator))
 
 
 def state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -98,7 +73,7 @@ def test_sigkilled_cli_run_resumes_to_the_bitwise_weights_of_an_uninterrupted_ru
         assert torch.equal(resumed_weights[key], value), key
 
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8]          # the resumed run appends from the checkpoint at step 4
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]             # step 5 (logged, then killed) is not duplicated on resume
     assert "train:" in (run_dir / "config.yaml").read_text()
     assert (run_dir / "model" / "fdistill.json").is_file()
 
@@ -174,7 +149,7 @@ def test_two_processes_average_gradients_like_one_process_on_the_same_global_bat
 
 # ------------------------------------------------------------------------------------------------ parameters, NaN
 def test_frozen_parameters_stay_bit_identical_and_trainable_ones_change(tmp_path):
-    method = Probe()
+    method = probe_method()
     before = state(method)
     trainer_for(method, tmp_path, steps=3, export=False).fit()
     after = method.state_dict()
@@ -187,7 +162,7 @@ def test_frozen_parameters_stay_bit_identical_and_trainable_ones_change(tmp_path
 
 
 def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):
-    method = Probe(nan_at=4)                                             # the 5th step (0-based step 4) is NaN
+    method = probe_method(nan_at=4)                                             # the 5th step (0-based step 4) is NaN
     trainer = trainer_for(method, tmp_path, steps=10, checkpoint_every=2, keep_last=5)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4 .*step_000004"):
         trainer.fit()
@@ -251,6 +226,18 @@ def test_metrics_jsonl_and_sample_grid_png(tmp_path):
         assert grid.size == (2 * 8 + 3, 2 * 8 + 3)                        # 2 x 2 grid of 8x8 digits, 1 px padding
         pixels = torch.from_numpy(np.asarray(grid.convert("L"), dtype=np.float32))
     assert pixels.std() > 0
+
+
+def test_metrics_rows_after_the_resume_step_and_a_cut_last_row_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    logger = JsonlLogger(path)
+    logger.drop_after(2)
+    logger.log({"loss": 0.5}, 3)
+    logger.finish()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 0.5}]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]      # no temporary left behind
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -5,6 +5,8 @@
 - ``python tests/trainer_helpers.py OUT_DIR MICRO_BATCHES`` (plain or under ``accelerate launch``): trains the
   ``denoising`` method on a small Gaussian mixture for 3 steps and writes, per process, the averaged gradient of
   step 0 and the final weights to ``OUT_DIR/rank<k>.pt``.
+- ``python tests/trainer_helpers.py fsdp OUT_DIR`` (under ``accelerate launch`` with an FSDP config): the FSDP runs of
+  tests/test_fsdp.py (``fsdp_runs``); each process writes its gathered weights to ``OUT_DIR/<run>_rank<k>.pt``.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 STEPS = 3
 GLOBAL_BATCH = 8
+FSDP_RUNS = ("denoising", "probe", "resumed")
 
 
 class KillAtStep:
@@ -33,7 +37,7 @@ class KillAtStep:
         pass
 
 
-def tiny_denoising_method():
+def tiny_denoising_method(max_grad_norm: float | None = None):
     """A denoising method with a small EDM-preconditioned MLP (same weights in every process: seeded)."""
     from fdistill.methods.denoising import Denoising, DenoisingConfig
     from fdistill.networks import MLPDenoiser
@@ -41,7 +45,77 @@ def tiny_denoising_method():
     torch.manual_seed(0)
     network = MLPDenoiser(dim=2, hidden=16, depth=1)
     torch.nn.init.normal_(network.net.output[-1].weight, std=0.1)  # non-zero output layer: every weight gets a gradient
-    return Denoising(DenoisingConfig(lr=1e-2, max_grad_norm=None), network, (2,))
+    return Denoising(DenoisingConfig(lr=1e-2, max_grad_norm=max_grad_norm), network, (2,))
+
+
+def probe_method(nan_at: int | None = None):
+    from fdistill.methods.base import Method, Phase
+
+    class Probe(Method):
+        """A student regressed onto a frozen teacher; its first layer is frozen inside the trained network (like a
+        LoRA base weight); from step ``nan_at`` on the loss is NaN."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.networks["student"] = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2))
+            self.networks["student"][0].requires_grad_(False)
+            self.frozen["teacher"] = nn.Linear(2, 2).requires_grad_(False)
+
+        def phases(self):
+            return [Phase("student", ("student",), lr=1e-2, weight_decay=0.5)]  # decay would move frozen weights
+
+        def loss(self, phase, item, ctx):
+            x = item["x"]
+            loss = (self.networks["student"](x) - self.frozen["teacher"](x)).pow(2).mean()
+            if nan_at is not None and ctx.step >= nan_at:
+                loss = loss * float("nan")
+            return loss, {"probe": 1.0}
+
+        def generate(self, num, generator=None, cond=None):
+            return self.networks["student"](torch.randn(num, 2, generator=generator))
+
+    return Probe()
+
+
+def ring_data():
+    from fdistill.data import gaussian_mixture
+
+    return gaussian_mixture(preset="ring8", num_samples=64)
+
+
+def fsdp_run_config(run_dir: Path, **overrides):
+    """The FSDP test runs: 4 steps, 2 micro-batches per process (2 processes x 2 = the 4 micro-batches of a 1-process
+    reference with micro_batches=4: the same random draws), EMA, checkpoints every 2 steps, FSDP units down to 250
+    parameters. FSDP is switched on by the accelerate config the test launches with (one process: the plain path)."""
+    from fdistill.training import TrainConfig
+
+    return TrainConfig(**{"steps": 4, "batch_size": GLOBAL_BATCH, "micro_batches": 2, "device": "cpu",
+                          "progress": False, "log_every": 1, "checkpoint_every": 2, "ema_decays": [0.9],
+                          "fsdp_min_params": 250, "run_dir": str(run_dir), **overrides})
+
+
+def fsdp_method(run: str):
+    """The method of one FSDP test run; gradient clipping at 0.05 is active (gradient norms are larger)."""
+    return probe_method() if run == "probe" else tiny_denoising_method(max_grad_norm=0.05)
+
+
+def fsdp_runs(out_dir: Path) -> None:
+    """Train each run of FSDP_RUNS in ``out_dir/<run>`` ('resumed' continues from the checkpoint that the test put
+    there) and write ``out_dir/<run>_rank<k>.pt``: the gathered weights, whether FSDP was on and this process's
+    share of the trained parameters."""
+    from fdistill.training import Trainer
+    from fdistill.training.sharding import full_tensors
+
+    torch.set_num_threads(1)
+    for run in FSDP_RUNS:
+        method = fsdp_method(run)
+        trainer = Trainer(method, ring_data(), fsdp_run_config(out_dir / run, export=run == "denoising"))
+        trainer.fit()
+        trained = [p for p in method.networks.parameters()]
+        local = sum(p.to_local().numel() for p in trained) / sum(p.numel() for p in trained)
+        torch.save({"weights": full_tensors(method.state_dict()), "fsdp": trainer.fsdp, "local_share": local},
+                   out_dir / f"{run}_rank{trainer.accelerator.process_index}.pt")
 
 
 def train_and_record(out_dir: Path, micro_batches: int) -> None:
@@ -70,4 +144,7 @@ def train_and_record(out_dir: Path, micro_batches: int) -> None:
 
 
 if __name__ == "__main__":
-    train_and_record(Path(sys.argv[1]), int(sys.argv[2]))
+    if sys.argv[1] == "fsdp":
+        fsdp_runs(Path(sys.argv[2]))
+    else:
+        train_and_record(Path(sys.argv[1]), int(sys.argv[2]))

@@ -43,6 +43,11 @@ class TrainConfig:
         num_workers: data-loader worker processes (>= 0).
         export: write ``method.export(run_dir / 'model')`` at the end when the method supports it.
         progress: show a tqdm progress bar on the main process.
+        fsdp: shard the trained networks with FSDP2 across processes (``fdistill.training.sharding``); also on when
+            ``accelerate launch`` runs with an FSDP config (``distributed_type: FSDP``). No effect on one process.
+            Needs mixed_precision 'no' or 'bf16' and Adam/AdamW.
+        fsdp_min_params: under FSDP, every submodule with at least this many parameters is its own FSDP unit
+            (gathered one at a time; >= 1); smaller ones belong to their parent, the network itself is always one.
     """
 
     steps: int = 1000
@@ -65,9 +70,12 @@ class TrainConfig:
     num_workers: int = 0
     export: bool = True
     progress: bool = True
+    fsdp: bool = False
+    fsdp_min_params: int = 10_000_000
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "micro_batches", "checkpoint_every", "keep_last", "log_every", "num_samples"):
+        for name in ("steps", "batch_size", "micro_batches", "checkpoint_every", "keep_last", "log_every", "num_samples",
+                     "fsdp_min_params"):
             require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("sample_every", "eval_every", "lr_warmup_steps", "num_workers", "ema_warmup_steps"):
             require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")

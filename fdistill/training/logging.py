@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +23,7 @@ class Logger(Protocol):
 
 class JsonlLogger:
     """Appends one JSON object per call to ``path`` (``{"step": s, **metrics}``); non-finite floats become null.
-    Appending keeps the history of a resumed run in one file."""
+    Appending keeps the history of a resumed run in one file; ``drop_after`` removes the rows a resumed run redoes."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -34,8 +35,30 @@ class JsonlLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
+    def drop_after(self, step: int) -> None:
+        """Keep only the rows with step <= ``step`` (a run resuming from the checkpoint of ``step`` logs the later
+        steps again): the file is rewritten atomically (temporary file, fsync, rename), so a crash here loses nothing.
+        A half-written last row of a killed run is dropped too."""
+        self._file.close()
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _row_step(line) <= step]
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        with temporary.open("w", encoding="utf-8") as file:
+            file.write("".join(line + "\n" for line in kept))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
+        self._file = self.path.open("a", encoding="utf-8")
+
     def finish(self) -> None:
         self._file.close()
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl row; infinity for a row that is not complete JSON (cut by a kill)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 class WandbLogger:

@@ -9,15 +9,19 @@ Per step (see ``fdistill/methods/base.py`` for the contract):
 Averaging gradients by hand (no DDP wrapper) lets any phase structure work, and makes 1 process x 4 micro-batches
 equal 2 processes x 2 micro-batches: data order and every micro-batch's random draws are pure functions of
 (seed, step, global micro-batch index), which also makes a resumed run identical to an uninterrupted one.
+
+With FSDP (``train.fsdp`` or an accelerate FSDP config; see ``sharding.py``) the trained networks are sharded
+instead: FSDP reduce-scatters their gradients itself (once per step: micro-batches before the last one do not sync),
+the same per-step arithmetic runs on shards, and checkpoints / samples / exports see full, gathered weights.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,6 +32,9 @@ from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_tempora
 from .config import TrainConfig
 from .ema import EMA
 from .logging import JsonlLogger, Logger, LoggerGroup
+from .sharding import (NetworkTemplates, check_fsdp_support, fsdp_requested, full_optimizer_state, full_tensors,
+                       full_value, is_sharded, set_gradient_sync, shard_networks, shard_tensors_like,
+                       sharded_optimizer_state)
 
 Evaluator = Callable[[Callable[..., Tensor], int], dict[str, float]]
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -124,9 +131,20 @@ class Trainer:
             raise ValueError(f"train.batch_size={config.batch_size} must be a positive multiple of "
                              f"num_processes ({self.num_processes}) x train.micro_batches ({config.micro_batches})")
         method.assert_frozen()
+        self.phases = {phase.name: phase for phase in method.phases()}
+        self.fsdp = self.num_processes > 1 and fsdp_requested(config.fsdp, self.accelerator.distributed_type)
+        self.sharded = {name: method.networks[name] for name in dict.fromkeys(
+            n for phase in self.phases.values() for n in phase.networks)} if self.fsdp else {}
+        if self.fsdp:
+            check_fsdp_support(self.phases.values(), config.mixed_precision)
+        self.templates = NetworkTemplates(self.sharded) if self.fsdp and self.is_main else None
         method.to(self.accelerator.device)
         self._broadcast_state()
-        self.phases = {phase.name: phase for phase in method.phases()}
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.accelerator.device.type, (self.num_processes,))
+            shard_networks(self.sharded, mesh, config.fsdp_min_params)
         self.params = {name: phase_parameters(method, phase) for name, phase in self.phases.items()}
         self.optimizers = {name: build_optimizer(phase, self.params[name]) for name, phase in self.phases.items()}
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, warmup_factor(config.lr_warmup_steps))
@@ -139,7 +157,8 @@ class Trainer:
         self.phase_updates_ema = {name: bool(ema_nets & set(p.networks)) for name, p in self.phases.items()}
         self.step = 0
         self.last_checkpoint: Path | None = None
-        self.logger = LoggerGroup(([JsonlLogger(self.run_dir / "metrics.jsonl")] if self.is_main else []) + list(loggers or []))
+        self.metrics_log = JsonlLogger(self.run_dir / "metrics.jsonl") if self.is_main else None
+        self.logger = LoggerGroup(([self.metrics_log] if self.is_main else []) + list(loggers or []))
 
     # ----------------------------------------------------------------------------------------------- collectives
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:
@@ -158,8 +177,10 @@ class Trainer:
             dist.broadcast(tensor.data, src=0)
 
     def _average_gradients(self, params: list[Tensor]) -> None:
-        """One flat all-reduce (mean) of the phase's gradients; missing gradients count as zeros."""
-        if self.num_processes == 1:
+        """One flat all-reduce (mean) of the phase's gradients; missing gradients count as zeros. Sharded (FSDP)
+        parameters are skipped: FSDP has already reduce-scattered their gradients (a mean as well)."""
+        params = [p for p in params if not is_sharded(p)]
+        if self.num_processes == 1 or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = self.all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
@@ -189,6 +210,7 @@ class Trainer:
         totals: dict[str, float] = {}
         loss_sum = torch.zeros((), device=self.accelerator.device)
         for index, item in enumerate(items):
+            set_gradient_sync(self.sharded.values(), index == len(items) - 1)
             seed_all(stream_seed(self.config.seed, step, self.accelerator.process_index * len(items) + index))
             with self.autocast():
                 loss, logs = self.method.loss(phase_name, item, ctx)
@@ -213,10 +235,11 @@ class Trainer:
         self._average_gradients(params)
         scaler.unscale_(optimizer)
         grads = [p.grad for p in params if p.grad is not None]
-        if phase.max_grad_norm is not None:
+        if phase.max_grad_norm is not None:  # on shards: the norm of the full gradient (DTensor reductions)
             norm = torch.nn.utils.clip_grad_norm_(params, phase.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = full_value(norm)
         scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
@@ -230,9 +253,10 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict[str, Any]:
+        """Full (unsharded) trainer state; collective under FSDP (gathers the optimizer states)."""
         return {
             "step": self.step,
-            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+            "optimizers": {k: full_optimizer_state(v.state_dict()) for k, v in self.optimizers.items()},
             "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
             "scalers": {k: v.state_dict() for k, v in self.scalers.items()},
             "ema_updates": self.ema.num_updates,
@@ -240,11 +264,14 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Checkpoint the current step (main process writes; everyone waits for it)."""
+        """Checkpoint the current step: full state dicts (under FSDP every process helps gather them), the main
+        process writes; everyone waits for it."""
+        model = full_tensors(self.method.checkpoint_state_dict())
+        emas = {d: full_tensors(self.ema.state_dict(d)) for d in self.ema.decays}
+        state = self.trainer_state()
         if self.is_main:
-            emas = {d: self.ema.state_dict(d) for d in self.ema.decays}
-            self.last_checkpoint = save_checkpoint(self.checkpoint_root, self.step, self.method.checkpoint_state_dict(),
-                                                   emas, self.trainer_state(), self.config.keep_last)
+            self.last_checkpoint = save_checkpoint(self.checkpoint_root, self.step, model, emas, state,
+                                                   self.config.keep_last)
         self.accelerator.wait_for_everyone()
 
     def resume_from(self) -> Path | None:
@@ -259,15 +286,19 @@ class Trainer:
         return Path(resume)
 
     def load(self, directory: Path) -> None:
+        """Load a checkpoint (full tensors, from any process count, with or without FSDP; sharded here as needed)."""
         model, emas, state = load_checkpoint(directory, self.ema.decays)
+        model = shard_tensors_like(model, self.method.state_dict())
         missing, unexpected = self.method.load_state_dict(model, strict=False)
         missing = [k for k in missing if not k.startswith("frozen.")]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {directory} does not match the method: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
         for decay, tensors in emas.items():
-            self.ema.load_state_dict(decay, tensors)
-        for table, key in ((self.optimizers, "optimizers"), (self.schedulers, "schedulers"), (self.scalers, "scalers")):
+            self.ema.load_state_dict(decay, shard_tensors_like(tensors, self.ema.state_dict(decay)))
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(sharded_optimizer_state(state["optimizers"][name], optimizer))
+        for table, key in ((self.schedulers, "schedulers"), (self.scalers, "scalers")):
             for name, obj in table.items():
                 obj.load_state_dict(state[key][name])
         self.ema.num_updates = int(state["ema_updates"])
@@ -276,27 +307,61 @@ class Trainer:
         self.last_checkpoint = directory
 
     # ----------------------------------------------------------------------------------------------- outputs
-    def generate(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
-        """Samples of the method with the first EMA snapshot swapped in (raw weights without EMA)."""
+    @contextmanager
+    def inference_model(self) -> Iterator[None]:
+        """The method as outputs see it: first EMA snapshot swapped in (raw weights without EMA), eval mode, no grad.
+        Under FSDP every process must enter (the sharded networks are gathered); on the main process they are then
+        replaced by full plain copies, so code inside runs there as on one process (other processes do nothing)."""
         was_training = self.method.training
-        self.method.eval()
+        with self.ema.swapped_in(), self._gathered_networks(), torch.no_grad():
+            self.method.eval()
+            try:
+                yield
+            finally:
+                self.method.train(was_training)
+
+    @contextmanager
+    def _gathered_networks(self) -> Iterator[None]:
+        if not self.fsdp:
+            yield
+            return
+        states = {name: full_tensors(network.state_dict()) for name, network in self.sharded.items()}
+        if not self.is_main:
+            yield
+            return
+        for name, state in states.items():
+            self.method.networks[name] = self.templates.materialize(name, state, self.accelerator.device)
         try:
-            with self.ema.swapped_in(), torch.no_grad():
-                return self.method.generate(num, generator=generator, cond=cond)
+            yield
         finally:
-            self.method.train(was_training)
+            for name, network in self.sharded.items():
+                self.method.networks[name] = network
+
+    def generate(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
+        """Samples of the method under ``inference_model`` (collective under FSDP: every process calls it)."""
+        with self.inference_model():
+            return self.method.generate(num, generator=generator, cond=cond)
+
+    def _sample(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
+        """``method.generate`` as it is: for use inside ``inference_model`` (the evaluator's sampling function)."""
+        return self.method.generate(num, generator=generator, cond=cond)
 
     def write_samples(self) -> None:
-        samples = self.generate(self.config.num_samples, torch.Generator().manual_seed(self.config.seed))
+        """The sample grid of this step (call inside ``inference_model``, on the main process)."""
+        samples = self._sample(self.config.num_samples, torch.Generator().manual_seed(self.config.seed))
         save_sample_grid(samples, self.run_dir / "samples" / f"step_{self.step:06d}.png")
 
     def evaluate(self) -> None:
-        metrics = self.evaluator(self.generate, self.step)
+        """Log the evaluator's metrics of this step (call inside ``inference_model``, on the main process)."""
+        metrics = self.evaluator(self._sample, self.step)
         self.logger.log({f"eval/{k}": float(v) for k, v in metrics.items()}, self.step)
 
     def export(self) -> Path | None:
-        """``method.export(run_dir / 'model')`` with EMA weights; None when the method has no export."""
-        with self.ema.swapped_in():
+        """``method.export(run_dir / 'model')`` with EMA weights, written by the main process; None when the method
+        has no export (or on other processes). Collective under FSDP: every process calls it."""
+        with self.inference_model():
+            if not self.is_main:
+                return None
             try:
                 self.method.export(self.run_dir / "model")
             except NotImplementedError:
@@ -316,10 +381,14 @@ class Trainer:
                              "samples_per_sec": rate * self.config.batch_size}, self.step)
         if self.step % self.config.checkpoint_every == 0 or final:
             self.save()
-        if self.is_main and self._periodic(self.config.sample_every, final):
-            self.write_samples()
-        if self.is_main and self.evaluator is not None and self._periodic(self.config.eval_every, final):
-            self.evaluate()
+        sample = self._periodic(self.config.sample_every, final)
+        evaluate = self.evaluator is not None and self._periodic(self.config.eval_every, final)
+        if sample or evaluate:
+            with self.inference_model():
+                if self.is_main and sample:
+                    self.write_samples()
+                if self.is_main and evaluate:
+                    self.evaluate()
 
     # ----------------------------------------------------------------------------------------------- the loop
     def fit(self) -> Method:
@@ -333,6 +402,8 @@ class Trainer:
         checkpoint = self.resume_from()
         if checkpoint is not None:
             self.load(checkpoint)
+        if self.metrics_log is not None:  # one row per step: drop what a killed run logged after its checkpoint
+            self.metrics_log.drop_after(self.step)
         start_step, started = self.step, time.perf_counter()
         batches = self.data.loader(self.config.batch_size, seed=self.config.seed, start_step=self.step,
                                    rank=self.accelerator.process_index, world_size=self.num_processes,
@@ -347,7 +418,7 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss']:.4g}")
                 self._after_step(logs, started, start_step)
-            if self.is_main and self.config.export:
+            if self.config.export:
                 self.export()
         finally:
             progress.close()
