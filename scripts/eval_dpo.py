@@ -1,9 +1,10 @@
 """Score a Diffusion-DPO tuned model against its base with a reward model (Wallace et al. 2023, Sec. 5).
 
 For every prompt and seed, the base and the tuned model sample from the SAME initial noise (fdistill sampler in
-latent space, then the VAE decoder); a reward scorer (``fdistill.evaluation.rewards``: pickscore | clip) scores
-both. Printed and written to ``<out>/eval_dpo.json``: mean rewards of base and tuned, and the win rate of tuned over
-base (ties count 1/2). ``<out>/side_by_side.png``: base samples (top row) above tuned samples (seed 0).
+latent space, then the VAE decoder); a reward scorer (``fdistill.evaluation.rewards``: pickscore | clip | hpsv2 |
+aesthetic) scores both. Printed and written to ``<out>/eval_dpo.json``: mean rewards of base and tuned, and the win
+rate of tuned over base (ties count 1/2). ``<out>/side_by_side.png``: base samples (top row) above tuned samples
+(seed 0).
 
     python scripts/eval_dpo.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 --tuned outputs/run/model \
         --prompts partiprompts.parquet --num-prompts 200 --scorer pickscore --seeds 4 --out dpo_eval
@@ -95,7 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scorer", default="pickscore", choices=sorted(SCORERS))
     parser.add_argument("--scorer-model", default=None, help="scorer weights: hub id / local path (default per scorer)")
     parser.add_argument("--scorer-processor", default=None,
-                        help="pickscore: AutoProcessor id or path; clip: open_clip pretrained tag or weights file")
+                        help="pickscore: AutoProcessor id or path; clip: open_clip pretrained tag or weights file; "
+                             "hpsv2: open_clip architecture (ViT-H-14); aesthetic: open_clip CLIP (ViT-L-14 openai)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--solver", default="dpmpp_2m")

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fdistill.evaluation.clip import clip_score, load_clip
+from fdistill.evaluation.clip import clip_preprocess, clip_score, load_clip
 from fdistill.evaluation.preprocess import quantize_to_uint8
-from fdistill.evaluation.rewards import SCORERS, build_scorer, win_rate
+from fdistill.evaluation.rewards import SCORERS, build_scorer, resolve_weights_file, win_rate
 from fdistill.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig, sample_rewards
 from fdistill.pipelines import save_components, tiny_clip_tokenizer, tiny_sd_components
 from fdistill.training.config import SamplerConfig
@@ -81,9 +81,106 @@ def test_clip_reward_is_per_image_clip_score(open_clip_dir):
         score(images, PROMPTS[:2])
 
 
+def tiny_open_clip_weights(directory, seed: int) -> dict:
+    """A freshly initialised state dict of the tiny open_clip architecture in ``directory`` (not its saved weights)."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    return open_clip.create_model(f"local-dir:{directory}", load_weights=False).state_dict()
+
+
+def test_hpsv2_is_100_cosine_of_the_checkpoint_weights(open_clip_dir, tmp_path):
+    import open_clip
+
+    state_dict = tiny_open_clip_weights(open_clip_dir, seed=1)
+    torch.save({"state_dict": {f"module.{key}": value for key, value in state_dict.items()}}, tmp_path / "hps.pt")
+    score = build_scorer("hpsv2", str(tmp_path / "hps.pt"), f"local-dir:{open_clip_dir}")
+    images = images_of(2)
+    scores = score(images, PROMPTS)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    model = open_clip.create_model(f"local-dir:{open_clip_dir}", load_weights=False).eval()   # computed by hand
+    model.load_state_dict(state_dict)
+    pixels = clip_preprocess(quantize_to_uint8(images), 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    tokens = open_clip.get_tokenizer(f"local-dir:{open_clip_dir}")(PROMPTS)
+    with torch.no_grad():
+        cosine = (F.normalize(model.encode_image(pixels), dim=-1) *
+                  F.normalize(model.encode_text(tokens), dim=-1)).sum(-1)
+    torch.testing.assert_close(scores, 100 * cosine, rtol=1e-5, atol=1e-4)
+    assert (scores < 0).any()             # not clamped like the CLIP score (random weights give negative cosines)
+    # the checkpoint replaced the folder's own weights
+    assert not torch.allclose(scores, build_scorer("clip", f"local-dir:{open_clip_dir}")(images, PROMPTS), atol=1e-2)
+    torch.save(state_dict, tmp_path / "bare.pt")                     # a bare state dict without "module." loads too
+    bare = SCORERS["hpsv2"](str(tmp_path / "bare.pt"), f"local-dir:{open_clip_dir}", batch_size=2)(images, PROMPTS)
+    torch.testing.assert_close(bare, scores, rtol=1e-5, atol=1e-4)
+    torch.save({"state_dict": {"visual.proj": torch.zeros(2, 2)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"HPSv2 checkpoint .*other.pt' does not fit the open_clip architecture"):
+        build_scorer("hpsv2", str(tmp_path / "other.pt"), f"local-dir:{open_clip_dir}")
+
+
+def aesthetic_layout(width: int) -> torch.nn.Sequential:
+    """The released predictor's layer layout (Linear/Dropout at indices 0..7), written out independently."""
+    return torch.nn.Sequential(torch.nn.Linear(width, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                               torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1)).eval()
+
+
+def test_aesthetic_is_the_head_on_the_normalised_image_embedding(open_clip_dir, tmp_path):
+    torch.manual_seed(0)
+    head = aesthetic_layout(16)                                       # the tiny CLIP embeds in 16 dimensions
+    torch.save({f"layers.{key}": value for key, value in head.state_dict().items()}, tmp_path / "head.pth")
+    score = build_scorer("aesthetic", str(tmp_path / "head.pth"), f"local-dir:{open_clip_dir}")
+    images = images_of(3)
+    scores = score(images, PROMPTS)
+    clip = load_clip(f"local-dir:{open_clip_dir}", None)
+    embeddings = clip.model.encode_image(clip_preprocess(quantize_to_uint8(images), 32, (0.5,) * 3, (0.5,) * 3))
+    with torch.no_grad():
+        expected = head(F.normalize(embeddings, dim=-1)).squeeze(-1)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    assert scores.std() > 0                                                              # images differ in score
+    torch.testing.assert_close(score(images, ["x", "y", "z"]), scores, rtol=0, atol=0)   # prompts are ignored
+    torch.save({f"layers.{key}": value for key, value in aesthetic_layout(768).state_dict().items()},
+               tmp_path / "wide.pth")
+    with pytest.raises(ValueError, match=r"takes 768-d embeddings but the CLIP 'local-dir:.*' .* gives 16-d"):
+        build_scorer("aesthetic", str(tmp_path / "wide.pth"), f"local-dir:{open_clip_dir}")
+    torch.save({"layers.0.weight": torch.zeros(1024, 16)}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"'.*partial.pth' does not have the layer layout of AestheticHead"):
+        build_scorer("aesthetic", str(tmp_path / "partial.pth"), f"local-dir:{open_clip_dir}")
+
+
+def test_weights_files_resolve_to_local_paths_or_hub_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: downloads.append((repo, name)) or name)
+    (tmp_path / "local.pt").write_bytes(b"")
+    assert resolve_weights_file(str(tmp_path / "local.pt"), "org/default", "default.pt") == str(tmp_path / "local.pt")
+    resolve_weights_file(None, "xswu/HPSv2", "HPS_v2_compressed.pt")
+    resolve_weights_file("HPS_v2.1_compressed.pt", "xswu/HPSv2", "HPS_v2_compressed.pt")
+    resolve_weights_file("org/repo/sub/file.pth", "xswu/HPSv2", "HPS_v2_compressed.pt")
+    assert downloads == [("xswu/HPSv2", "HPS_v2_compressed.pt"), ("xswu/HPSv2", "HPS_v2.1_compressed.pt"),
+                         ("org/repo", "sub/file.pth")]
+    for local in (str(tmp_path / "missing.pt"), "./missing.pt", "dir/missing.pt"):
+        with pytest.raises(FileNotFoundError, match="no such file"):
+            resolve_weights_file(local, "xswu/HPSv2", "HPS_v2_compressed.pt")
+    assert len(downloads) == 3                                         # a local-looking path never goes to the hub
+
+
+def test_registry_lists_the_four_scorers_and_eval_dpo_accepts_them():
+    assert sorted(SCORERS) == ["aesthetic", "clip", "hpsv2", "pickscore"]
+    script = load_script()
+    for name in SCORERS:
+        assert script.parse_args(["--base", "b", "--tuned", "t", "--prompts", "p", "--scorer", name]).scorer == name
+
+
 def test_scorer_errors_name_the_model_and_the_local_path_option(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown reward scorer 'hps'.*'clip', 'pickscore'"):
+    with pytest.raises(ValueError, match=r"unknown reward scorer 'hps'.*'aesthetic', 'clip', 'hpsv2', 'pickscore'"):
         build_scorer("hps")
+    with pytest.raises(OSError, match=r"HPSv2 checkpoint '.*HPS_v2.pt' \(FileNotFoundError.*local path as "
+                                      r"model='/path/to/HPS_v2_compressed.pt' \(--scorer-model\)"):
+        build_scorer("hpsv2", str(tmp_path / "HPS_v2.pt"))
+    with pytest.raises(OSError, match=r"aesthetic predictor head '.*head.pth'.*local path as model="):
+        build_scorer("aesthetic", str(tmp_path / "head.pth"))
     missing = str(tmp_path / "PickScore_v1")
     with pytest.raises(OSError, match=r"PickScore model '.*PickScore_v1'.*local path as model="):
         build_scorer("pickscore", missing)

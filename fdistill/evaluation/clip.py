@@ -87,11 +87,14 @@ def _image_size(model: nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def load_clip(model_name: str = "ViT-B-32", pretrained: str | None = "openai", device="cpu") -> ClipModel:
-    """Load an open_clip model (see module docstring); eval mode, frozen."""
+def load_clip(model_name: str = "ViT-B-32", pretrained: str | None = "openai", device="cpu",
+              load_weights: bool = True) -> ClipModel:
+    """Load an open_clip model (see module docstring); eval mode, frozen. ``load_weights=False``: the architecture
+    only (random init, also for ``local-dir:``), for weights loaded afterwards from a fine-tuned checkpoint."""
     import open_clip
 
-    model = open_clip.create_model(model_name, pretrained=pretrained, device=device).eval().requires_grad_(False)
+    model = open_clip.create_model(model_name, pretrained=pretrained, load_weights=load_weights,
+                                   device=device).eval().requires_grad_(False)
     config = getattr(model.visual, "preprocess_cfg", {}) or {}
     name = model_name.split(":")[-1].rstrip("/").split("/")[-1].lower().replace("-", "_")
     return ClipModel(name, model, open_clip.get_tokenizer(model_name), _image_size(model),
