@@ -17,7 +17,7 @@ from fdistill.training.sharding import check_fsdp_support, fsdp_requested, shard
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 from test_trainer import free_port  # noqa: E402
-from trainer_helpers import fsdp_method, fsdp_run_config, ring_data, tiny_denoising_method  # noqa: E402
+from trainer_helpers import fsdp_method, fsdp_run_config, fsdp_samples, ring_data, tiny_denoising_method  # noqa: E402
 
 ACCELERATE_FSDP_CONFIG = """\
 compute_environment: LOCAL_MACHINE
@@ -33,10 +33,11 @@ CLIP = 0.05  # fsdp_method's max_grad_norm
 
 
 def train_single(run: str, run_dir: Path) -> dict[str, torch.Tensor]:
-    """The 1-process reference of an FSDP run (4 micro-batches: the 2 x 2 of the launched run)."""
+    """The 1-process reference of an FSDP run (4 micro-batches: the 2 x 2 of the launched run): weights, samples."""
     method = fsdp_method(run)
-    Trainer(method, ring_data(), fsdp_run_config(run_dir, micro_batches=4, export=run == "denoising")).fit()
-    return {k: v.detach().clone() for k, v in method.state_dict().items()}
+    trainer = Trainer(method, ring_data(), fsdp_run_config(run_dir, micro_batches=4, export=run == "denoising"))
+    trainer.fit()
+    return {"weights": {k: v.detach().clone() for k, v in method.state_dict().items()}, "samples": fsdp_samples(trainer)}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,9 @@ def test_two_fsdp_processes_train_the_weights_of_one_process(runs):
     single, double = runs["single"] / "denoising", runs["double"] / "denoising"
     for rank in runs["ranks"]["denoising"]:
         assert rank["fsdp"] and rank["local_share"] == pytest.approx(0.5, abs=0.02)   # each keeps half the weights
-        assert_same_tensors(rank["weights"], runs["reference"]["denoising"])
+        assert_same_tensors(rank["weights"], runs["reference"]["denoising"]["weights"])
+        # Trainer.generate on every process: full EMA copies of the sharded networks sample like one process
+        torch.testing.assert_close(rank["samples"], runs["reference"]["denoising"]["samples"], rtol=1e-5, atol=1e-5)
     # clipping is active and uses the norm of the full gradient, not of a shard
     assert grad_norms(double) == pytest.approx(grad_norms(single), rel=1e-5) and min(grad_norms(single)) > CLIP
     # checkpoints hold full tensors: model, EMA and optimizer moments equal the 1-process run's
@@ -96,20 +99,20 @@ def test_frozen_parameters_stay_bit_identical_under_fsdp(runs):
         for key in ("frozen.teacher.weight", "frozen.teacher.bias", "networks.student.0.weight", "networks.student.0.bias"):
             assert torch.equal(weights[key], initial[key]), key        # weight decay 0.5 would move them
         assert not torch.equal(weights["networks.student.2.weight"], initial["networks.student.2.weight"])
-        assert_same_tensors(weights, runs["reference"]["probe"])
+        assert_same_tensors(weights, runs["reference"]["probe"]["weights"])
 
 
 def test_checkpoints_resume_across_process_counts(runs, tmp_path):
     # 1-process checkpoint -> 2 FSDP processes
     for rank in runs["ranks"]["resumed"]:
-        assert_same_tensors(rank["weights"], runs["reference"]["denoising"])
+        assert_same_tensors(rank["weights"], runs["reference"]["denoising"]["weights"])
     # 2-FSDP-process checkpoint -> 1 process
     shutil.copytree(runs["double"] / "denoising" / "checkpoints" / "step_000002", tmp_path / "checkpoints" / "step_000002")
     method = fsdp_method("denoising")
     trainer = Trainer(method, ring_data(), fsdp_run_config(tmp_path, micro_batches=4, export=False))
     trainer.fit()
     assert not trainer.fsdp
-    assert_same_tensors({k: v.detach() for k, v in method.state_dict().items()}, runs["reference"]["denoising"])
+    assert_same_tensors({k: v.detach() for k, v in method.state_dict().items()}, runs["reference"]["denoising"]["weights"])
     assert grad_norms(tmp_path) == pytest.approx(grad_norms(runs["single"] / "denoising")[2:], rel=1e-5)
 
 

@@ -102,8 +102,8 @@ def fsdp_method(run: str):
 
 def fsdp_runs(out_dir: Path) -> None:
     """Train each run of FSDP_RUNS in ``out_dir/<run>`` ('resumed' continues from the checkpoint that the test put
-    there) and write ``out_dir/<run>_rank<k>.pt``: the gathered weights, whether FSDP was on and this process's
-    share of the trained parameters."""
+    there) and write ``out_dir/<run>_rank<k>.pt``: the gathered weights, whether FSDP was on, this process's
+    share of the trained parameters and ``fsdp_samples`` (``Trainer.generate``, called by every process)."""
     from fdistill.training import Trainer
     from fdistill.training.sharding import full_tensors
 
@@ -114,8 +114,12 @@ def fsdp_runs(out_dir: Path) -> None:
         trainer.fit()
         trained = [p for p in method.networks.parameters()]
         local = sum(p.to_local().numel() for p in trained) / sum(p.numel() for p in trained)
-        torch.save({"weights": full_tensors(method.state_dict()), "fsdp": trainer.fsdp, "local_share": local},
-                   out_dir / f"{run}_rank{trainer.accelerator.process_index}.pt")
+        torch.save({"weights": full_tensors(method.state_dict()), "fsdp": trainer.fsdp, "local_share": local,
+                    "samples": fsdp_samples(trainer)}, out_dir / f"{run}_rank{trainer.accelerator.process_index}.pt")
+
+
+def fsdp_samples(trainer) -> torch.Tensor:
+    return trainer.generate(4, torch.Generator().manual_seed(0))
 
 
 def train_and_record(out_dir: Path, micro_batches: int) -> None:

@@ -137,7 +137,7 @@ class Trainer:
             n for phase in self.phases.values() for n in phase.networks)} if self.fsdp else {}
         if self.fsdp:
             check_fsdp_support(self.phases.values(), config.mixed_precision)
-        self.templates = NetworkTemplates(self.sharded) if self.fsdp and self.is_main else None
+        self.templates = NetworkTemplates(self.sharded) if self.fsdp else None
         method.to(self.accelerator.device)
         self._broadcast_state()
         if self.fsdp:
@@ -308,12 +308,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- outputs
     @contextmanager
-    def inference_model(self) -> Iterator[None]:
+    def inference_model(self, on_all_processes: bool = False) -> Iterator[None]:
         """The method as outputs see it: first EMA snapshot swapped in (raw weights without EMA), eval mode, no grad.
-        Under FSDP every process must enter (the sharded networks are gathered); on the main process they are then
-        replaced by full plain copies, so code inside runs there as on one process (other processes do nothing)."""
+        Under FSDP every process must enter (the sharded networks are gathered); on the main process (on every process
+        with ``on_all_processes``) they are then replaced by full plain copies, so code inside runs there as on one
+        process. Other processes must not run the method inside."""
         was_training = self.method.training
-        with self.ema.swapped_in(), self._gathered_networks(), torch.no_grad():
+        with self.ema.swapped_in(), self._gathered_networks(on_all_processes), torch.no_grad():
             self.method.eval()
             try:
                 yield
@@ -321,12 +322,12 @@ class Trainer:
                 self.method.train(was_training)
 
     @contextmanager
-    def _gathered_networks(self) -> Iterator[None]:
+    def _gathered_networks(self, on_all_processes: bool) -> Iterator[None]:
         if not self.fsdp:
             yield
             return
         states = {name: full_tensors(network.state_dict()) for name, network in self.sharded.items()}
-        if not self.is_main:
+        if not (self.is_main or on_all_processes):
             yield
             return
         for name, state in states.items():
@@ -338,8 +339,9 @@ class Trainer:
                 self.method.networks[name] = network
 
     def generate(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
-        """Samples of the method under ``inference_model`` (collective under FSDP: every process calls it)."""
-        with self.inference_model():
+        """Samples of the method under ``inference_model`` (collective under FSDP: every process calls it and gets
+        the samples)."""
+        with self.inference_model(on_all_processes=True):
             return self.method.generate(num, generator=generator, cond=cond)
 
     def _sample(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
