@@ -87,9 +87,16 @@ def full_value(value: Tensor) -> Tensor:
     return value.full_tensor() if is_sharded(value) else value
 
 
-def full_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``tensors`` with every DTensor gathered to a full CPU tensor (collective, see ``full_value``)."""
-    return {k: full_value(v).cpu() if is_sharded(v) else v for k, v in tensors.items()}
+def full_tensors(tensors: dict[str, Tensor], keep: bool = True) -> dict[str, Tensor]:
+    """``tensors`` with every DTensor gathered to a full CPU tensor (collective, see ``full_value``). A process that
+    only helps gather (``keep=False``: not the one writing) drops each full tensor at once and gets {}: host memory
+    for one full copy of a large model per process would add up."""
+    gathered = {}
+    for key, value in tensors.items():
+        value = full_value(value).cpu() if is_sharded(value) else value
+        if keep:
+            gathered[key] = value
+    return gathered
 
 
 def shard_like(full: Tensor, like: Tensor) -> Tensor:
@@ -105,11 +112,10 @@ def shard_tensors_like(full: dict[str, Tensor], like: dict[str, Tensor]) -> dict
     return {k: shard_like(v, like[k]) if k in like else v for k, v in full.items()}
 
 
-def full_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+def full_optimizer_state(state: dict[str, Any], keep: bool = True) -> dict[str, Any]:
     """An optimizer ``state_dict()`` with sharded state tensors (Adam moments) gathered: the plain layout of an
-    unsharded optimizer (collective under FSDP)."""
-    per_param = {index: {k: full_value(v).cpu() if is_sharded(v) else v for k, v in values.items()}
-                 for index, values in state["state"].items()}
+    unsharded optimizer (collective under FSDP; ``keep=False``: per-parameter states dropped, see ``full_tensors``)."""
+    per_param = {index: full_tensors(values, keep) for index, values in state["state"].items()}
     return {**state, "state": per_param}
 
 

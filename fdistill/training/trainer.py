@@ -253,10 +253,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict[str, Any]:
-        """Full (unsharded) trainer state; collective under FSDP (gathers the optimizer states)."""
+        """Full (unsharded) trainer state; collective under FSDP (gathers the optimizer states, kept by the main
+        process only)."""
         return {
             "step": self.step,
-            "optimizers": {k: full_optimizer_state(v.state_dict()) for k, v in self.optimizers.items()},
+            "optimizers": {k: full_optimizer_state(v.state_dict(), self.is_main) for k, v in self.optimizers.items()},
             "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
             "scalers": {k: v.state_dict() for k, v in self.scalers.items()},
             "ema_updates": self.ema.num_updates,
@@ -266,8 +267,8 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the current step: full state dicts (under FSDP every process helps gather them), the main
         process writes; everyone waits for it."""
-        model = full_tensors(self.method.checkpoint_state_dict())
-        emas = {d: full_tensors(self.ema.state_dict(d)) for d in self.ema.decays}
+        model = full_tensors(self.method.checkpoint_state_dict(), self.is_main)
+        emas = {d: full_tensors(self.ema.state_dict(d), self.is_main) for d in self.ema.decays}
         state = self.trainer_state()
         if self.is_main:
             self.last_checkpoint = save_checkpoint(self.checkpoint_root, self.step, model, emas, state,
@@ -326,8 +327,9 @@ class Trainer:
         if not self.fsdp:
             yield
             return
-        states = {name: full_tensors(network.state_dict()) for name, network in self.sharded.items()}
-        if not (self.is_main or on_all_processes):
+        keep = self.is_main or on_all_processes
+        states = {name: full_tensors(network.state_dict(), keep) for name, network in self.sharded.items()}
+        if not keep:
             yield
             return
         for name, state in states.items():
