@@ -53,10 +53,12 @@ def parameter_count(module: nn.Module) -> int:
 
 def shard_units(network: nn.Module, min_params: int) -> list[nn.Module]:
     """The modules to wrap with ``fully_shard``, innermost first, ``network`` itself last: every submodule with at
-    least ``min_params`` parameters in total (ModuleList / ModuleDict excluded: they have no forward to hook).
-    A unit that a method calls directly (``network.net(...)``) is all-gathered by its own hooks."""
+    least ``min_params`` parameters in total, and every direct child with parameters (ModuleList / ModuleDict
+    excluded: they have no forward to hook). FSDP all-gathers a unit in its forward hook, so a child that a method
+    calls directly, bypassing the network's forward (``network.net(...)`` of the denoiser wrappers), must be a unit."""
+    children = {id(child) for child in network.children()}
     inner = [m for m in network.modules() if m is not network and not isinstance(m, UNSHARDABLE_CONTAINERS)
-             and parameter_count(m) >= min_params]
+             and parameter_count(m) >= (1 if id(m) in children else min_params)]
     depth = {m: name.count(".") for name, m in network.named_modules()}
     return sorted(inner, key=lambda m: -depth[m]) + [network]
 
