@@ -1,13 +1,15 @@
 """Benchmark: one-step f-distill generators on the 8x8 digits vs the teacher with DPM-Solver++(2M), 20 steps.
 
 Recipe: ``conf/experiment/digits_fdistill.yaml`` (exact class-conditional teacher = the ideal denoiser of the digits,
-one-step UNet student), with the divergence changed. Reports digits FD and class-histogram TV (2,000 class-balanced
-samples) for rkl (DMD2), kl and js and for the teacher; and the cost of the density-ratio weighting: network
+one-step UNet student), with the divergence changed. Reports digits FD, class-histogram TV and within-class spread
+(mean per-pixel std over samples of one class; the data's is 0.33, a generator that ignores its noise has 0) of
+2,000 class-balanced samples for rkl (DMD2), kl and js and for the teacher; and the cost of the density-ratio
+weighting: network
 evaluations per student / critic step (counted with forward hooks) and training steps/s of js vs rkl (measured in
 alternating blocks so that load changes of a shared machine hit both alike).
 
-    python scripts/bench_fdistill_digits.py           # 2,000 steps per divergence
-    python scripts/bench_fdistill_digits.py --quick   # 400 steps per divergence (~10 min on 2 cores)
+    python scripts/bench_fdistill_digits.py           # the recipe's steps per divergence
+    python scripts/bench_fdistill_digits.py --quick   # 400 steps per divergence
 Writes benchmarks/fdistill_digits.json and prints markdown tables.
 """
 from __future__ import annotations
@@ -31,10 +33,26 @@ NUM_EVAL = 2000
 UNIFORM = torch.full((10,), 0.1, dtype=torch.float64)
 
 
+def within_class_spread(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over classes of the mean per-pixel standard deviation of that class's images ([N, ...], [N] -> float)."""
+    return float(torch.stack([images[labels == c].float().std(0).mean() for c in labels.unique()]).mean())
+
+
+def evaluate(images: torch.Tensor) -> dict[str, float]:
+    """digits FD, class TV and within-class spread of class-balanced samples (labels cycle 0..9, as ``generate``)."""
+    labels = torch.arange(len(images)) % 10
+    return {**digit_metrics(images, UNIFORM), "within_class_std": within_class_spread(images, labels)}
+
+
 def build_method(divergence: str, extra: list[str]):
     spec = validate(compose(["experiment=digits_fdistill", f"method.divergence={divergence}", *extra]))
     run = build_run(spec, with_loggers=False)
     return run.method, run.data, spec.train.batch_size
+
+
+def recipe_steps(extra: list[str]) -> int:
+    """train.steps of the digits_fdistill recipe (with the command line's overrides)."""
+    return validate(compose(["experiment=digits_fdistill", *extra])).train.steps
 
 
 def count_evaluations(method, data, batch_size: int) -> dict[str, dict[str, int]]:
@@ -71,28 +89,33 @@ def interleaved_step_rates(extra: list[str], steps: int, rounds: int = 3) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="400 steps per divergence")
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="steps per divergence (default: the recipe's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="benchmarks/fdistill_digits.json")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. method.lr=1e-3")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    steps = args.steps or (400 if args.quick else 2000)
+    torch.set_num_threads(args.threads)
     results = {}
     for divergence in ("rkl", "kl", "js"):
         torch.manual_seed(0)
         method, data, batch_size = build_method(divergence, args.overrides)
+        steps = args.steps or (400 if args.quick else recipe_steps(args.overrides))
         seconds = run_steps(method, data, steps, batch_size)
-        metrics = digit_metrics(method.eval().generate(NUM_EVAL, torch.Generator().manual_seed(1)), UNIFORM)
+        metrics = evaluate(method.eval().generate(NUM_EVAL, torch.Generator().manual_seed(1)))
         results[divergence] = {**metrics, "nfe": 1, "train_seconds": seconds, "steps_per_sec": steps / seconds,
                                "evaluations_per_step": count_evaluations(method.train(), data, batch_size)}
         print(f"{divergence}: {results[divergence]}", flush=True)
-    teacher = digit_metrics(teacher_samples(method, NUM_EVAL, torch.Generator().manual_seed(2)), UNIFORM)
+    teacher = evaluate(teacher_samples(method, NUM_EVAL, torch.Generator().manual_seed(2)))
     results["teacher"] = {**teacher, "nfe": 20, "solver": "dpmpp_2m"}
-    print("\n| model | NFE | digits FD | class TV | train steps/s |")
-    print("|---|---|---|---|---|")
+    print("\n| model | NFE | digits FD | class TV | within-class std (data 0.33) | train steps/s |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
         rate = f"{r['steps_per_sec']:.2f}" if "steps_per_sec" in r else "-"
-        print(f"| {name} | {r['nfe']} | {r['digits_fd']:.2f} | {r['class_tv']:.3f} | {rate} |")
+        print(f"| {name} | {r['nfe']} | {r['digits_fd']:.2f} | {r['class_tv']:.3f} | {r['within_class_std']:.3f} | {rate} |")
+    goals = {"one_step_within_20pct_of_teacher_fd": {name: results[name]["digits_fd"] <= 1.2 * teacher["digits_fd"]
+                                                     for name in ("rkl", "kl", "js")},
+             "js_fd_below_rkl": results["js"]["digits_fd"] < results["rkl"]["digits_fd"]}
+    print(f"\ngoals: {goals}")
     rates = interleaved_step_rates(args.overrides, steps=60 if args.quick else 150)
     overhead = rates["rkl"] / rates["js"] - 1
     print(f"\ninterleaved steps/s: rkl {rates['rkl']:.2f}, js {rates['js']:.2f}; "
@@ -108,7 +131,7 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
     out.write_text(json.dumps({"benchmark": "fdistill_digits", "steps": steps, "quick": args.quick,
                                "overrides": args.overrides, "samples": NUM_EVAL, "machine": machine,
-                               "interleaved_steps_per_sec": rates, "weighting_overhead": overhead,
+                               "goals": goals, "interleaved_steps_per_sec": rates, "weighting_overhead": overhead,
                                "results": results}, indent=2))
     print(f"\nwrote {out}")
 
