@@ -68,6 +68,7 @@ def _batched(score_batch: Scorer, batch_size: int) -> Scorer:
 
 def _load_open_clip(model_name: str, pretrained: str | None, device: str | torch.device, option: str,
                     load_weights: bool = True) -> ClipModel:
+    """``load_clip`` whose load failure names the model and the local-copy ``option``."""
     try:
         return load_clip(model_name, pretrained, device=device, load_weights=load_weights)
     except (OSError, RuntimeError, ValueError) as error:
