@@ -25,17 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fdistill_2d import run_steps  # noqa: E402
 
-from fdistill.commands.distill import digit_metrics, teacher_samples  # noqa: E402
+from fdistill.commands.distill import digit_metrics, teacher_samples, within_class_spread  # noqa: E402
 from fdistill.config import build_run, compose, validate  # noqa: E402
 from fdistill.methods.base import StepContext  # noqa: E402
 
 NUM_EVAL = 2000
 UNIFORM = torch.full((10,), 0.1, dtype=torch.float64)
-
-
-def within_class_spread(images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over classes of the mean per-pixel standard deviation of that class's images ([N, ...], [N] -> float)."""
-    return float(torch.stack([images[labels == c].float().std(0).mean() for c in labels.unique()]).mean())
 
 
 def evaluate(images: torch.Tensor) -> dict[str, float]:

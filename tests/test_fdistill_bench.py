@@ -9,7 +9,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_fdistill_2d  # noqa: E402
 from bench_fdistill_2d import summarise, train_2d  # noqa: E402
-from bench_fdistill_digits import recipe_steps, within_class_spread  # noqa: E402
+from bench_fdistill_digits import recipe_steps  # noqa: E402
+
+from fdistill.commands.distill import within_class_spread  # noqa: E402
 
 
 def test_train_2d_records_a_trajectory_at_every_eval_step():

@@ -16,7 +16,7 @@ from fdistill.training.sharding import check_fsdp_support, fsdp_requested, shard
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from test_trainer import free_port  # noqa: E402
+from test_trainer import cpu_launch_env, free_port  # noqa: E402
 from trainer_helpers import fsdp_method, fsdp_run_config, fsdp_samples, ring_data, tiny_denoising_method  # noqa: E402
 
 ACCELERATE_FSDP_CONFIG = """\
@@ -52,7 +52,7 @@ def runs(tmp_path_factory):
     (root / "fsdp.yaml").write_text(ACCELERATE_FSDP_CONFIG)
     launch = ["accelerate", "launch", "--config_file", str(root / "fsdp.yaml"), "--main_process_port", str(free_port())]
     done = subprocess.run([*launch, str(TESTS / "trainer_helpers.py"), "fsdp", str(double)], capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=240, env=cpu_launch_env())
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = {run: [torch.load(double / f"{run}_rank{k}.pt") for k in range(2)] for run in ("denoising", "probe", "resumed")}
     return {"single": single, "double": double, "reference": reference, "ranks": ranks, "initial_probe": initial_probe}

@@ -123,6 +123,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_launch_env() -> dict[str, str]:
+    """Environment for ``accelerate launch`` of CPU processes: GPUs hidden, else on a 1-GPU machine rank 1 asks
+    for cuda:1 in accelerate's barrier (seen on an H200 machine)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
 def test_two_processes_average_gradients_like_one_process_on_the_same_global_batch(tmp_path):
     """accelerate's ``--cpu`` flag alone runs ONE process (its simple launcher); ``--multi_gpu`` starts torchrun, and
     Accelerator(cpu=True) then joins a gloo group: 2 processes on the CPU."""
@@ -132,7 +138,8 @@ def test_two_processes_average_gradients_like_one_process_on_the_same_global_bat
     train_and_record(single, micro_batches=2)                           # 1 process x 2 micro-batches, in-process
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    two = subprocess.run([*launch, script, str(double), "1"], capture_output=True, text=True, timeout=120)
+    two = subprocess.run([*launch, script, str(double), "1"], capture_output=True, text=True, timeout=120,
+                         env=cpu_launch_env())
     assert two.returncode == 0, two.stderr[-2000:]
 
     reference = torch.load(single / "rank0.pt")

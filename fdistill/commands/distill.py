@@ -5,7 +5,8 @@ into a class-conditional one-step UNet generator with the Jensen-Shannon diverge
 into ``train.run_dir`` (default ``runs/digits_fdistill``):
     model/            the one-step generator (``fdistill sample --model <dir> --steps 1``; Diffusers loads model/unet)
     samples/          sample grids of the generator
-    metrics.json      digits FD and class-histogram TV of the generator and of the teacher (DPM-Solver++(2M), 20 steps)
+    metrics.json      digits FD, class-histogram TV and within-class spread of the generator and of the teacher
+                      (DPM-Solver++(2M), 20 steps)
     metrics.jsonl     training scalars; config.yaml; checkpoints/
 
 Examples:
@@ -56,6 +57,12 @@ def digit_metrics(images: torch.Tensor, class_frequencies: torch.Tensor) -> dict
     return {"digits_fd": digits_fd(images), "class_tv": float(0.5 * (histogram - class_frequencies).abs().sum())}
 
 
+def within_class_spread(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over classes of the mean per-pixel standard deviation of that class's images ([N, ...], [N] -> float).
+    The digits' own is 0.33; a class-conditional generator that ignores its noise scores 0."""
+    return float(torch.stack([images[labels == c].float().std(0).mean() for c in labels.unique()]).mean())
+
+
 def teacher_samples(method, num: int, generator: torch.Generator) -> torch.Tensor:
     """``num`` samples of the (guided) teacher with DPM-Solver++(2M), 20 Karras steps over the method's sigma range."""
     from ..samplers import sample, sigmas
@@ -64,18 +71,23 @@ def teacher_samples(method, num: int, generator: torch.Generator) -> torch.Tenso
     levels = sigmas("karras", TEACHER_STEPS, config.sigma_min, config.sigma_max)
     noise = levels[0] * torch.randn(num, *method.sample_shape, generator=generator, dtype=torch.float64)
     cond = torch.arange(num) % method.num_classes if method.num_classes else None
+    device = method.device()     # noise drawn on the CPU: the same samples on any device
     with torch.no_grad():
-        return sample(method.guided_teacher, noise.float(), levels.float(), solver="dpmpp_2m", cond=cond)
+        return sample(method.guided_teacher, noise.float().to(device), levels.float().to(device), solver="dpmpp_2m",
+                      cond=None if cond is None else cond.to(device))
 
 
 def evaluate_digits(method, data, num: int = EVAL_SAMPLES) -> dict[str, Any]:
     """Metrics of the one- or few-step generator and of the teacher against the digits (class-balanced samples)."""
     frequencies = torch.full((10,), 0.1, dtype=torch.float64)
     started = time.perf_counter()
-    student = digit_metrics(method.generate(num, torch.Generator().manual_seed(1)), frequencies)
+    labels = torch.arange(num) % 10      # generate and teacher_samples cycle the classes
+    images = method.generate(num, torch.Generator().manual_seed(1)).cpu()
+    student = {**digit_metrics(images, frequencies), "within_class_std": within_class_spread(images, labels)}
     student_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    teacher = digit_metrics(teacher_samples(method, num, torch.Generator().manual_seed(2)), frequencies)
+    images = teacher_samples(method, num, torch.Generator().manual_seed(2)).cpu()
+    teacher = {**digit_metrics(images, frequencies), "within_class_std": within_class_spread(images, labels)}
     return {"samples": num, "student": {**student, "nfe": len(method.generator_sigmas), "seconds": student_seconds},
             "teacher": {**teacher, "nfe": TEACHER_STEPS, "solver": "dpmpp_2m",
                         "seconds": time.perf_counter() - started}}

@@ -10,6 +10,7 @@ images are area-resampled to 8x8, RGB is averaged to gray, and flat [B, 64] vect
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from pathlib import Path
@@ -97,7 +98,8 @@ class DigitsFeatureExtractor(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.network = digits_feature_network()
+        # a copy: moving this extractor to a GPU must not move the shared CPU network that digits_fd uses
+        self.network = copy.deepcopy(digits_feature_network())
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

@@ -163,8 +163,9 @@ def sample_with(denoiser: nn.Module, num: int, sample_shape: tuple[int, ...], sa
     device = next(denoiser.parameters()).device
     sigma_min = sampler.sigma_min or getattr(denoiser, "sigma_min", 0.002)
     sigma_max = sampler.sigma_max or getattr(denoiser, "sigma_max", 80.0)
-    schedule = samplers.sigmas(sampler.schedule, sampler.steps, sigma_min, sigma_max).to(device)
-    noise = torch.randn(num, *sample_shape, generator=generator) * schedule[0]
+    schedule = samplers.sigmas(sampler.schedule, sampler.steps, sigma_min, sigma_max)
+    noise = torch.randn(num, *sample_shape, generator=generator) * schedule[0]    # CPU generator: same on any device
+    schedule = schedule.to(device)
     chunks = []
     with likelihood_mode(denoiser):     # eval mode (no dropout), fp32
         for start in range(0, num, batch):

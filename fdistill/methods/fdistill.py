@@ -300,7 +300,7 @@ class FDistill(Method):
         backbone = None
         if not callable(getattr(source, "features", None)):
             backbone = NoisyInputFeatures(math.prod(self.sample_shape), self.config.head_width, self.config.sigma_data)
-        probe_x = torch.zeros(1, *self.sample_shape, device=self._device())
+        probe_x = torch.zeros(1, *self.sample_shape, device=self.device())
         probe_sigma = torch.ones(1, device=probe_x.device)
         with torch.no_grad():
             probe_cond = torch.zeros(1, dtype=torch.long, device=probe_x.device) if self.num_classes else None
@@ -308,7 +308,8 @@ class FDistill(Method):
         head = DiscriminatorHead(tuple(feats.shape[1:]), self.config.head_width, self.num_classes)
         return Discriminator(head, backbone)
 
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
+        """The device of the student's parameters (where training and generation run)."""
         tensor = next(self.networks["student"].parameters(), None)
         return tensor.device if tensor is not None else torch.device("cpu")
 
@@ -451,7 +452,7 @@ class FDistill(Method):
     def generator_noise(self, num: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         """z [num, *shape] and, for a few-step student, renoise [K - 1, num, *shape], drawn from ``generator``
         (on its device) and moved to the student's device."""
-        device = self._device()
+        device = self.device()
         noise_device = generator.device if generator is not None else device
         noise = torch.randn(len(self.generator_sigmas), num, *self.sample_shape, generator=generator,
                             device=noise_device).to(device)

@@ -104,7 +104,8 @@ class TextToImageFDistill(FDistill):
 def integer_timesteps(teacher: DiffusersDenoiser, sigmas: tuple[float, ...]) -> list[int]:
     """UNet timesteps of ``sigmas`` under the teacher's DDPM schedule; ValueError (listing the grid sigmas of the
     nearest timesteps) unless every sigma is a grid sigma: Diffusers pipelines only take integer timesteps."""
-    fractional = teacher.schedule.timestep(torch.tensor(sigmas, dtype=torch.float64)).double()
+    device = teacher.schedule.log_sigmas.device
+    fractional = teacher.schedule.timestep(torch.tensor(sigmas, dtype=torch.float64, device=device)).double().cpu()
     nearest = fractional.round()
     if (fractional - nearest).abs().max() > 1e-3:
         grid = [round(float(s), 5) for s in teacher.schedule.sigma_at(nearest.long())]
