@@ -143,3 +143,16 @@ def test_tiny_tokenizer_is_offline_and_whole_word():
     assert all(tokenizer.convert_tokens_to_ids(w + "</w>") != tokenizer.unk_token_id for w in TINY_WORDS)
     padded = tokenizer(["a red square", ""], padding="max_length", max_length=16, return_tensors="pt").input_ids
     assert padded.shape == (2, 16)
+
+
+def test_caption_colour_accuracy_reads_the_dominant_colour_of_each_image():
+    from fdistill.data.preference import COLOURS, caption_colour_accuracy, image_colours
+
+    # a square of each colour on a grey background, drawn in [-1, 1]
+    images = torch.zeros(len(COLOURS), 3, 8, 8)
+    for index, rgb in enumerate(COLOURS.values()):
+        images[index, :, 2:6, 2:6] = torch.tensor(rgb)[:, None, None] * 2 - 1
+    assert image_colours(images).tolist() == list(range(len(COLOURS)))
+    captions = [f"a {name} square" for name in COLOURS]
+    assert caption_colour_accuracy(images, captions) == 1.0
+    assert caption_colour_accuracy(images, captions[1:] + captions[:1]) == 0.0

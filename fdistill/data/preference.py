@@ -235,6 +235,19 @@ def shape_colour_reward(images: Tensor, captions: list[str]) -> Tensor:
     return torch.einsum("bchw,bc->b", grey_removed, directions) / (images.shape[-1] * images.shape[-2])
 
 
+def image_colours(images: Tensor) -> Tensor:
+    """Index in COLOURS [B] of the colour an image [B, 3, H, W] shows most: the largest mean projection of its pixels
+    (grey removed) onto the colours' directions."""
+    grey_removed = images - images.mean(dim=1, keepdim=True)
+    return torch.einsum("bchw,kc->bk", grey_removed, _chroma_directions().to(images)).argmax(dim=1)
+
+
+def caption_colour_accuracy(images: Tensor, captions: list[str]) -> float:
+    """Share of images [B, 3, H, W] whose dominant colour (``image_colours``) is the one their caption names."""
+    named = torch.tensor([caption_colour(c) for c in captions], device=images.device)
+    return float((image_colours(images) == named).float().mean())
+
+
 def _shape_image(mask: Tensor, colour: Tensor, background: float, noise: Tensor) -> Tensor:
     image = torch.full((3, *mask.shape), background)
     image = torch.where(mask, colour[:, None, None] * 2.0 - 1.0, image)
