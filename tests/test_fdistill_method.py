@@ -221,3 +221,28 @@ def test_build_from_analytic_teacher_needs_a_network_spec_and_generates():
     assert samples.shape == (10, 2) and torch.isfinite(samples).all()
     with pytest.raises(ValueError, match="cannot be imported"):
         build(FDistillConfig(network={"_target_": "fdistill.networks.NoSuchNet"}), None, data)
+
+
+def test_one_micro_batch_student_step_reuses_the_weighting_forward():
+    """The weights need the student's samples and their logits; with one micro-batch the loss reuses that forward
+    (graph kept) instead of running student and discriminator again, and the gradient is the same."""
+    torch.manual_seed(0)
+    data = points_data()
+    method = build(FDistillConfig(divergence="js", gan_weight=0.1), MLPDenoiser(dim=2, hidden=32, depth=2), data)
+    calls = {"student": 0, "head": 0}
+    for name, module in (("student", method.networks["student"]), ("head", method.networks["discriminator"].head)):
+        module.register_forward_hook(lambda *_, key=name: calls.__setitem__(key, calls[key] + 1))
+
+    def student_gradient(item):
+        method.zero_grad(set_to_none=True)
+        method.loss("student", item, StepContext(step=0))[0].backward()
+        return [p.grad.clone() for p in method.networks["student"].parameters()]
+
+    with torch.no_grad():                                   # as the trainer calls it
+        (item,) = method.prepare_step("student", [next(data.loader(32))], StepContext(step=0))
+    kept = student_gradient(item)
+    assert calls == {"student": 1, "head": 1}
+    assert all(p.grad is None for net in ("fake_score", "discriminator") for p in method.networks[net].parameters())
+    recomputed = student_gradient({k: v for k, v in item.items() if k not in ("generated", "student_logit")})
+    assert calls == {"student": 2, "head": 2}
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kept, recomputed))

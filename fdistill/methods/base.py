@@ -132,8 +132,10 @@ class Method(nn.Module):
         return self.phases()[0].name
 
     def prepare_step(self, phase: str, micro_batches: list[dict[str, Any]], ctx: StepContext) -> list[Any]:
-        """Optional no-grad pre-pass over all micro-batches of a step (e.g. global normalisation statistics that
-        need the whole global batch). Returns one item per micro-batch, passed to ``loss``. Default: unchanged."""
+        """Optional pre-pass over all micro-batches of a step (e.g. global normalisation statistics that need the
+        whole global batch), run under no_grad; a method may enable grad inside to hand a graph on to ``loss`` (then
+        that graph is backpropagated in the micro-batch's backward). Returns one item per micro-batch, passed to
+        ``loss``. Default: unchanged."""
         return micro_batches
 
     def loss(self, phase: str, item: Any, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:

@@ -346,8 +346,11 @@ class FDistill(Method):
         """Draw each micro-batch's noise; in the student phase also compute the globally normalised weights h."""
         items = [self._draw(batch, ctx.device) for batch in micro_batches]
         if phase == "student" and self.needs_ratio:
-            with torch.no_grad():
-                logits = [self._student_logit(item) for item in items]
+            # one micro-batch: its sample and logit keep their graph for the loss (no second forward); several:
+            # each is recomputed in its loss, so that only one micro-batch's activations live at a time
+            keep = len(items) == 1
+            with torch.enable_grad() if keep else torch.no_grad():
+                logits = [self._student_logit(item, keep) for item in items]
             weights, stats = self.normalized_weights(logits, [item["u"] for item in items], ctx)
             for item, weight in zip(items, weights):
                 item["weight"], item["stats"] = weight, stats
@@ -379,9 +382,15 @@ class FDistill(Method):
         label = batch.get("label") if self.num_classes else None
         return None if label is None else label.to(device)
 
-    def _student_logit(self, item: dict[str, Any]) -> Tensor:
+    def _student_logit(self, item: dict[str, Any], keep: bool) -> Tensor:
+        """Detached discriminator logits [B] of the student's noised samples; with ``keep`` the sample and the logit
+        (graph into the student only) are stored in ``item`` for ``student_phase_loss``."""
         x = self.generated(item)
-        return self.discriminator_logit(x + _times(item["sigma"], item["eps"]), item["sigma"], item["cond"])
+        with parameters_frozen(self.networks["discriminator"], self.networks["fake_score"]):
+            logit = self.discriminator_logit(x + _times(item["sigma"], item["eps"]), item["sigma"], item["cond"])
+        if keep:
+            item["generated"], item["student_logit"] = x, logit
+        return logit.detach()
 
     def normalized_weights(self, logits: list[Tensor], quantiles: list[Tensor], ctx: StepContext
                            ) -> tuple[list[Tensor], dict[str, float]]:
@@ -513,7 +522,7 @@ def parameters_frozen(*modules: nn.Module) -> Iterator[None]:
 def student_phase_loss(method: FDistill, item: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
     """Weighted distribution matching (+ gan_weight * generator GAN term) at the prepared noise."""
     config, sigma, cond = method.config, item["sigma"], item["cond"]
-    x = method.generated(item)
+    x = item["generated"] if "generated" in item else method.generated(item)
     x_t = x + _times(sigma, item["eps"])
     with torch.no_grad():
         x0_teacher = method.guided_teacher(x_t.detach(), sigma, cond)
@@ -526,8 +535,11 @@ def student_phase_loss(method: FDistill, item: dict[str, Any]) -> tuple[Tensor, 
     if config.gan_weight == 0:
         return matching, logs
     # the critic's parameters must not collect gradients here: the trainer steps (and clears) only the student's
-    with parameters_frozen(method.networks["discriminator"], method.networks["fake_score"]):
-        gan = generator_gan_loss(method.discriminator_logit(x_t, sigma, cond)).mean()
+    logit = item.get("student_logit")
+    if logit is None:
+        with parameters_frozen(method.networks["discriminator"], method.networks["fake_score"]):
+            logit = method.discriminator_logit(x_t, sigma, cond)
+    gan = generator_gan_loss(logit).mean()
     logs["student/gan"] = float(gan.detach())
     return matching + config.gan_weight * gan, logs
 

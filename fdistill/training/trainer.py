@@ -2,7 +2,7 @@
 
 Per step (see ``fdistill/methods/base.py`` for the contract):
     phase = method.phase_at(step)
-    this process's slice of the global batch -> micro-batches -> method.prepare_step (no grad)
+    this process's slice of the global batch -> micro-batches -> method.prepare_step (no grad unless it enables it)
     per micro-batch: loss = method.loss(...);  backward(loss / num_micro)        (autocast when mixed precision)
     all-reduce (mean) the gradients of the phase's parameters across processes    (one flat collective)
     NaN guard, clip (Phase.max_grad_norm), optimizer + LR-schedule step of the phase, EMA update
