@@ -102,6 +102,15 @@ def summarise(runs: list[dict]) -> dict[str, float]:
     return means | {"min_modes_covered": min(r["modes_covered"] for r in runs), "max_tv": max(r["tv"] for r in runs)}
 
 
+def previous_results(out: Path, steps: int, seeds: list[int], eval_every: int) -> dict:
+    """The per-divergence results of an earlier run in ``out`` if it used the same settings, else {}."""
+    if not out.exists():
+        return {}
+    previous = json.loads(out.read_text())
+    same = (previous.get("steps"), previous.get("seeds"), previous.get("eval_every")) == (steps, seeds, eval_every)
+    return previous.get("results", {}) if same else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 1,500 steps")
@@ -112,6 +121,9 @@ def main() -> None:
     parser.add_argument("--eval_every", type=int, default=1500, help="steps between trajectory points (0 = off)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="benchmarks/fdistill_2d.json")
+    parser.add_argument("--keep", action="store_true",
+                        help="reuse the divergences already in --out that ran with the same steps, seeds and eval_every "
+                             "(finish an interrupted run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     divergences = DIVERGENCES if args.divergences == "all" else tuple(args.divergences.split(","))
@@ -123,10 +135,13 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
-    results = {}
+    results = previous_results(out, steps, list(seeds), args.eval_every) if args.keep else {}
     print("| divergence | modes covered (of 8, mean / min) | TV to true weights (mean / max) | precision (3 std) | s / run |")
     print("|---|---|---|---|---|", flush=True)
     for divergence in divergences:
+        if divergence in results:
+            print(f"| {divergence} | (kept from {out}) |", flush=True)
+            continue
         runs = [train_2d(divergence, seed, steps, eval_every=args.eval_every)[1] for seed in seeds]
         results[divergence] = {"mean": summarise(runs), "runs": runs}
         m = results[divergence]["mean"]
