@@ -91,7 +91,12 @@ def main() -> None:
         if "failed" in r:
             print(f"| {name} | failed: {r['failed']} | {r['stderr_tail'][-200:]!r} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    from omegaconf import OmegaConf
+
+    from fdistill.config import compose
+    base = OmegaConf.to_container(compose(["experiment=digits_fdistill"])["method"], resolve=True)
     args.out.write_text(json.dumps({"benchmark": "fdistill_digits_sweep", "steps": args.steps,
+                                    "recipe_method": {k: v for k, v in base.items() if k != "network"},
                                     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                                                f"{args.jobs} runs at a time, 1 thread each",
                                     "results": results}, indent=2) + "\n")
