@@ -139,3 +139,28 @@ def test_fsdp_switches_units_and_unsupported_settings(tmp_path, monkeypatch):
         TrainConfig(fsdp_min_params=0)
     one = Trainer(tiny_denoising_method(), ring_data(), fsdp_run_config(tmp_path, fsdp=True, progress=False))
     assert not one.fsdp                                                 # one process: nothing to shard, the plain path
+
+
+def test_fsdp_command_line_trains_the_diffusers_unet_like_one_process(tmp_path):
+    """``fdistill train`` of the digits teacher (a Diffusers UNet2DModel) under ``accelerate launch`` with 2 FSDP
+    processes (every submodule of >= 1000 parameters its own unit) logs the losses and exports the weights of one
+    process with the same global batch (2 micro-batches)."""
+    common = ["experiment=digits_teacher", "train.device=cpu", "train.steps=2", "train.checkpoint_every=100",
+              "train.sample_every=100", "train.log_every=1", "train.progress=false", "train.lr_warmup_steps=0"]
+    env = {**cpu_launch_env(), "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "fdistill.cli", "train", *common, "train.micro_batches=2",
+                             f"train.run_dir={tmp_path / 'single'}"], capture_output=True, text=True, env=env, timeout=240)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+              "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "fdistill.cli", "train"]
+    double = subprocess.run([*launch, *common, "train.fsdp=true", "train.fsdp_min_params=1000", "train.micro_batches=1",
+                             f"train.run_dir={tmp_path / 'double'}"], capture_output=True, text=True, env=env, timeout=240)
+    assert double.returncode == 0, double.stderr[-2000:]
+    losses = {run: [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("single", "double")}
+    assert losses["double"] == pytest.approx(losses["single"], rel=1e-5)
+    weights = {run: load_file(next((tmp_path / run / "model" / "unet").glob("*.safetensors")))
+               for run in ("single", "double")}
+    assert weights["single"].keys() == weights["double"].keys()
+    for name, value in weights["single"].items():
+        torch.testing.assert_close(weights["double"][name], value, atol=2e-5, rtol=1e-4)
