@@ -47,9 +47,9 @@ def pretrained_teacher(args, images_source, workdir: str):
     sampler = SamplerConfig(solver="dpmpp_2m", steps=20, guidance=args.guidance)
     sft = build_sft(DiffusionDPOConfig(objective="sft", finetune="full", lr=2e-3, weight_decay=0.0, sampler=sampler),
                     components, images_source)
-    seconds = train(sft, images_source, args.pretrain_steps, 32, f"{workdir}/teacher")
+    sec_per_step = train(sft, images_source, args.pretrain_steps, 32, f"{workdir}/teacher")
     components.unet = sft.networks["unet"]
-    return components, sft.eval(), seconds
+    return components, sft.eval(), sec_per_step
 
 
 def metrics(images: torch.Tensor, prompts: list[str], per_prompt: int) -> dict[str, float]:
@@ -67,8 +67,8 @@ def distil(components, divergence: str, args, workdir: str):
                             sigma_distribution="karras", sigma_min=0.03, sigma_max=14.6, weight_decay=0.0)
     data = captioned_shapes(512, IMAGE_SIZE, seed=1)
     method = build(config, copy.deepcopy(components), data)
-    seconds = train(method, data, args.steps, args.batch, f"{workdir}/{divergence}")
-    return {"sec_per_step": seconds, "nfe": 1}, method.eval()
+    sec_per_step = train(method, data, args.steps, args.batch, f"{workdir}/{divergence}")
+    return {"sec_per_step": sec_per_step, "nfe": 1}, method.eval()
 
 
 def main() -> None:
