@@ -164,3 +164,18 @@ def test_fsdp_command_line_trains_the_diffusers_unet_like_one_process(tmp_path):
     assert weights["single"].keys() == weights["double"].keys()
     for name, value in weights["single"].items():
         torch.testing.assert_close(weights["double"][name], value, atol=2e-5, rtol=1e-4)
+
+
+def test_meta_copy_keeps_structure_and_ties_and_leaves_the_network_alone():
+    from fdistill.networks import tiny_unet
+    from fdistill.training.sharding import meta_copy
+
+    network = tiny_unet(num_classes=10)
+    copy_ = meta_copy(network)
+    assert all(t.is_meta for t in (*copy_.parameters(), *copy_.buffers()))
+    assert not any(t.is_meta for t in (*network.parameters(), *network.buffers()))
+    assert [(n, p.shape, p.requires_grad) for n, p in copy_.named_parameters()] == \
+        [(n, p.shape, p.requires_grad) for n, p in network.named_parameters()]
+    shared = torch.nn.Linear(3, 3)
+    tied = meta_copy(torch.nn.Sequential(shared, torch.nn.ReLU(), shared))
+    assert tied[0].weight is tied[2].weight
