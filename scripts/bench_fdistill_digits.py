@@ -25,20 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fdistill_2d import run_steps  # noqa: E402
 
-from fdistill.commands.distill import digit_metrics, teacher_samples, within_class_spread  # noqa: E402
+from fdistill.commands.distill import balanced_digit_metrics, teacher_samples  # noqa: E402
 from fdistill.config import build_run, compose, validate  # noqa: E402
 from fdistill.methods.base import StepContext  # noqa: E402
 
 NUM_EVAL = 2000
-UNIFORM = torch.full((10,), 0.1, dtype=torch.float64)
-
-
-def evaluate(images: torch.Tensor) -> dict[str, float]:
-    """digits FD, class TV and within-class spread of class-balanced samples (labels cycle 0..9, as ``generate``)."""
-    labels = torch.arange(len(images)) % 10
-    return {**digit_metrics(images, UNIFORM), "within_class_std": within_class_spread(images, labels)}
-
-
 def build_method(divergence: str, extra: list[str]):
     spec = validate(compose(["experiment=digits_fdistill", f"method.divergence={divergence}", *extra]))
     run = build_run(spec, with_loggers=False)
@@ -96,11 +87,11 @@ def main() -> None:
         method, data, batch_size = build_method(divergence, args.overrides)
         steps = args.steps or (400 if args.quick else recipe_steps(args.overrides))
         seconds = run_steps(method, data, steps, batch_size)
-        metrics = evaluate(method.eval().generate(NUM_EVAL, torch.Generator().manual_seed(1)))
+        metrics = balanced_digit_metrics(method.eval().generate(NUM_EVAL, torch.Generator().manual_seed(1)))
         results[divergence] = {**metrics, "nfe": 1, "train_seconds": seconds, "steps_per_sec": steps / seconds,
                                "evaluations_per_step": count_evaluations(method.train(), data, batch_size)}
         print(f"{divergence}: {results[divergence]}", flush=True)
-    teacher = evaluate(teacher_samples(method, NUM_EVAL, torch.Generator().manual_seed(2)))
+    teacher = balanced_digit_metrics(teacher_samples(method, NUM_EVAL, torch.Generator().manual_seed(2)))
     results["teacher"] = {**teacher, "nfe": 20, "solver": "dpmpp_2m"}
     print("\n| model | NFE | digits FD | class TV | within-class std (data 0.33) | train steps/s |")
     print("|---|---|---|---|---|---|")

@@ -30,6 +30,7 @@ job teacher_fp32 240 $FD train experiment=digits_teacher train.device=$DEVICE tr
     train.run_dir=$RUNS/teacher
 job teacher_bf16 120 $FD train experiment=digits_teacher train.device=$DEVICE train.steps=100 train.progress=false \
     train.mixed_precision=bf16 train.run_dir=$RUNS/teacher_bf16
+# train.fsdp=true on one process takes the plain path: this checks the flag is harmless on a single GPU
 job teacher_fsdp_1proc 120 $FD train experiment=digits_teacher train.device=$DEVICE train.steps=50 train.progress=false \
     train.fsdp=true train.fsdp_min_params=1000 train.run_dir=$RUNS/teacher_fsdp
 job distill_js 240 $FD distill train.device=$DEVICE train.steps=300 train.progress=false train.run_dir=$RUNS/distill

@@ -63,6 +63,15 @@ def within_class_spread(images: torch.Tensor, labels: torch.Tensor) -> float:
     return float(torch.stack([images[labels == c].float().std(0).mean() for c in labels.unique()]).mean())
 
 
+def balanced_digit_metrics(images: torch.Tensor) -> dict[str, float]:
+    """digit_metrics against uniform class frequencies, and the within-class spread, of class-balanced samples
+    [N, C, H, W] whose labels cycle 0..9 (as ``method.generate`` and ``teacher_samples`` draw them)."""
+    labels = torch.arange(len(images)) % 10
+    images = images.cpu()
+    return {**digit_metrics(images, torch.full((10,), 0.1, dtype=torch.float64)),
+            "within_class_std": within_class_spread(images, labels)}
+
+
 def teacher_samples(method, num: int, generator: torch.Generator) -> torch.Tensor:
     """``num`` samples of the (guided) teacher with DPM-Solver++(2M), 20 Karras steps over the method's sigma range."""
     from ..samplers import sample, sigmas
@@ -79,15 +88,11 @@ def teacher_samples(method, num: int, generator: torch.Generator) -> torch.Tenso
 
 def evaluate_digits(method, data, num: int = EVAL_SAMPLES) -> dict[str, Any]:
     """Metrics of the one- or few-step generator and of the teacher against the digits (class-balanced samples)."""
-    frequencies = torch.full((10,), 0.1, dtype=torch.float64)
     started = time.perf_counter()
-    labels = torch.arange(num) % 10      # generate and teacher_samples cycle the classes
-    images = method.generate(num, torch.Generator().manual_seed(1)).cpu()
-    student = {**digit_metrics(images, frequencies), "within_class_std": within_class_spread(images, labels)}
+    student = balanced_digit_metrics(method.generate(num, torch.Generator().manual_seed(1)))
     student_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    images = teacher_samples(method, num, torch.Generator().manual_seed(2)).cpu()
-    teacher = {**digit_metrics(images, frequencies), "within_class_std": within_class_spread(images, labels)}
+    teacher = balanced_digit_metrics(teacher_samples(method, num, torch.Generator().manual_seed(2)))
     return {"samples": num, "student": {**student, "nfe": len(method.generator_sigmas), "seconds": student_seconds},
             "teacher": {**teacher, "nfe": TEACHER_STEPS, "solver": "dpmpp_2m",
                         "seconds": time.perf_counter() - started}}
