@@ -58,14 +58,19 @@ class ConfigError(ValueError):
 
 
 def config_dir() -> Path:
-    """The ``conf/`` directory: the installed package ``fdistill.conf``, else ``<repo>/conf``."""
+    """The ``conf/`` directory: ``<repo>/conf`` next to the imported code in a source checkout (so a checkout run
+    with PYTHONPATH composes its own configs, not those of another editable install), else the installed package
+    ``fdistill.conf``."""
+    checkout = Path(__file__).resolve().parent.parent / "conf"
+    if (checkout / "config.yaml").is_file() and (checkout / "experiment").is_dir():
+        return checkout
     try:
         path = Path(str(resources.files("fdistill.conf")))
         if (path / "config.yaml").is_file():
             return path
     except ModuleNotFoundError:
         pass
-    return Path(__file__).resolve().parent.parent / "conf"
+    return checkout
 
 
 def method_module(name: str) -> ModuleType:

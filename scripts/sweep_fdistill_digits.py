@@ -36,7 +36,7 @@ VARIANTS: dict[str, list[str]] = {
     "js sigma_min 0.02": ["method.sigma_min=0.02"],
     "js no ratio bins": ["method.num_ratio_bins=0"],
     "js 2-step 80 then 1": ["method.generator_sigma=null", "method.generator_sigmas=[80.0,1.0]"],
-    "js uniform fake-score weight": ["method.fake_score_weighting=uniform"],
+    "js uniform fake-score weight": ["method.fake_score_weighting=x0"],
 }
 
 

@@ -78,7 +78,7 @@ def pickapic_parquet(tmp_path):
 
 def test_pickapic_drops_ties_and_puts_winner_first(pickapic_parquet):
     source = pickapic(str(pickapic_parquet.parent), resolution=16, random_flip=False, empty_caption_prob=0.0)
-    assert source.extras["stats"] == {"rows": 5, "ties_dropped": 1, "bad_skipped": 0, "pairs": 4}
+    assert source.extras["stats"] == {"rows": 5, "ties_dropped": 1, "labels_dropped": 0, "bad_skipped": 0, "pairs": 4}
     for index in (0, 1):    # row 1 has label_1 = 1: flipped so that the red image (the winner) comes first
         item = source.dataset[index]
         assert item["x_w"].shape == item["x_l"].shape == (3, 16, 16)
@@ -95,7 +95,23 @@ def test_pickapic_bad_rows_fail_with_row_or_are_skipped(pickapic_parquet):
     with pytest.raises(ValueError, match=r"row 4, column 'jpg_1'.*missing"):
         source.dataset[3]
     skipping = pickapic(str(pickapic_parquet), resolution=16, skip_bad=True)
-    assert skipping.extras["stats"] == {"rows": 5, "ties_dropped": 1, "bad_skipped": 2, "pairs": 2}
+    assert skipping.extras["stats"] == {"rows": 5, "ties_dropped": 1, "labels_dropped": 0, "bad_skipped": 2, "pairs": 2}
+
+
+def test_pickapic_keeps_only_labels_0_and_1_and_reports_the_drops(tmp_path, capsys):
+    """The released training code keeps label_0 in {0, 1}: NaN, missing and soft labels are no preference either."""
+    import datasets
+
+    label_0 = [1.0, float("nan"), 0.0, 0.5, 0.7, None, 1.0]
+    rows = {"jpg_0": [_jpeg("red")] * 7, "jpg_1": [_jpeg("blue")] * 7, "label_0": label_0,
+            "label_1": [0.0] * 7, "caption": [f"row {i}" for i in range(7)]}
+    path = tmp_path / "labels.parquet"
+    datasets.Dataset.from_dict(rows).to_parquet(str(path))
+    source = pickapic(str(path), resolution=16, random_flip=False, empty_caption_prob=0.0)
+    assert source.extras["stats"] == {"rows": 7, "ties_dropped": 1, "labels_dropped": 3, "bad_skipped": 0, "pairs": 3}
+    assert [source.dataset[i]["caption"] for i in range(3)] == ["row 0", "row 2", "row 6"]
+    assert source.dataset[1]["x_w"][2].mean() > 0.9                                  # label_0 = 0: blue image 1 wins
+    assert "3 pairs kept of 7 rows (1 ties, 3 rows with label_0 not in {0, 1}" in capsys.readouterr().out
 
 
 def test_pickapic_empty_captions_and_bad_config(pickapic_parquet, tmp_path):

@@ -9,7 +9,8 @@ import torch
 from fdistill.data.preference import all_images_as_winners, shape_preferences
 from fdistill.losses import diffusion_dpo_loss
 from fdistill.methods.base import StepContext
-from fdistill.methods.diffusion_dpo import (DiffusionDPOConfig, build, cached_dataset, held_out_preference_metrics)
+from fdistill.methods.diffusion_dpo import (DiffusionDPO, DiffusionDPOConfig, build, cached_dataset,
+                                           held_out_preference_metrics)
 from fdistill.pipelines import build_pipeline, encode_prompts, tiny_sd_components
 from fdistill.training.config import SamplerConfig
 
@@ -113,8 +114,12 @@ def test_a_few_steps_raise_held_out_implicit_accuracy():
     assert after["dpo_loss"] < math.log(2.0)
 
 
-def test_sdxl_conditioning_reaches_the_unet():
-    method, data = _method(kind="sdxl", finetune="lora")
+@pytest.mark.parametrize("micro_conditioning, original_and_crop", [("resolution", [SIZE, SIZE, 0, 0]),
+                                                                     ("data", [64, 48, 3, 5])])
+def test_sdxl_conditioning_reaches_the_unet(micro_conditioning, original_and_crop):
+    """Time ids: [res, res, 0, 0, res, res] by default (the released DPO code), the batch's stored size and crop
+    offsets with sdxl_micro_conditioning='data' (the Diffusers SDXL training example)."""
+    method, data = _method(kind="sdxl", finetune="lora", sdxl_micro_conditioning=micro_conditioning)
     batch = _batch(data, 4)
     batch["original_size"] = torch.tensor([[64, 48]] * 4)
     batch["crop_top_left"] = torch.tensor([[3, 5]] * 4)
@@ -124,7 +129,7 @@ def test_sdxl_conditioning_reaches_the_unet():
     hook.remove()
     assert len(seen) == 2                                          # model pass + reference pass (same UNet)
     added = seen[0]["added_cond_kwargs"]
-    expected_ids = torch.tensor([[64.0, 48, 3, 5, SIZE, SIZE]]).expand(8, 6)          # winners then losers
+    expected_ids = torch.tensor([[*original_and_crop, SIZE, SIZE]]).float().expand(8, 6)          # winners then losers
     torch.testing.assert_close(added["time_ids"], expected_ids)
     components = method._components()
     prompt_embeds, pooled = encode_prompts(components, batch["caption"])
@@ -226,7 +231,27 @@ def test_train_command_runs_dpo_tiny(tmp_path):
     for name, beta, optimizer in (("dpo_sd15", 2000.0, "adamw"), ("dpo_sdxl", 5000.0, "adafactor")):
         spec = validate(compose([f"experiment={name}"]))
         assert (spec.method_config.beta, spec.method_config.optimizer) == (beta, optimizer)
-        assert spec.train.batch_size == 2048 and spec.method_config.lr == pytest.approx(2.048e-5)
+        assert spec.train.batch_size == 2048 and spec.method_config.optimizer_lr() == pytest.approx(2.048e-5)
+
+
+def test_scale_lr_multiplies_the_lr_by_the_global_batch_in_pairs():
+    """The released code's --scale_lr: lr x gradient accumulation x per-device batch x processes = lr x the global
+    batch (train.batch_size), whatever the split into processes and micro-batches."""
+    from fdistill.config import compose, validate
+
+    for processes_split in (["train.micro_batches=256"], ["train.micro_batches=8"]):
+        spec = validate(compose(["experiment=dpo_sd15", "train.batch_size=512", *processes_split]))
+        assert spec.method_config.lr == 1e-8 and spec.method_config.scale_lr
+        assert spec.method_config.optimizer_lr() == pytest.approx(1e-8 * 512)
+    config = DiffusionDPOConfig(lr=1e-8, scale_lr=True)
+    with pytest.raises(ValueError, match="scale_lr=true needs the global batch"):
+        config.optimizer_lr()
+    config.check_train(validate(compose(["experiment=dpo_tiny", "train.batch_size=4"])).train)
+    method = DiffusionDPO(config, tiny_sd_components("sd15", image_size=SIZE), (SIZE, SIZE))
+    assert method.phases()[0].lr == pytest.approx(4e-8)
+    assert DiffusionDPOConfig(lr=1e-8).optimizer_lr() == 1e-8                 # default: lr is the optimizer's LR
+    with pytest.raises(ValueError, match="method.sdxl_micro_conditioning must be one of"):
+        DiffusionDPOConfig(sdxl_micro_conditioning="crop")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

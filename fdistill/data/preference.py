@@ -6,8 +6,10 @@ An item is a dict:
     "original_size": [2] long (H, W of the stored image), "crop_top_left": [2] long (SDXL micro-conditioning).
 
 Pick-a-Pic v2 columns (Kirstain et al. 2023): jpg_0, jpg_1 (encoded image bytes), label_0, label_1 (1 / 0, or
-0.5 / 0.5 for a tie), caption. Ties (label_0 == 0.5, about 12 % of v2) carry no preference: they are dropped and
-counted in ``source.extras["stats"]``.
+0.5 / 0.5 for a tie), caption. Only rows with label_0 in {0, 1} are kept, as in the released Diffusion-DPO training
+code: ties (label_0 == 0.5, about 12 % of v2) carry no preference, and any other value (NaN, a missing label, a
+soft label) is no clear one. Both are dropped, counted in ``source.extras["stats"]`` and reported once when the
+data set is built.
 """
 from __future__ import annotations
 
@@ -91,16 +93,24 @@ def _check_probability(name: str, value: float) -> None:
 
 # ------------------------------------------------------------------------------------------ Pick-a-Pic
 
-def preference_rows(label_0: list[float]) -> tuple[list[int], list[bool], int]:
-    """Rows with a strict preference, whether each row's winner is image 1, and the number of ties dropped."""
-    rows, flipped, ties = [], [], 0
+def preference_rows(label_0: list[Any]) -> tuple[list[int], list[bool], dict[str, int]]:
+    """Rows with a strict preference (label_0 in {0, 1}), whether each row's winner is image 1 (label_0 == 0), and
+    the dropped rows counted: {"ties_dropped": label_0 == 0.5, "labels_dropped": any other value (NaN, None, ...)}."""
+    rows, flipped, dropped = [], [], {"ties_dropped": 0, "labels_dropped": 0}
     for row, label in enumerate(label_0):
-        if label == 0.5:
-            ties += 1
-            continue
-        rows.append(row)
-        flipped.append(label < 0.5)
-    return rows, flipped, ties
+        if label in (0, 1):                 # NaN compares unequal to everything, None equals neither
+            rows.append(row)
+            flipped.append(label == 0)
+        else:
+            dropped["ties_dropped" if label == 0.5 else "labels_dropped"] += 1
+    return rows, flipped, dropped
+
+
+def describe_stats(name: str, stats: dict[str, int]) -> str:
+    """One line reporting how many rows of a preference data set were kept and why the others were dropped."""
+    return (f"{name}: {stats['pairs']} pairs kept of {stats['rows']} rows ({stats['ties_dropped']} ties, "
+            f"{stats['labels_dropped']} rows with label_0 not in {{0, 1}}, {stats['bad_skipped']} unreadable pairs "
+            f"dropped)")
 
 
 class PickAPicPairs(Dataset):
@@ -114,8 +124,8 @@ class PickAPicPairs(Dataset):
         _check_probability("empty_caption_prob", empty_caption_prob)
         self.table, self.resolution = table, resolution
         self.random_crop, self.random_flip, self.empty_caption_prob = random_crop, random_flip, empty_caption_prob
-        self.rows, self.flipped, ties = preference_rows(list(table["label_0"]))
-        self.stats = {"rows": len(table), "ties_dropped": ties, "bad_skipped": 0}
+        self.rows, self.flipped, dropped = preference_rows(list(table["label_0"]))
+        self.stats = {"rows": len(table), **dropped, "bad_skipped": 0}
         if skip_bad:
             self._drop_bad_rows()
         self.stats["pairs"] = len(self.rows)
@@ -170,7 +180,9 @@ def load_table(path: str, split: str = "train", data_files: str | list[str] | No
 def pickapic(path: str = "yuvalkirstain/pickapic_v2", split: str = "train", data_files: str | list[str] | None = None,
              resolution: int = 512, random_crop: bool = False, random_flip: bool = True,
              empty_caption_prob: float = 0.2, skip_bad: bool = False, max_pairs: int | None = None) -> DataSource:
-    """Pick-a-Pic preference pairs (hub id or local parquet/arrow files), ties dropped, winner first.
+    """Pick-a-Pic preference pairs (hub id or local parquet/arrow files): rows with label_0 in {0, 1} only (ties
+    and other labels dropped and counted), winner first. The counts are printed and kept in
+    ``extras["stats"]``.
 
     Args:
         path: hub id, a local parquet/arrow file, or a directory of them.
@@ -188,7 +200,9 @@ def pickapic(path: str = "yuvalkirstain/pickapic_v2", split: str = "train", data
     if max_pairs is not None:
         table = table.select(range(min(max_pairs, len(table))))
     pairs = PickAPicPairs(table, resolution, random_crop, random_flip, empty_caption_prob, skip_bad)
-    return DataSource(pairs, (3, resolution, resolution), 0, name=f"pickapic:{path}", extras={"stats": pairs.stats})
+    name = f"pickapic:{path}"
+    print(describe_stats(name, pairs.stats))     # how much of the table trains is part of the recipe: always shown
+    return DataSource(pairs, (3, resolution, resolution), 0, name=name, extras={"stats": pairs.stats})
 
 
 # ------------------------------------------------------------------------------------------ built-in pairs
@@ -332,7 +346,8 @@ def shape_preferences(num_pairs: int = 512, resolution: int = 16, split: str = "
     prompts = sorted(f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES)
     return DataSource(dataset, (3, resolution, resolution), 0, name=f"shape-preferences-{rule}-{split}",
                       extras={"reward": PREFERENCE_RULES[rule][1], "prompts": prompts,
-                              "stats": {"rows": num_pairs, "ties_dropped": 0, "bad_skipped": 0, "pairs": num_pairs}})
+                              "stats": {"rows": num_pairs, "ties_dropped": 0, "labels_dropped": 0, "bad_skipped": 0,
+                                        "pairs": num_pairs}})
 
 
 def all_images_as_winners(source: DataSource, empty_caption_prob: float = 0.1) -> DataSource:

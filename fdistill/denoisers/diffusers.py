@@ -234,6 +234,11 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
     def sigma_max(self) -> float:
         return self.schedule.sigma_max
 
+    @property
+    def train_sigmas(self) -> Tensor:
+        """[T] float64 sigma of each integer training timestep t = 0..T-1 (increasing in t)."""
+        return self.schedule.log_sigmas.exp()
+
     def null_condition(self, batch: int, like: Any = None) -> Any:
         """The null (unconditional) condition for ``batch`` samples: the null class ``num_classes`` for class models,
         ``null_cond`` repeated for text models (SDXL keeps the image-size ``time_ids`` of ``like``), None otherwise."""

@@ -53,6 +53,25 @@ def table_sigmas(num: int, table: Tensor, generator: torch.Generator | None = No
     return table[index].float()
 
 
+def time_uniform_sigmas(u: Tensor, table: Tensor, t_min: float = 0.001, t_max: float = 0.999) -> Tensor:
+    """Noise levels of a discrete VP schedule at a time t uniform in [t_min, t_max], from quantiles u.
+
+    t is in units of the whole schedule (t = 1 is timestep T); the noise level is that of timestep floor(T t), the
+    training timestep the network saw. This is FastGen's uniform time distribution on a Diffusers alphas_cumprod
+    schedule (t in [0.001, 0.999] in its SD1.5 / SDXL f-distill and DMD2 recipes), and DMD2's integer-timestep draw.
+
+    Args:
+        u: [B] quantiles in [0, 1); sigma is non-decreasing in u, so binning u bins by quantile.
+        table: [T] sigma of the integer timesteps 0..T-1 (increasing), e.g. ``DiffusersDenoiser.train_sigmas``.
+        t_min, t_max: the range of t, 0 <= t_min < t_max <= 1.
+    Returns:
+        [B] float32 sigmas, on the table's device.
+    """
+    t = t_min + u.to(table.device, torch.float64) * (t_max - t_min)
+    index = torch.floor(t * len(table)).long().clamp(0, len(table) - 1)
+    return table[index].float()
+
+
 def weighted_denoising_loss(x0_hat: Tensor, x0: Tensor, sigma: Tensor, weighting: str = "edm",
                             sigma_data: float = 0.5) -> Tensor:
     """Per-sample loss [B]: lambda(sigma) * mean over the non-batch dims of (x0_hat - x0)^2, in float32.

@@ -8,8 +8,9 @@ convention: both images are noised at ONE shared timestep t ~ U[0, T) with ONE s
     model_diff = err_theta(x_w) - err_theta(x_l),   ref_diff = err_ref(x_w) - err_ref(x_l)
     loss       = -log sigmoid(-beta / 2 * (model_diff - ref_diff))               (per pair, then averaged)
 
-The factor 1/2 and the expectation over t absorbed into beta follow the released training code ("beta_dpo"
-2000 for SD1.5, 5000 for SDXL). At theta = ref the loss is exactly log 2 ~= 0.693 ("stuck at 0.69" is the start).
+The factor 1/2 and the expectation over t absorbed into beta follow the released training code. Its "beta_dpo"
+defaults to 5000 and both released launchers (SD1.5 and SDXL) pass 5000; the paper's text gives 2000 for SD1.5 and
+5000 for SDXL. At theta = ref the loss is exactly log 2 ~= 0.693 ("stuck at 0.69" is the start).
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def diffusion_dpo_loss(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tens
         model_err_w, model_err_l: [B] per-sample mean squared errors of the trained model on winner / loser
             (same timestep and noise for the pair), see ``per_sample_mse``.
         ref_err_w, ref_err_l: [B] the same for the frozen reference (no gradient should reach them).
-        beta: KL-regularisation strength (> 0); 2000 (SD1.5) or 5000 (SDXL) in the paper.
+        beta: KL-regularisation strength (> 0): the paper's text 2000 (SD1.5) / 5000 (SDXL); the released
+            launchers 5000 for both.
     Returns:
         [B] float32 losses. Average them yourself: the log-sigmoid is taken per pair, never of the batch mean
         (a reduction bug of an early public example).

@@ -32,6 +32,7 @@ from ..training.config import SamplerConfig
 from .base import OPTIMIZERS, Method, Phase, StepContext
 
 FINETUNE_MODES = ("full", "lora")
+MICRO_CONDITIONINGS = ("resolution", "data")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -41,18 +42,26 @@ class DiffusionDPOConfig:
 
     Attributes:
         objective: 'dpo' (Diffusion-DPO, Eq. 14) or 'sft' (plain denoising loss on the preferred images only).
-        beta: DPO KL strength beta (> 0); the paper: 2000 for SD1.5, 5000 for SDXL.
+        beta: DPO KL strength beta (> 0); the paper's text: 2000 for SD1.5, 5000 for SDXL (the released launchers
+            pass 5000 for both).
         finetune: 'full' (train every UNet weight, reference = frozen copy) or 'lora' (train LoRA adapters on
             the attention projections; reference = the same UNet with adapters disabled).
         lora_rank: LoRA rank r (>= 1).
         lora_alpha: LoRA scaling numerator (> 0; the update is scaled by lora_alpha / lora_rank).
         lora_targets: UNet sub-module names that get adapters (default: attention q, k, v, out projections).
-        lr: learning rate (> 0). The paper's launch setting: 1e-8 per pair x 2048 pairs = 2.048e-5.
+        lr: learning rate (> 0). With ``scale_lr`` false (default) it is the optimizer's LR itself; with
+            ``scale_lr`` true it is an LR PER PAIR of the global batch, and the optimizer runs at
+            lr x train.batch_size, i.e. lr x gradient-accumulation steps x per-device batch x processes, which is
+            what the released code's ``--scale_lr`` does (its launchers: 1e-8 x 2048 pairs = 2.048e-5).
+        scale_lr: scale ``lr`` by the global batch (above).
         optimizer: one of 'adamw', 'adam', 'adafactor' (SDXL in the paper: Adafactor).
         weight_decay: decoupled weight decay (>= 0; the released script uses 1e-2).
         betas: Adam betas, two values in [0, 1).
         max_grad_norm: gradient clipping (> 0) or null.
         gradient_checkpointing: recompute UNet activations in backward (less memory, ~30 % slower).
+        sdxl_micro_conditioning: SDXL's time ids (original size, crop top-left, target size):
+            'resolution' = [res, res, 0, 0, res, res] for every image, as the paper's released training code does;
+            'data' = each image's stored size and crop offsets (the Diffusers SDXL training example). SD1.5: unused.
         vae_sample: encode images with a draw from the VAE posterior (the released script) instead of its mean
             (default: the mean; SD's posterior std is negligible, and the mean keeps winner and loser free of
             independent encoding noise and the cache deterministic).
@@ -72,11 +81,13 @@ class DiffusionDPOConfig:
     lora_alpha: float = 8.0
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     lr: float = 2.048e-5
+    scale_lr: bool = False
     optimizer: str = "adamw"
     weight_decay: float = 1e-2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    sdxl_micro_conditioning: str = "resolution"
     vae_sample: bool = False
     cache_path: str | None = None
     prompts: list[str] | None = None
@@ -97,12 +108,29 @@ class DiffusionDPOConfig:
              f"method.betas must be two values in [0, 1), got {list(self.betas)}"),
             (self.max_grad_norm is None or self.max_grad_norm > 0,
              f"method.max_grad_norm must be > 0 or null, got {self.max_grad_norm}"),
+            (self.sdxl_micro_conditioning in MICRO_CONDITIONINGS, f"method.sdxl_micro_conditioning must be one of "
+             f"{MICRO_CONDITIONINGS}, got {self.sdxl_micro_conditioning!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         if isinstance(self.sampler, dict):  # built from plain Python rather than through Hydra
             self.sampler = SamplerConfig(**self.sampler)
+        self._global_batch: int | None = None
+
+    def check_train(self, train) -> None:
+        """Record the global batch (``train.batch_size``) that ``scale_lr`` multiplies ``lr`` by
+        (``fdistill.config.validate`` calls this with the TrainConfig)."""
+        self._global_batch = int(train.batch_size)
+
+    def optimizer_lr(self) -> float:
+        """The optimizer's LR: ``lr``, or ``lr`` x the global batch in pairs with ``scale_lr``."""
+        if not self.scale_lr:
+            return self.lr
+        if self._global_batch is None:
+            raise ValueError("method.scale_lr=true needs the global batch: call config.check_train(train_config) "
+                             "(fdistill.config.validate does)")
+        return self.lr * self._global_batch
 
 
 # --------------------------------------------------------------------------------------------- objectives
@@ -199,7 +227,7 @@ class DiffusionDPO(Method):
 
     def phases(self) -> list[Phase]:
         c = self.config
-        return [Phase("model", ("unet",), lr=c.lr, weight_decay=c.weight_decay, betas=tuple(c.betas),
+        return [Phase("model", ("unet",), lr=c.optimizer_lr(), weight_decay=c.weight_decay, betas=tuple(c.betas),
                       max_grad_norm=c.max_grad_norm, optimizer=c.optimizer)]
 
     @contextlib.contextmanager
@@ -238,7 +266,8 @@ class DiffusionDPO(Method):
             pooled = item.get("pooled_prompt_embeds")
             cond = unet_conditioning(item["prompt_embeds"], pooled, item.get("time_ids"))
             return {"latents_w": item["latents_w"], "latents_l": item["latents_l"], "cond": cond}
-        time_ids = sdxl_time_ids_of_batch(item, self.image_size) if self.kind == "sdxl" else None
+        from_data = self.kind == "sdxl" and self.config.sdxl_micro_conditioning == "data"
+        time_ids = sdxl_time_ids_of_batch(item, self.image_size) if from_data else None    # None: [res, res, 0, 0, res, res]
         return {"latents_w": self.encode_latents(item["x_w"]), "latents_l": self.encode_latents(item["x_l"]),
                 "cond": self.text_conditioning(item["caption"], time_ids)}
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..denoisers import ClassifierFreeGuidance, EmpiricalDenoiser
 from ..denoisers.base import append_dims
 from ..samplers.sampling import generator_inputs, generator_sample
+from ..losses.denoising import edm_weight, epsilon_weight, time_uniform_sigmas, x0_weight
 from ..losses.fdistill import (DIVERGENCES, binned_sums, check_divergence, density_ratio, discriminator_loss,
                                f_divergence_weight, fake_score_loss, fdistill_generator_loss, generator_gan_loss,
                                noise_level_bins)
@@ -68,13 +69,16 @@ SIGMA_DISTRIBUTIONS: dict[str, Callable[[Tensor, "FDistillConfig"], Tensor]] = {
 }
 
 
-def _edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
-    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+# The same draw, for VP teachers: t uniform in [t_min, t_max] of the teacher's discrete schedule (its table of
+# training sigmas), as the official SD1.5 / SDXL recipes do (FastGen, DMD2). Its quantile is u as well.
+TIME_UNIFORM = "time_uniform"
+SIGMA_DISTRIBUTION_NAMES = (*SIGMA_DISTRIBUTIONS, TIME_UNIFORM)
 
-
-# lambda(sigma) of the fake score's denoising loss: EDM's (Karras et al. 2022, Eq. 8 / Table 1) or none.
+# lambda(sigma) of the fake score's x0 denoising loss, lambda(sigma) * ||D - x0||^2 (``losses.denoising``):
+# 'edm' (Karras et al. 2022, Eq. 8), 'x0' (unweighted x0 regression: FastGen's SD1.5 recipes) or 'epsilon'
+# (sigma^-2, exactly the unweighted epsilon loss ||eps_hat - eps||^2: FastGen's SDXL recipes and DMD2).
 FAKE_SCORE_WEIGHTINGS: dict[str, Callable[[Tensor, float], Tensor]] = {
-    "edm": _edm_weight, "uniform": lambda sigma, sigma_data: torch.ones_like(sigma),
+    "edm": edm_weight, "x0": x0_weight, "epsilon": epsilon_weight,
 }
 FEATURE_SOURCES = ("teacher", "fake_score")
 
@@ -101,12 +105,16 @@ class FDistillConfig:
             is the output of a uniformly drawn step whose earlier steps run without gradient (backward
             simulation). null = one step at generator_sigma.
         sigma_distribution: distribution of the noise levels of the distribution-matching, fake-score and
-            discriminator terms: 'karras' (uniform on the EDM schedule), 'lognormal', 'loguniform'.
-        sigma_min, sigma_max: its range (0 < sigma_min < sigma_max).
+            discriminator terms: 'karras' (uniform on the EDM schedule), 'lognormal', 'loguniform', or
+            'time_uniform' (VP teachers with discrete timesteps, e.g. Stable Diffusion: t uniform in [t_min, t_max],
+            the noise level of timestep floor(T t); ``losses.denoising.time_uniform_sigmas``).
+        sigma_min, sigma_max: the range of 'karras', 'lognormal', 'loguniform' (0 < sigma_min < sigma_max).
+        t_min, t_max: the range of t of 'time_uniform' (0 <= t_min < t_max <= 1; FastGen: 0.001, 0.999).
         rho: exponent of the 'karras' distribution (> 0).
         p_mean, p_std: mean and std (> 0) of log sigma for 'lognormal'.
         sigma_data: data standard deviation (> 0), for the fake score's EDM loss weight and the feature net.
-        fake_score_weighting: lambda(sigma) of the fake-score loss: 'edm' or 'uniform'.
+        fake_score_weighting: lambda(sigma) of the fake-score loss on x0: 'edm', 'x0' (unweighted x0 loss) or
+            'epsilon' (sigma^-2: the unweighted epsilon loss of a VP / Diffusers model).
         num_ratio_bins: noise-level bins of the ratio normalisation (>= 0; 0 = no ratio normalisation).
         ratio_ema: EMA decay of the per-bin ratio means across steps, in [0, 1) (0 = this step's global batch).
         logit_clamp: |logit| clamp before r = exp(logit) (> 0).
@@ -136,6 +144,8 @@ class FDistillConfig:
     sigma_distribution: str = "karras"
     sigma_min: float = 0.002
     sigma_max: float = 80.0
+    t_min: float = 0.001
+    t_max: float = 0.999
     rho: float = 7.0
     p_mean: float = -0.4
     p_std: float = 1.0
@@ -174,8 +184,10 @@ class FDistillConfig:
         require(self.student_update_freq >= 2, f"method.student_update_freq must be >= 2, got {self.student_update_freq}")
         require(self.gan_weight >= 0, f"method.gan_weight must be >= 0, got {self.gan_weight}")
         require(self.guidance_scale >= 1, f"method.guidance_scale must be >= 1, got {self.guidance_scale}")
-        require(self.sigma_distribution in SIGMA_DISTRIBUTIONS,
-                 f"method.sigma_distribution must be one of {sorted(SIGMA_DISTRIBUTIONS)}, got {self.sigma_distribution!r}")
+        require(self.sigma_distribution in SIGMA_DISTRIBUTION_NAMES,
+                 f"method.sigma_distribution must be one of {sorted(SIGMA_DISTRIBUTION_NAMES)}, got {self.sigma_distribution!r}")
+        require(0 <= self.t_min < self.t_max <= 1,
+                f"method.t_min / t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         require(0 < self.sigma_min < self.sigma_max,
                  f"method.sigma_min / sigma_max must satisfy 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         require(self.fake_score_weighting in FAKE_SCORE_WEIGHTINGS,
@@ -247,6 +259,14 @@ class Discriminator(nn.Module):
 
 # ----------------------------------------------------------------------------------------- the method
 
+def _training_sigmas(teacher: nn.Module) -> Tensor:
+    """[T] sigmas of the teacher's integer training timesteps (a Diffusers VP wrapper's ``train_sigmas``)."""
+    table = getattr(teacher, "train_sigmas", None)
+    require(table is not None, f"method.sigma_distribution={TIME_UNIFORM} needs a teacher with discrete VP timesteps "
+            f"(a Diffusers model), got {type(teacher).__name__}; use karras, lognormal or loguniform")
+    return torch.as_tensor(table, dtype=torch.float64)
+
+
 def _is_network(module: nn.Module) -> bool:
     """A trainable network (its copies can be trained) rather than an analytic denoiser (buffers only)."""
     return any(True for _ in module.parameters())
@@ -276,6 +296,8 @@ class FDistill(Method):
         self.num_classes = int(num_classes)
         self.set_generator_chain(config.generator_sigmas or [config.generator_sigma or config.sigma_max])
         self.frozen["teacher"] = teacher.requires_grad_(False).eval()
+        if config.sigma_distribution == TIME_UNIFORM:
+            self.register_buffer("teacher_sigmas", _training_sigmas(teacher), persistent=False)
         self.networks["student"] = student.requires_grad_(True)
         self.networks["fake_score"] = fake_score.requires_grad_(True)
         if self.uses_discriminator:
@@ -340,7 +362,10 @@ class FDistill(Method):
 
     def sample_sigma(self, u: Tensor) -> Tensor:
         """Noise levels [B] from quantiles u [B] in [0, 1) of the configured sigma distribution."""
-        return SIGMA_DISTRIBUTIONS[self.config.sigma_distribution](u, self.config)
+        c = self.config
+        if c.sigma_distribution == TIME_UNIFORM:
+            return time_uniform_sigmas(u, self.teacher_sigmas, c.t_min, c.t_max).to(u.device)
+        return SIGMA_DISTRIBUTIONS[c.sigma_distribution](u, c)
 
     def prepare_step(self, phase: str, micro_batches: list[dict[str, Any]], ctx: StepContext) -> list[dict[str, Any]]:
         """Draw each micro-batch's noise; in the student phase also compute the globally normalised weights h."""
