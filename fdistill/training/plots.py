@@ -74,7 +74,7 @@ def write_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
             ax.plot(steps, values, label=key, linewidth=1.2)
         if wants_log_scale([v for _, values in series.values() for v in values]):
             ax.set_yscale("log")
-        ax.set_title(panel)
+        ax.set_title(panel if len(series) > 1 else next(iter(series)))  # one curve: its full name
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if len(series) > 1:
