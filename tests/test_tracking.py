@@ -194,3 +194,15 @@ def test_schedule_settings_are_checked():
         TrainConfig(lr_scheduler="cosin")
     with pytest.raises(ValueError, match="train.lr_warmup_steps=10 has no effect with train.lr_scheduler='constant'"):
         TrainConfig(lr_scheduler="constant", lr_warmup_steps=10)
+
+
+def test_grid_condition_cycles_classes_or_prompts_and_captions_them():
+    from types import SimpleNamespace
+
+    from fdistill.training.trainer import grid_condition
+
+    classes, labels = grid_condition(SimpleNamespace(num_classes=3), 5, torch.device("cpu"))
+    assert classes.tolist() == [0, 1, 2, 0, 1] and labels == ["0", "1", "2", "0", "1"]
+    prompts, labels = grid_condition(SimpleNamespace(num_classes=0, prompts=["a cat", "a dog"]), 3, torch.device("cpu"))
+    assert prompts == labels == ["a cat", "a dog", "a cat"]
+    assert grid_condition(SimpleNamespace(), 2, torch.device("cpu")) == (None, None)
