@@ -20,8 +20,8 @@ Conventions (method engineers: follow these, they are all there is):
   and Hydra rejects unknown keys; ``OmegaConf.to_object`` then runs ``__post_init__``.
 - ``_target_`` only at object boundaries: ``model`` (a network / denoiser / pipeline factory; an empty model group
   gives ``model=None``), ``data`` (a factory returning a ``fdistill.data.DataSource``), ``logger`` (a ``_partial_``
-  ``fdistill.training.logging.Trackers`` called with ``config``; empty = metrics.jsonl only) and ``eval`` (a factory returning
-  ``evaluate(generate_fn, step) -> dict[str, float]``; empty = none). Targets receive plain Python values.
+  ``fdistill.training.logging.Trackers`` called with ``config``; empty = metrics.jsonl only) and ``eval`` (a factory
+  returning ``evaluate(generate_fn, step) -> dict[str, float]``; empty = none). Targets receive plain Python values.
 - ``sampler`` (``SamplerConfig``) is the multi-step sampler of sample grids. A method that samples with it declares a
   field ``sampler: SamplerConfig | None = None``; when it is null, the top-level ``sampler`` group is filled in.
 - Experiments (``conf/experiment/<name>.yaml``) start with ``# @package _global_``, select groups with

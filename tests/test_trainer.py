@@ -209,7 +209,8 @@ def test_ema_of_several_decays_follows_the_recursion(tmp_path):
     config = TrainConfig(steps=4, batch_size=8, device="cpu", progress=False, log_every=1, run_dir=str(tmp_path),
                          ema_decays=decays, ema_warmup_steps=warmup, export=False)
     recorder = WeightRecorder(method)
-    trainer = Trainer(method, gaussian_mixture(preset="ring8", num_samples=64), config, trackers=Trackers(log_with=[recorder]))
+    trainer = Trainer(method, gaussian_mixture(preset="ring8", num_samples=64), config,
+                      trackers=Trackers(log_with=[recorder]))
     trainer.fit()
     assert len(recorder.history) == 4
     for decay in decays:

@@ -1,7 +1,8 @@
 """Code that tests/test_trainer.py runs in other processes (not a test module).
 
-- ``kill_at_step``: trackers for the ``logger`` config group whose ``KillAtStep`` SIGKILLs its own process when a step is logged, so a
-  ``fdistill train`` subprocess dies hard at a known step (after its last checkpoint, before the next one).
+- ``kill_at_step``: trackers for the ``logger`` config group whose ``KillAtStep`` SIGKILLs its own process when a step
+  is logged, so a ``fdistill train`` subprocess dies hard at a known step (after its last checkpoint, before the
+  next one).
 - ``python tests/trainer_helpers.py OUT_DIR MICRO_BATCHES`` (plain or under ``accelerate launch``): trains the
   ``denoising`` method on a small Gaussian mixture for 3 steps and writes, per process, the averaged gradient of
   step 0 and the final weights to ``OUT_DIR/rank<k>.pt``.
