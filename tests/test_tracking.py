@@ -206,3 +206,13 @@ def test_grid_condition_cycles_classes_or_prompts_and_captions_them():
     prompts, labels = grid_condition(SimpleNamespace(num_classes=0, prompts=["a cat", "a dog"]), 3, torch.device("cpu"))
     assert prompts == labels == ["a cat", "a dog", "a cat"]
     assert grid_condition(SimpleNamespace(), 2, torch.device("cpu")) == (None, None)
+
+
+def test_config_groups_come_from_the_checkout_the_code_runs_from():
+    """An editable install of another checkout must not hand its ``conf/`` (without ``logger/tensorboard.yaml``)
+    to this checkout's code."""
+    import fdistill
+    from fdistill.config import config_dir
+
+    assert config_dir() == Path(fdistill.__file__).resolve().parent.parent / "conf"
+    assert (config_dir() / "logger" / "tensorboard.yaml").is_file()

@@ -186,6 +186,16 @@ def format_block(title: str, info: dict[str, Any]) -> str:
     return "\n".join([f"{title} ".ljust(72, "-"), *lines, "-" * 72])
 
 
+def format_summary(step: int, steps_run: int, seconds: float, logged: dict[str, float],
+                   outputs: dict[str, Any]) -> str:
+    """The end summary: the step reached (steps and seconds of this run), the last logged losses (``loss`` and
+    ``<phase>/loss``) and the outputs that exist (entries that are None are left out)."""
+    losses = {k: v for k, v in logged.items() if k.rsplit("/", 1)[-1] == "loss"}
+    return format_block("fdistill train: done", {
+        "steps": f"{step} ({steps_run} in this run, {seconds:.1f} s)", **losses,
+        **{k: v for k, v in outputs.items() if v is not None}})
+
+
 def _readable(value: Any) -> str:
     """Integers with thousands separators (parameter counts), floats to 4 significant digits, the rest as is."""
     if isinstance(value, bool):

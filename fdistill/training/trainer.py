@@ -34,7 +34,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_tempora
 from .config import TrainConfig
 from .ema import EMA
 from .logging import (TENSORBOARD_DIR, JsonlLogger, Trackers, finish_trackers, flat_hparams, format_block,
-                      log_image, parameter_counts, phase_scalars)
+                      format_summary, log_image, parameter_counts, phase_scalars)
 from .plots import CURVES_FILENAME, write_curves
 from .sharding import (NetworkTemplates, check_fsdp_support, fsdp_requested, full_optimizer_state, full_tensors,
                        full_value, is_sharded, set_gradient_sync, shard_networks, shard_tensors_like,
@@ -484,8 +484,7 @@ class Trainer:
             progress.close()
             finish_trackers(self.accelerator.trackers)
         if self.is_main:
-            curves = write_curves(self.run_dir / "metrics.jsonl", self.run_dir / CURVES_FILENAME)
-            print(self.summary(self.step - start_step, time.perf_counter() - started, exported, curves))
+            self.finish_report(start_step, started, exported)
         self.accelerator.wait_for_everyone()
         return self.method
 
@@ -493,12 +492,12 @@ class Trainer:
     def run_info(self) -> dict[str, Any]:
         """What runs where (the start banner; logged as ``system.*`` hyper-parameters)."""
         trained = [p for params in self.params.values() for p in params]
-        per_micro, rest = divmod(self.config.batch_size, self.num_processes * self.config.micro_batches)
         return {"device": str(self.accelerator.device), "torch": torch.__version__, "processes": self.num_processes,
                 "method": type(self.method).__name__, "phases": ", ".join(self.phases),
                 **parameter_counts(trained, list(self.method.parameters())),
                 "global_batch": self.config.batch_size, "micro_batches": self.config.micro_batches,
-                "micro_batch_size": per_micro, "mixed_precision": self.config.mixed_precision,
+                "micro_batch_size": self.config.batch_size // (self.num_processes * self.config.micro_batches),
+                "mixed_precision": self.config.mixed_precision,
                 "lr_scheduler": self.config.lr_scheduler, "steps": self.config.steps, "run_dir": str(self.run_dir),
                 "trackers": ", ".join(["jsonl", *self.trackers.names()])}
 
@@ -513,14 +512,12 @@ class Trainer:
                                        init_kwargs=self.trackers.init_kwargs(self.run_dir))
         print(format_block("fdistill train", info))
 
-    def summary(self, steps_run: int, seconds: float, exported: Path | None, curves: Path | None) -> str:
-        """The end summary: steps and time, the last logged losses, where the outputs are."""
-        losses = {k: v for k, v in self.last_logged.items() if k.split("/")[-1] == "loss"}
-        outputs = {"run_dir": self.run_dir, "metrics": self.run_dir / "metrics.jsonl", "curves": curves,
-                   "samples": self.run_dir / "samples" if self.config.sample_every else None,
-                   "checkpoint": self.last_checkpoint, "model": exported,
+    def finish_report(self, start_step: int, started: float, exported: Path | None) -> None:
+        """Write the curves PNG and print the end summary (main process)."""
+        curves = write_curves(self.run_dir / "metrics.jsonl", self.run_dir / CURVES_FILENAME)
+        outputs = {"metrics": self.run_dir / "metrics.jsonl", "curves": curves, "checkpoint": self.last_checkpoint,
+                   "samples": self.run_dir / "samples" if self.config.sample_every else None, "model": exported,
                    "tensorboard": self.run_dir / TENSORBOARD_DIR / self.trackers.project
                    if "tensorboard" in self.trackers.names() else None}
-        return format_block("fdistill train: done", {
-            "steps": f"{self.step} ({steps_run} in this run, {seconds:.1f} s)", **losses,
-            **{k: v for k, v in outputs.items() if v is not None}})
+        print(format_summary(self.step, self.step - start_step, time.perf_counter() - started, self.last_logged,
+                             outputs))
