@@ -15,6 +15,7 @@ NOT_PLOTTED = ("step", "steps_per_sec", "samples_per_sec")
 PANEL_ORDER = ("loss", "eval", "lr", "grad_norm")  # then the rest, alphabetically
 LOG_SCALE_SPREAD = 100.0  # a positive curve spanning more than this factor is drawn on a log axis
 COLUMNS = 3
+MARKED_POINTS = 50  # curves with this few points get a marker on each (a single logged step stays visible)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -71,7 +72,8 @@ def write_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax, (panel, series) in zip(axes, panels.items()):
         for key, (steps, values) in series.items():
-            ax.plot(steps, values, label=key, linewidth=1.2)
+            ax.plot(steps, values, label=key, linewidth=1.2, marker="o" if len(steps) <= MARKED_POINTS else None,
+                    markersize=3)
         if wants_log_scale([v for _, values in series.values() for v in values]):
             ax.set_yscale("log")
         ax.set_title(panel if len(series) > 1 else next(iter(series)))  # one curve: its full name
