@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("fdistill.commands.train", "train with a Hydra config: method=denoising|fdistill|ddo|diffusion_dpo"),
     "sample": ("fdistill.commands.sample", "draw samples from a model with a DPM-Solver sampler and save PNGs + a grid"),
     "fid": ("fdistill.commands.fid", "FID / KID / precision-recall between image folders, statistics files or a model"),
+    "plot": ("fdistill.commands.plot", "training curves (loss, metrics, LR) of a run directory as a PNG"),
 }
 
 

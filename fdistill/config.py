@@ -20,8 +20,8 @@ Conventions (method engineers: follow these, they are all there is):
   and Hydra rejects unknown keys; ``OmegaConf.to_object`` then runs ``__post_init__``.
 - ``_target_`` only at object boundaries: ``model`` (a network / denoiser / pipeline factory; an empty model group
   gives ``model=None``), ``data`` (a factory returning a ``fdistill.data.DataSource``), ``logger`` (a ``_partial_``
-  logger factory called with ``run_dir`` and ``config``; empty = metrics.jsonl only) and ``eval`` (a factory returning
-  ``evaluate(generate_fn, step) -> dict[str, float]``; empty = none). Targets receive plain Python values.
+  ``fdistill.training.logging.Trackers`` called with ``config``; empty = metrics.jsonl only) and ``eval`` (a factory
+  returning ``evaluate(generate_fn, step) -> dict[str, float]``; empty = none). Targets receive plain Python values.
 - ``sampler`` (``SamplerConfig``) is the multi-step sampler of sample grids. A method that samples with it declares a
   field ``sampler: SamplerConfig | None = None``; when it is null, the top-level ``sampler`` group is filled in.
 - Experiments (``conf/experiment/<name>.yaml``) start with ``# @package _global_``, select groups with
@@ -58,19 +58,18 @@ class ConfigError(ValueError):
 
 
 def config_dir() -> Path:
-    """The ``conf/`` directory: ``<repo>/conf`` next to the imported code in a source checkout (so a checkout run
-    with PYTHONPATH composes its own configs, not those of another editable install), else the installed package
-    ``fdistill.conf``."""
-    checkout = Path(__file__).resolve().parent.parent / "conf"
-    if (checkout / "config.yaml").is_file() and (checkout / "experiment").is_dir():
-        return checkout
+    """The ``conf/`` directory: ``<repo>/conf`` when this code runs from a source checkout (so an editable install
+    of one checkout does not hand its configs to the code of another), else the installed package ``fdistill.conf``."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / "config.yaml").is_file():
+        return checkout / "conf"
     try:
         path = Path(str(resources.files("fdistill.conf")))
         if (path / "config.yaml").is_file():
             return path
     except ModuleNotFoundError:
         pass
-    return checkout
+    return checkout / "conf"
 
 
 def method_module(name: str) -> ModuleType:
@@ -203,12 +202,12 @@ class Run:
     model: Any
     method: Any
     evaluator: Any
-    loggers: list = field(default_factory=list)
+    trackers: Any = None
 
 
 def build_run(spec: RunSpec, with_loggers: bool = True) -> Run:
     """Build data, model, method (seeded by ``train.seed`` so initial weights are reproducible), evaluator and
-    loggers from a validated spec. Bad data / model / method settings raise ConfigError with a one-line message."""
+    trackers from a validated spec. Bad data / model / method settings raise ConfigError with a one-line message."""
     from .training.trainer import seed_all
 
     from hydra.errors import InstantiationException
@@ -221,16 +220,14 @@ def build_run(spec: RunSpec, with_loggers: bool = True) -> Run:
             raise ConfigError("the data group is empty; choose one with data=<name>")
         model = instantiate_optional(cfg.get("model"))
         method = method_module(spec.method_name).build(spec.method_config, model, data)
+        factory = instantiate_optional(cfg.get("logger")) if with_loggers else None
+        trackers = factory(config=OmegaConf.to_container(cfg, resolve=True)) if factory is not None else None
     except (InstantiationException, ValueError, FileNotFoundError) as error:
         # bad data / model / method settings (a missing file, a wrong option of a data source, data that do not
         # fit the model) reach the user as one line naming the problem, not as a traceback
         raise ConfigError(error if isinstance(error, ConfigError) else one_line(error)) from error
     evaluator = instantiate_optional(cfg.get("eval"))
-    loggers = []
-    factory = instantiate_optional(cfg.get("logger")) if with_loggers else None
-    if factory is not None:
-        loggers.append(factory(run_dir=spec.train.run_dir, config=OmegaConf.to_container(cfg, resolve=True)))
-    return Run(spec, data, model, method, evaluator, loggers)
+    return Run(spec, data, model, method, evaluator, trackers)
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

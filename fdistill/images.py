@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 # The preview grid ``fdistill sample`` writes beside its samples; readers of sample folders (FID) skip it.
 GRID_FILENAME = "grid.png"
+MIN_GRID_PIXELS = 256  # training grids are enlarged (nearest neighbour) until both sides are at least this long
+CAPTION_PADDING = 2    # pixels around a caption's text
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -43,6 +45,41 @@ def make_grid(images: Tensor, nrow: int | None = None, padding: int = 1) -> np.n
         left = padding + (index % nrow) * (width + padding)
         grid[top:top + height, left:left + width] = image
     return grid
+
+
+def labelled_grid(images: Tensor, labels: list[str] | None = None, nrow: int | None = None, padding: int = 1,
+                  min_pixels: int = MIN_GRID_PIXELS) -> np.ndarray:
+    """A grid to look at: ``make_grid`` enlarged by the smallest integer factor (nearest neighbour: tiny images
+    stay sharp) that makes both sides >= ``min_pixels``, with a white caption strip under each image holding its
+    label (class or prompt, PIL's default font, cut with "..." to the image's width). Returns [H', W', 3] uint8."""
+    pixels = to_uint8(images)
+    count, height, width, _ = pixels.shape
+    nrow = nrow or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / nrow)
+    scale = max(1, math.ceil(min_pixels / min(nrow * width, rows * height)))
+    cell_w, cell_h = width * scale, height * scale
+    font = ImageFont.load_default()
+    strip = font.getbbox("Ag")[3] + 2 * CAPTION_PADDING if labels is not None else 0
+    canvas = Image.new("RGB", (padding + nrow * (cell_w + padding), padding + rows * (cell_h + strip + padding)))
+    draw = ImageDraw.Draw(canvas)
+    for index, image in enumerate(pixels):
+        left = padding + (index % nrow) * (cell_w + padding)
+        top = padding + (index // nrow) * (cell_h + strip + padding)
+        canvas.paste(to_pil(image).convert("RGB").resize((cell_w, cell_h), Image.NEAREST), (left, top))
+        if labels is not None:
+            draw.rectangle((left, top + cell_h, left + cell_w - 1, top + cell_h + strip - 1), fill="white")
+            text = fit_text(str(labels[index]), font, cell_w - 2 * CAPTION_PADDING)
+            draw.text((left + CAPTION_PADDING, top + cell_h + CAPTION_PADDING), text, fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def fit_text(text: str, font: ImageFont.ImageFont, width: int) -> str:
+    """``text``, or its longest prefix followed by "..." that is at most ``width`` pixels long in ``font``."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def save_images(images: Tensor, directory: str | os.PathLike, start_index: int = 0) -> list[Path]:

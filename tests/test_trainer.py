@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from accelerate.tracking import GeneralTracker
 from torch import nn
 
 from fdistill.config import build_run, compose, validate
 from fdistill.data import gaussian_mixture
 from fdistill.methods.base import Method
-from fdistill.training import (JsonlLogger, NonFiniteLossError, Trainer, TrainConfig, latest_checkpoint,
+from fdistill.training import (JsonlLogger, NonFiniteLossError, Trackers, Trainer, TrainConfig, latest_checkpoint,
                                list_checkpoints, load_checkpoint, save_checkpoint)
 from fdistill.training.ema import ema_decay_at
 
@@ -54,7 +55,7 @@ def state(module: nn.Module) -> dict[str, torch.Tensor]:
 def test_sigkilled_cli_run_resumes_to_the_bitwise_weights_of_an_uninterrupted_run(tmp_path):
     run_dir = tmp_path / "killed"
     common = [*TINY_RING, "train.steps=8", "train.checkpoint_every=2", "train.keep_last=2", f"train.run_dir={run_dir}"]
-    killer = ["+logger._target_=trainer_helpers.KillAtStep", "+logger._partial_=true", "+logger.step=5"]
+    killer = ["+logger._target_=trainer_helpers.kill_at_step", "+logger._partial_=true", "+logger.step=5"]
     killed = run_cli(["train", *common, *killer])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert [step for step, _ in list_checkpoints(run_dir / "checkpoints")] == [2, 4]   # died after step 5's update
@@ -182,18 +183,23 @@ def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ EMA, logs, samples
-class WeightRecorder:
-    """Logger that keeps the method's weights after every logged step."""
+class WeightRecorder(GeneralTracker):
+    """Tracker that keeps the method's weights after every logged step."""
+
+    name = "weight_recorder"
+    requires_logging_directory = False
 
     def __init__(self, method: Method):
+        super().__init__()
         self.method, self.history = method, []
 
-    def log(self, metrics, step):
-        if "loss" in metrics:
-            self.history.append(state(self.method.networks))
+    @property
+    def tracker(self):
+        return self.history
 
-    def finish(self):
-        pass
+    def log(self, values, step=None, **kwargs):
+        if "loss" in values:
+            self.history.append(state(self.method.networks))
 
 
 def test_ema_of_several_decays_follows_the_recursion(tmp_path):
@@ -203,7 +209,8 @@ def test_ema_of_several_decays_follows_the_recursion(tmp_path):
     config = TrainConfig(steps=4, batch_size=8, device="cpu", progress=False, log_every=1, run_dir=str(tmp_path),
                          ema_decays=decays, ema_warmup_steps=warmup, export=False)
     recorder = WeightRecorder(method)
-    trainer = Trainer(method, gaussian_mixture(preset="ring8", num_samples=64), config, loggers=[recorder])
+    trainer = Trainer(method, gaussian_mixture(preset="ring8", num_samples=64), config,
+                      trackers=Trackers(log_with=[recorder]))
     trainer.fit()
     assert len(recorder.history) == 4
     for decay in decays:
@@ -230,7 +237,7 @@ def test_metrics_jsonl_and_sample_grid_png(tmp_path):
         assert {"loss", "grad_norm", "lr", "steps_per_sec"} <= record.keys() and record["loss"] > 0
     assert records[0]["lr"] == pytest.approx(2e-3 / 100)                 # digits_teacher: 100 warm-up steps
     with Image.open(tmp_path / "samples" / "step_000002.png") as grid:
-        assert grid.size == (2 * 8 + 3, 2 * 8 + 3)                        # 2 x 2 grid of 8x8 digits, 1 px padding
+        assert grid.size[0] == 2 * 8 * 16 + 3 and grid.size[1] > 256      # 2 x 2 digits enlarged 16x, captioned
         pixels = torch.from_numpy(np.asarray(grid.convert("L"), dtype=np.float32))
     assert pixels.std() > 0
 
@@ -239,6 +246,7 @@ def test_metrics_rows_after_the_resume_step_and_a_cut_last_row_are_dropped(tmp_p
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
     logger = JsonlLogger(path)
+    logger.start()
     logger.drop_after(2)
     logger.log({"loss": 0.5}, 3)
     logger.finish()

@@ -1,7 +1,8 @@
 """Code that tests/test_trainer.py runs in other processes (not a test module).
 
-- ``KillAtStep``: a logger for the ``logger`` config group that SIGKILLs its own process when a step is logged, so a
-  ``fdistill train`` subprocess dies hard at a known step (after its last checkpoint, before the next one).
+- ``kill_at_step``: trackers for the ``logger`` config group whose ``KillAtStep`` SIGKILLs its own process when a step
+  is logged, so a ``fdistill train`` subprocess dies hard at a known step (after its last checkpoint, before the
+  next one).
 - ``python tests/trainer_helpers.py OUT_DIR MICRO_BATCHES`` (plain or under ``accelerate launch``): trains the
   ``denoising`` method on a small Gaussian mixture for 3 steps and writes, per process, the averaged gradient of
   step 0 and the final weights to ``OUT_DIR/rank<k>.pt``.
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate.tracking import GeneralTracker
 from torch import nn
 
 STEPS = 3
@@ -23,18 +25,30 @@ GLOBAL_BATCH = 8
 FSDP_RUNS = ("denoising", "probe", "resumed")
 
 
-class KillAtStep:
-    """Logger (``_partial_`` factory target, called with run_dir and config) that kills the process at ``step``."""
+class KillAtStep(GeneralTracker):
+    """An accelerate tracker that kills the process when step ``step`` (or a later one) is logged."""
 
-    def __init__(self, run_dir: str, config: dict, step: int):
+    name = "kill_at_step"
+    requires_logging_directory = False
+
+    def __init__(self, step: int):
+        super().__init__()
         self.step = step
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    @property
+    def tracker(self) -> None:
+        return None
+
+    def log(self, values: dict[str, float], step: int | None = None, **kwargs) -> None:
         if step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def finish(self) -> None:
-        pass
+
+def kill_at_step(config: dict, step: int):
+    """``logger`` group target (``_partial_``, called with the run config): trackers holding ``KillAtStep(step)``."""
+    from fdistill.training import Trackers
+
+    return Trackers(log_with=[KillAtStep(step)], config=config)
 
 
 def tiny_denoising_method(max_grad_norm: float | None = None):

@@ -19,7 +19,8 @@ USAGE = """usage: fdistill train [KEY=VALUE ...]   (Hydra overrides)
 
 Config groups (conf/<group>/<option>.yaml): {groups}
 Keys: train.* (steps, batch_size, micro_batches, mixed_precision, seed, ema_decays, checkpoint_every, keep_last,
-      sample_every, eval_every, log_every, lr_warmup_steps, run_dir, resume, device), method.*, sampler.*, data.*, model.*
+      sample_every, eval_every, log_every, lr_warmup_steps, lr_scheduler, run_dir, resume, device),
+      method.*, sampler.*, data.*, model.*, logger.* (log_with, project, mode)
 Example: fdistill train experiment=digits_teacher train.steps=500 method.lr=1e-3"""
 
 
@@ -44,7 +45,7 @@ def run_training(prog: str, overrides: list[str], method_name: str | None = None
     except ConfigError as error:
         print(f"fdistill {prog}: config error: {error}", file=sys.stderr)
         return 2, None, None, None
-    trainer = Trainer(run.method, run.data, spec.train, loggers=run.loggers, evaluator=run.evaluator)
+    trainer = Trainer(run.method, run.data, spec.train, trackers=run.trackers, evaluator=run.evaluator)
     if trainer.is_main:
         save_config(spec.cfg, trainer.run_dir / "config.yaml")
     try:

@@ -2,11 +2,12 @@
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import SamplerConfig, TrainConfig
 from .ema import EMA
-from .logging import JsonlLogger, LoggerGroup, WandbLogger
+from .logging import JsonlLogger, Trackers
+from .plots import write_curves
 from .trainer import NonFiniteLossError, Trainer, save_sample_grid, split_batch, stream_seed
 
 __all__ = [
     "latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint", "SamplerConfig", "TrainConfig",
-    "EMA", "JsonlLogger", "LoggerGroup", "WandbLogger", "NonFiniteLossError", "Trainer", "save_sample_grid",
-    "split_batch", "stream_seed",
+    "EMA", "JsonlLogger", "Trackers", "NonFiniteLossError", "Trainer", "save_sample_grid", "split_batch",
+    "stream_seed", "write_curves",
 ]

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SCHEDULES = ("karras", "logsnr", "time_uniform")
+# 'linear_warmup' is fdistill's own; the others are diffusers.optimization.get_scheduler's
+LR_SCHEDULERS = ("linear_warmup", "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                 "polynomial")
 
 
 def require(condition: bool, message: str) -> None:
@@ -36,7 +39,11 @@ class TrainConfig:
         num_samples: images in a sample grid (> 0).
         eval_every: steps between evaluations (the ``eval`` group); 0 = never.
         log_every: steps between scalar logs (> 0).
-        lr_warmup_steps: linear learning-rate warm-up per phase (>= 0), then constant.
+        lr_warmup_steps: learning-rate warm-up, in updates of each phase (>= 0).
+        lr_scheduler: LR schedule of each phase over its own updates: 'linear_warmup' (update k uses
+            min(1, (k + 1) / lr_warmup_steps) of the LR, then constant) or one of diffusers' ``get_scheduler``:
+            'constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts', 'polynomial' (their
+            warm-up starts at 0; the decaying ones reach their end at train.steps).
         run_dir: output directory (config.yaml, metrics.jsonl, checkpoints/, samples/, model/).
         resume: 'auto' (latest complete checkpoint in run_dir, if any), 'never', or a checkpoint directory.
         device: 'auto' (accelerate's choice: GPU when present), 'cpu' or 'cuda'.
@@ -64,6 +71,7 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 50
     lr_warmup_steps: int = 0
+    lr_scheduler: str = "linear_warmup"
     run_dir: str = "runs/train"
     resume: str = "auto"
     device: str = "auto"
@@ -83,6 +91,11 @@ class TrainConfig:
                  f"train.batch_size ({self.batch_size}) must be divisible by train.micro_batches ({self.micro_batches})")
         require(self.mixed_precision in MIXED_PRECISION,
                  f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        require(self.lr_scheduler in LR_SCHEDULERS,
+                f"train.lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        require(self.lr_scheduler != "constant" or self.lr_warmup_steps == 0,
+                f"train.lr_warmup_steps={self.lr_warmup_steps} has no effect with train.lr_scheduler='constant'; "
+                "use 'constant_with_warmup' or 'linear_warmup'")
         require(self.device in ("auto", "cpu", "cuda"), f"train.device must be one of ('auto', 'cpu', 'cuda'), got {self.device!r}")
         require(all(0.0 < d < 1.0 for d in self.ema_decays), f"train.ema_decays must each be in (0, 1), got {list(self.ema_decays)}")
         require(bool(self.run_dir), "train.run_dir must be a non-empty path")

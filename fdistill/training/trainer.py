@@ -25,13 +25,17 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
+from ..images import labelled_grid
 from ..methods.base import Method, Phase, StepContext
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
-from .logging import JsonlLogger, Logger, LoggerGroup
+from .logging import (TENSORBOARD_DIR, JsonlLogger, Trackers, finish_trackers, flat_hparams, format_block,
+                      format_summary, log_image, parameter_counts, phase_scalars)
+from .plots import CURVES_FILENAME, write_curves
 from .sharding import (NetworkTemplates, check_fsdp_support, fsdp_requested, full_optimizer_state, full_tensors,
                        full_value, is_sharded, set_gradient_sync, shard_networks, shard_tensors_like,
                        sharded_optimizer_state)
@@ -82,8 +86,29 @@ def build_optimizer(phase: Phase, params: list[Tensor]) -> torch.optim.Optimizer
 
 
 def warmup_factor(warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to the phase's LR over ``warmup_steps`` of that phase, then constant."""
+    """Linear warm-up to the phase's LR over ``warmup_steps`` of that phase, then constant: update k (0-based) uses
+    min(1, (k + 1) / warmup_steps) of the LR, so the first update already moves the weights."""
     return lambda k: min(1.0, (k + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int,
+                       num_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of one phase, over its own updates: 'linear_warmup' (``warmup_factor``) or a schedule of
+    ``diffusers.optimization.get_scheduler`` (constant, constant_with_warmup, linear, cosine, ...), whose warm-up
+    starts at LR 0 and whose decay reaches its end after ``num_updates`` updates of the phase."""
+    if name == "linear_warmup":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(warmup_steps))
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=num_updates)
+
+
+def phase_update_counts(method: Method, steps: int) -> dict[str, int]:
+    """Updates of each phase in steps 0 .. steps - 1 (the length of its LR schedule)."""
+    counts = {phase.name: 0 for phase in method.phases()}
+    for step in range(steps):
+        counts[method.phase_at(step)] += 1
+    return counts
 
 
 def phase_parameters(method: Method, phase: Phase) -> list[Tensor]:
@@ -93,15 +118,30 @@ def phase_parameters(method: Method, phase: Phase) -> list[Tensor]:
     return params
 
 
-def save_sample_grid(samples: Tensor, path: Path) -> None:
-    """Images in [-1, 1] ([N, C, H, W]) as one PNG grid; other samples (points) as a tensor file next to it."""
+def save_sample_grid(samples: Tensor, path: Path, labels: list[str] | None = None):
+    """Images in [-1, 1] ([N, C, H, W]) as one PNG grid (``fdistill.images.labelled_grid``: enlarged to >= 256 px,
+    captioned with ``labels``), returned as a [H, W, 3] uint8 array; other samples (points) as a tensor file next
+    to it (returns None)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if samples.ndim == 4:
-        from torchvision.utils import save_image
-
-        save_image((samples.float().cpu() + 1) / 2, path, nrow=max(1, int(math.sqrt(len(samples)))), padding=1)
-    else:
+    if samples.ndim != 4:
         torch.save(samples.float().cpu(), path.with_suffix(".pt"))
+        return None
+    grid = labelled_grid(samples, labels, nrow=max(1, int(math.sqrt(len(samples)))))
+    Image.fromarray(grid).save(path)
+    return grid
+
+
+def grid_condition(method: Method, num: int, device: torch.device) -> tuple[Any, list[str] | None]:
+    """The condition of a sample grid and its captions: classes 0 .. num_classes - 1 in turn for a class-conditional
+    method (``method.num_classes``), its prompts in turn for a text-to-image one (``method.prompts``), else none."""
+    if getattr(method, "num_classes", 0):
+        classes = torch.arange(num, device=device) % method.num_classes
+        return classes, [str(c) for c in classes.tolist()]
+    prompts = getattr(method, "prompts", None)
+    if prompts:
+        chosen = [prompts[i % len(prompts)] for i in range(num)]
+        return chosen, chosen
+    return None, None
 
 
 class Trainer:
@@ -111,18 +151,24 @@ class Trainer:
         method: the objective (its networks are moved to the accelerator's device).
         data: DataSource with ``loader(batch_size, seed, start_step, rank, world_size, num_workers)``.
         config: TrainConfig.
-        loggers: extra loggers (wandb); ``run_dir/metrics.jsonl`` is always written.
+        trackers: accelerate trackers (wandb, tensorboard: ``fdistill.training.logging.Trackers``) beside
+            ``run_dir/metrics.jsonl``, which is always written.
         evaluator: optional ``evaluate(generate_fn, step) -> dict`` run every ``eval_every`` steps (main process).
-        accelerator: an ``accelerate.Accelerator``; default one built from ``config.device``.
     """
 
-    def __init__(self, method: Method, data, config: TrainConfig, loggers: list[Logger] | None = None,
-                 evaluator: Evaluator | None = None, accelerator=None):
+    def __init__(self, method: Method, data, config: TrainConfig, trackers: Trackers | None = None,
+                 evaluator: Evaluator | None = None):
         from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
 
-        self.accelerator = accelerator or Accelerator(cpu=config.device == "cpu")
         self.method, self.data, self.config, self.evaluator = method, data, config, evaluator
         self.run_dir = Path(config.run_dir)
+        self.trackers = trackers or Trackers()
+        jsonl = JsonlLogger(self.run_dir / "metrics.jsonl")
+        self.accelerator = Accelerator(
+            cpu=config.device == "cpu", log_with=[jsonl, *self.trackers.log_with],
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir),
+                                                logging_dir=str(self.run_dir / TENSORBOARD_DIR)))
         self.checkpoint_root = self.run_dir / "checkpoints"
         self.is_main = self.accelerator.is_main_process
         self.num_processes = self.accelerator.num_processes
@@ -147,7 +193,8 @@ class Trainer:
             shard_networks(self.sharded, mesh, config.fsdp_min_params)
         self.params = {name: phase_parameters(method, phase) for name, phase in self.phases.items()}
         self.optimizers = {name: build_optimizer(phase, self.params[name]) for name, phase in self.phases.items()}
-        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, warmup_factor(config.lr_warmup_steps))
+        updates = phase_update_counts(method, config.steps)
+        self.schedulers = {name: build_lr_scheduler(opt, config.lr_scheduler, config.lr_warmup_steps, updates[name])
                            for name, opt in self.optimizers.items()}
         device_type = self.accelerator.device.type
         self.scalers = {name: torch.amp.GradScaler(device_type, enabled=config.mixed_precision == "fp16")
@@ -157,8 +204,9 @@ class Trainer:
         self.phase_updates_ema = {name: bool(ema_nets & set(p.networks)) for name, p in self.phases.items()}
         self.step = 0
         self.last_checkpoint: Path | None = None
-        self.metrics_log = JsonlLogger(self.run_dir / "metrics.jsonl") if self.is_main else None
-        self.logger = LoggerGroup(([self.metrics_log] if self.is_main else []) + list(loggers or []))
+        self.metrics_log = jsonl if self.is_main else None
+        self.pending_logs: dict[str, float] = {}   # latest scalars of each phase since the last log step
+        self.last_logged: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------------------- collectives
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:
@@ -352,13 +400,16 @@ class Trainer:
 
     def write_samples(self) -> None:
         """The sample grid of this step (call inside ``inference_model``, on the main process)."""
-        samples = self._sample(self.config.num_samples, torch.Generator().manual_seed(self.config.seed))
-        save_sample_grid(samples, self.run_dir / "samples" / f"step_{self.step:06d}.png")
+        cond, labels = grid_condition(self.method, self.config.num_samples, self.accelerator.device)
+        samples = self._sample(self.config.num_samples, torch.Generator().manual_seed(self.config.seed), cond)
+        grid = save_sample_grid(samples, self.run_dir / "samples" / f"step_{self.step:06d}.png", labels)
+        if grid is not None:
+            log_image(self.accelerator.trackers, "samples", grid, self.step)
 
     def evaluate(self) -> None:
         """Log the evaluator's metrics of this step (call inside ``inference_model``, on the main process)."""
         metrics = self.evaluator(self._sample, self.step)
-        self.logger.log({f"eval/{k}": float(v) for k, v in metrics.items()}, self.step)
+        self.accelerator.log({f"eval/{k}": float(v) for k, v in metrics.items()}, step=self.step)
 
     def export(self) -> Path | None:
         """``method.export(run_dir / 'model')`` with EMA weights, written by the main process; None when the method
@@ -377,12 +428,17 @@ class Trainer:
 
     def _after_step(self, logs: dict[str, float], started: float, start_step: int) -> None:
         final = self.step == self.config.steps
+        self.pending_logs.update(phase_scalars(logs, self.method.phase_at(self.step - 1), len(self.phases) > 1))
         if self.step % self.config.log_every == 0 or final:
-            keys = sorted(logs)
-            values = self.all_reduce_mean(torch.tensor([logs[k] for k in keys], device=self.accelerator.device))
+            keys = sorted(self.pending_logs)
+            values = self.all_reduce_mean(torch.tensor([self.pending_logs[k] for k in keys],
+                                                       device=self.accelerator.device))
             rate = (self.step - start_step) / max(time.perf_counter() - started, 1e-9)
-            self.logger.log({**dict(zip(keys, values.tolist())), "steps_per_sec": rate,
-                             "samples_per_sec": rate * self.config.batch_size}, self.step)
+            scalars = {**dict(zip(keys, values.tolist())), "steps_per_sec": rate,
+                       "samples_per_sec": rate * self.config.batch_size}
+            self.accelerator.log(scalars, step=self.step)
+            self.last_logged.update(scalars)
+            self.pending_logs.clear()
         if self.step % self.config.checkpoint_every == 0 or final:
             self.save()
         sample = self._periodic(self.config.sample_every, final)
@@ -408,6 +464,7 @@ class Trainer:
             self.load(checkpoint)
         if self.metrics_log is not None:  # one row per step: drop what a killed run logged after its checkpoint
             self.metrics_log.drop_after(self.step)
+        self.start_trackers()
         start_step, started = self.step, time.perf_counter()
         batches = self.data.loader(self.config.batch_size, seed=self.config.seed, start_step=self.step,
                                    rank=self.accelerator.process_index, world_size=self.num_processes,
@@ -422,10 +479,45 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss']:.4g}")
                 self._after_step(logs, started, start_step)
-            if self.config.export:
-                self.export()
+            exported = self.export() if self.config.export else None
         finally:
             progress.close()
-            self.logger.finish()
+            finish_trackers(self.accelerator.trackers)
+        if self.is_main:
+            self.finish_report(start_step, started, exported)
         self.accelerator.wait_for_everyone()
         return self.method
+
+    # ----------------------------------------------------------------------------------------------- reports
+    def run_info(self) -> dict[str, Any]:
+        """What runs where (the start banner; logged as ``system.*`` hyper-parameters)."""
+        trained = [p for params in self.params.values() for p in params]
+        return {"device": str(self.accelerator.device), "torch": torch.__version__, "processes": self.num_processes,
+                "method": type(self.method).__name__, "phases": ", ".join(self.phases),
+                **parameter_counts(trained, list(self.method.parameters())),
+                "global_batch": self.config.batch_size, "micro_batches": self.config.micro_batches,
+                "micro_batch_size": self.config.batch_size // (self.num_processes * self.config.micro_batches),
+                "mixed_precision": self.config.mixed_precision,
+                "lr_scheduler": self.config.lr_scheduler, "steps": self.config.steps, "run_dir": str(self.run_dir),
+                "trackers": ", ".join(["jsonl", *self.trackers.names()])}
+
+    def start_trackers(self) -> None:
+        """Start accelerate's trackers (main process) with the run config and ``run_info`` (as ``system.*``) as
+        hyper-parameters, and print the start banner."""
+        if not self.is_main:
+            return
+        info = self.run_info()
+        hparams = {**flat_hparams(self.trackers.config), **flat_hparams(info, "system.")}
+        self.accelerator.init_trackers(self.trackers.project, config=hparams,
+                                       init_kwargs=self.trackers.init_kwargs(self.run_dir))
+        print(format_block("fdistill train", info))
+
+    def finish_report(self, start_step: int, started: float, exported: Path | None) -> None:
+        """Write the curves PNG and print the end summary (main process)."""
+        curves = write_curves(self.run_dir / "metrics.jsonl", self.run_dir / CURVES_FILENAME)
+        outputs = {"metrics": self.run_dir / "metrics.jsonl", "curves": curves, "checkpoint": self.last_checkpoint,
+                   "samples": self.run_dir / "samples" if self.config.sample_every else None, "model": exported,
+                   "tensorboard": self.run_dir / TENSORBOARD_DIR / self.trackers.project
+                   if "tensorboard" in self.trackers.names() else None}
+        print(format_summary(self.step, self.step - start_step, time.perf_counter() - started, self.last_logged,
+                             outputs))
