@@ -7,8 +7,9 @@ gradient accumulation, cross-process gradient averaging, mixed precision, clippi
 Layout of a method (an ``nn.Module``):
 - ``self.networks``: ``nn.ModuleDict`` of the networks some phase trains ('student', 'fake_score', ...).
   A network may hold frozen parameters too (LoRA base weights): what is trained is what has requires_grad.
-- ``self.frozen``: ``nn.ModuleDict`` of frozen networks (teacher, reference). All their parameters have
-  ``requires_grad=False`` and the trainer asserts it. Checkpoints do not store them (they are rebuilt from
+- ``self.frozen``: ``nn.ModuleDict`` of frozen networks (teacher, reference, VAE, text encoders). All their parameters
+  have ``requires_grad=False`` (the trainer asserts it) and they stay in eval mode whatever ``method.train(mode)``
+  asks (a teacher with dropout gives deterministic targets). Checkpoints do not store them (they are rebuilt from
   the config), unless the method says otherwise in ``checkpoint_state_dict``.
 - Persistent buffers anywhere outside ``frozen`` (e.g. f-distill's per-noise-level ratio statistics) are state:
   they are checkpointed and copied into EMA snapshots.
@@ -159,6 +160,14 @@ class Method(nn.Module):
     def checkpoint_state_dict(self) -> dict[str, Tensor]:
         """What a checkpoint stores: everything except the frozen networks."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("frozen.")}
+
+    def train(self, mode: bool = True) -> "Method":
+        """Train (or eval) mode for everything but the frozen networks, which always stay in eval mode: the trainer's
+        ``method.train()`` must not switch on dropout in a teacher or a reference (noisy targets, a DPO loss that
+        no longer starts at log 2)."""
+        super().train(mode)
+        self.frozen.eval()
+        return self
 
     def assert_frozen(self) -> None:
         """Fail loudly if a frozen network has a trainable parameter."""
