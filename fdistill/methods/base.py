@@ -104,6 +104,8 @@ class StepContext:
         num_processes: data-parallel processes.
         all_reduce_mean: averages a tensor over processes (identity on one process); collective: every process
             must call it the same number of times in the same order.
+        all_reduce_sum: sums a tensor over processes (identity on one process); collective, like all_reduce_mean.
+            Global means of sparse statistics (per-bin sums and counts) reduce both by SUM and divide once.
         device: the device batches live on.
         training: False during evaluation passes (statistics such as ratio bins must then not be updated).
     """
@@ -112,6 +114,7 @@ class StepContext:
     num_micro_batches: int = 1
     num_processes: int = 1
     all_reduce_mean: Callable[[Tensor], Tensor] = _identity
+    all_reduce_sum: Callable[[Tensor], Tensor] = _identity
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     training: bool = True
 

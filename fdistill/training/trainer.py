@@ -167,6 +167,12 @@ class Trainer:
             return tensor
         return self.accelerator.reduce(tensor.contiguous(), reduction="mean")
 
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum over processes (identity on one process); every process must call it in the same order."""
+        if self.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.contiguous(), reduction="sum")
+
     def _broadcast_state(self) -> None:
         """Start every process from process 0's weights and buffers."""
         if self.num_processes == 1:
@@ -192,7 +198,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- one step
     def context(self, step: int, num_micro: int, training: bool = True) -> StepContext:
         return StepContext(step=step, num_micro_batches=num_micro, num_processes=self.num_processes,
-                           all_reduce_mean=self.all_reduce_mean, device=self.accelerator.device, training=training)
+                           all_reduce_mean=self.all_reduce_mean, all_reduce_sum=self.all_reduce_sum,
+                           device=self.accelerator.device, training=training)
 
     def autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.config.mixed_precision)
