@@ -47,6 +47,9 @@ class Phase:
         eps: Adam epsilon.
         max_grad_norm: clip the global gradient norm of this phase's parameters; None = no clipping.
         optimizer: one of OPTIMIZERS.
+        last_step: the last global step at which the phase runs (None = it may run until the end); once that step is
+            done the trainer frees the phase's optimizer state (e.g. a finished DDO round's Adam moments), so neither
+            device memory nor checkpoints grow with the number of finished phases.
     """
 
     name: str
@@ -57,6 +60,7 @@ class Phase:
     eps: float = 1e-8
     max_grad_norm: float | None = None
     optimizer: str = "adamw"
+    last_step: int | None = None
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -67,6 +71,8 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: optimizer {self.optimizer!r} not in {OPTIMIZERS}")
         if not self.networks:
             raise ValueError(f"phase {self.name!r}: trains no network")
+        if self.last_step is not None and self.last_step < 0:
+            raise ValueError(f"phase {self.name!r}: last_step must be >= 0 or None, got {self.last_step}")
 
 
 def optimizer_checks(config) -> list[tuple[bool, str]]:

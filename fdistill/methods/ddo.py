@@ -7,7 +7,9 @@ fakes sampled from the reference (1:1) through the implicit discriminator beta *
 
 Self-play rounds (``rounds=K``, ``steps_per_round=S``) live inside the method, so the one trainer runs them unchanged:
 - round r covers global steps [r S, (r + 1) S) and trains in its own Phase ``round_r``: the trainer builds one
-  optimizer per phase, so every round starts with a fresh optimizer (its state is allocated on its first step);
+  optimizer per phase, so every round starts with a fresh optimizer (its state is allocated on its first step), and
+  frees it after the round's last step (``Phase.last_step``): one round's moments live at a time, on the device and
+  in checkpoints;
 - the target is evaluated (``evaluator``, lower is better) at the round start, every ``eval_every`` steps and at the
   round end; the best snapshot is kept (the round's start counts, so a round never makes things worse);
 - at a round boundary the best snapshot becomes the new reference AND the target's starting point, and the fake
@@ -212,7 +214,9 @@ class DDO(Method):
     def phases(self) -> list[Phase]:
         c = self.config
         return [Phase(f"round_{r}", ("model",), lr=c.lr, weight_decay=c.weight_decay, betas=tuple(c.betas),
-                      max_grad_norm=c.max_grad_norm, optimizer=c.optimizer) for r in range(c.rounds)]
+                      max_grad_norm=c.max_grad_norm, optimizer=c.optimizer,
+                      last_step=(r + 1) * c.steps_per_round - 1)
+                for r in range(c.rounds)]
 
     def round_at(self, step: int) -> int:
         """The self-play round of global step ``step`` (steps past the last round stay in it)."""
