@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses.ddo import ddo_log_ratio, ddo_loss, likelihood_mode
-from ..training.config import SamplerConfig, as_sampler_config
+from ..samplers.config import SamplerConfig, as_sampler_config
 from .base import Method, Phase, StepContext, optimizer_checks, raise_first_failure
 from .denoising import drop_labels
 
@@ -163,9 +163,7 @@ def sample_with(denoiser: nn.Module, num: int, sample_shape: tuple[int, ...], sa
     from .. import samplers
 
     device = next(denoiser.parameters()).device
-    sigma_min = sampler.sigma_min or getattr(denoiser, "sigma_min", 0.002)
-    sigma_max = sampler.sigma_max or getattr(denoiser, "sigma_max", 80.0)
-    schedule = samplers.sigmas(sampler.schedule, sampler.steps, sigma_min, sigma_max)
+    schedule = samplers.noise_levels(sampler, denoiser)
     noise = torch.randn(num, *sample_shape, generator=generator) * schedule[0]    # CPU generator: same on any device
     schedule = schedule.to(device)
     chunks = []
