@@ -23,7 +23,7 @@ from fdistill.training.config import TrainConfig
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 from test_trainer import cpu_launch_env, free_port  # noqa: E402
-from trainer_helpers import ratio_bin_weights  # noqa: E402
+from trainer_helpers import ACCELERATE_LAUNCH, ratio_bin_weights  # noqa: E402
 
 TEACHER = dict(means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], stds=[0.4, 0.5, 0.3], weights=[0.6, 0.3, 0.1])
 STUDENT = dict(means=[[-1.5, 0.3], [2.2, -0.2], [0.3, 2.0]], stds=[0.6, 0.4, 0.5], weights=[0.2, 0.5, 0.3])
@@ -169,7 +169,7 @@ def test_two_cpu_processes_give_the_ratio_bin_means_of_one(tmp_path):
     """The same check through the trainer's real collectives: 2 gloo processes under ``accelerate launch``."""
     single, double = tmp_path / "single", tmp_path / "double"
     ratio_bin_weights(single)                                           # 1 process, in-process
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    launch = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port())]
     two = subprocess.run([*launch, str(TESTS / "trainer_helpers.py"), "ratio_bins", str(double)], capture_output=True,

@@ -22,6 +22,8 @@ from torch import nn
 
 STEPS = 3
 GLOBAL_BATCH = 8
+# ``accelerate launch`` through this interpreter: the tests must not depend on the environment's bin/ being on PATH
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 FSDP_RUNS = ("denoising", "probe", "resumed")
 
 
