@@ -152,7 +152,32 @@ def test_checkpoint_holds_the_replaced_reference_and_resume_continues_the_round(
     resumed.prepare_step(resumed.phase_at(3), [real_batch()], StepContext(step=3))
     method.prepare_step(method.phase_at(3), [real_batch()], StepContext(step=3))
     assert int(resumed.round_index) == 1                                   # no second swap on resume
-    assert torch.equal(resumed._pool[0], method._pool[0])                  # the same round-1 fakes
+    torch.testing.assert_close(resumed._pool[0], method._pool[0], rtol=1e-5, atol=1e-6)   # the same round-1 fakes
+
+
+def test_finished_rounds_free_their_optimizer_state_and_checkpoints_do_not_grow(tmp_path):
+    """The real trainer, 3 rounds of 2 steps, a checkpoint every step: at most one round's Adam moments exist at any
+    time, and checkpoints in (and at the end of) rounds 1 and 3 have the same size."""
+    from fdistill.data.base import DataSource, TensorDictDataset
+    from fdistill.training import Trainer, TrainConfig
+
+    method = DDO(tiny_config(rounds=3, steps_per_round=2), tiny_denoiser(), (2,))
+    data = DataSource(TensorDictDataset(x=real_batch(64)["x"]), (2,), 0)
+    trainer = Trainer(method, data, TrainConfig(steps=6, batch_size=8, device="cpu", progress=False, export=False,
+                                                checkpoint_every=1, keep_last=6, ema_decays=[], run_dir=str(tmp_path)))
+    trainer.fit()
+    root = tmp_path / "checkpoints"
+    trained = len(list(method.networks.parameters()))
+    for step in range(1, 7):      # after step k - 1: the moments of its round while it runs, none once it is done
+        state = torch.load(root / f"step_{step:06d}" / "trainer_state.pt", weights_only=True)
+        moments = {name: len(optimizer["state"]) for name, optimizer in state["optimizers"].items()}
+        running = None if step % 2 == 0 else f"round_{step // 2}"
+        assert moments == {f"round_{r}": trained if f"round_{r}" == running else 0 for r in range(3)}, (step, moments)
+    size = lambda step: (root / f"step_{step:06d}" / "trainer_state.pt").stat().st_size  # noqa: E731
+    one_round_of_moments = size(1) - size(2)         # the same file with and without one round's moments
+    assert one_round_of_moments > 10_000
+    for early, late in ((1, 5), (2, 6)):             # within round 1 vs round 3; at their ends (zip padding aside)
+        assert abs(size(late) - size(early)) < one_round_of_moments / 50, [size(k) for k in range(1, 7)]
 
 
 def test_build_with_evaluator_and_finish_writes_summary(tmp_path):

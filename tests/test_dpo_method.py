@@ -81,7 +81,7 @@ def test_lora_holds_one_unet_and_its_reference_is_the_base_model():
         with method.reference_unet() as reference:
             ref = reference(x, t, **cond).sample
         expected = base(x, t, **cond).sample
-    torch.testing.assert_close(ref, expected, rtol=0, atol=0)
+    torch.testing.assert_close(ref, expected, rtol=1e-5, atol=1e-6)      # other modules: other kernels
     assert (tuned - expected).abs().max() > 1e-3
     assert method.networks["unet"].active_adapters()               # adapters re-enabled after the reference pass
 

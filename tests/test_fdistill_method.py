@@ -2,7 +2,10 @@
 phases, frozen teacher, ratio-bin state."""
 import copy
 import math
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,11 @@ from fdistill.methods.fdistill import FDistill, FDistillConfig, build
 from fdistill.networks import MLPDenoiser
 from fdistill.training import Trainer
 from fdistill.training.config import TrainConfig
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from test_trainer import cpu_launch_env, free_port  # noqa: E402
+from trainer_helpers import ACCELERATE_LAUNCH, ratio_bin_weights  # noqa: E402
 
 TEACHER = dict(means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], stds=[0.4, 0.5, 0.3], weights=[0.6, 0.3, 0.1])
 STUDENT = dict(means=[[-1.5, 0.3], [2.2, -0.2], [0.3, 2.0]], stds=[0.6, 0.4, 0.5], weights=[0.2, 0.5, 0.3])
@@ -98,21 +106,23 @@ def test_ratio_is_normalised_per_quantile_bin():
 
 
 def run_processes(methods, logits, quantiles, training=True):
-    """Each method instance is one process (a thread); all_reduce_mean averages across them with a barrier."""
+    """Each method instance is one process (a thread); all_reduce_mean / all_reduce_sum reduce across them with a
+    barrier (a simulated all-reduce)."""
     barrier, slots, results = threading.Barrier(len(methods)), {}, [None] * len(methods)
 
-    def all_reduce_mean_for(rank):
+    def all_reduce_for(rank, reduction):
         def reduce(tensor):
             slots[rank] = tensor.clone()
             barrier.wait()
-            mean = torch.stack([slots[r] for r in range(len(methods))]).mean(0)
+            reduced = reduction(torch.stack([slots[r] for r in range(len(methods))]), 0)
             barrier.wait()
-            return mean
+            return reduced
         return reduce
 
     def worker(rank):
         ctx = StepContext(step=0, num_micro_batches=len(logits[rank]), num_processes=len(methods),
-                          all_reduce_mean=all_reduce_mean_for(rank), training=training)
+                          all_reduce_mean=all_reduce_for(rank, torch.mean), all_reduce_sum=all_reduce_for(rank, torch.sum),
+                          training=training)
         results[rank] = methods[rank].normalized_weights(logits[rank], quantiles[rank], ctx)[0]
 
     threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(len(methods))]
@@ -137,6 +147,40 @@ def test_statistics_equal_for_1x4_and_2x2_micro_batches():
         assert abs(float(single.mean()) - 1.0) < 1e-6
     assert torch.allclose(one.ratio_bin_means, two_a.ratio_bin_means) and torch.equal(two_a.ratio_bin_means, two_b.ratio_bin_means)
     assert not torch.allclose(one.ratio_bin_means, torch.ones(10))
+
+
+def test_sparse_bins_over_8_processes_equal_one_process_on_the_global_batch():
+    """16 bins, 8 processes with 2 samples each: most bins hold 1 sample of the global batch (fewer than processes);
+    their means must still be exact (a mean-reduced count of 1/8, clamped to 1, would divide them by 8)."""
+    base, _, _ = exact_method("kl", num_bins=16)
+    generator = torch.Generator().manual_seed(7)
+    logits, quantiles = torch.randn(16, generator=generator) * 2, torch.rand(16, generator=generator)
+    single = run_processes([base], [[logits]], [[quantiles]])[0]
+    processes = [copy.deepcopy(base) for _ in range(8)]
+    split = run_processes(processes, [[l] for l in logits.chunk(8)], [[q] for q in quantiles.chunk(8)])
+    counts = torch.bincount((quantiles * 16).long(), minlength=16)
+    assert ((counts > 0) & (counts < 8)).sum() >= 8                       # the sparse case the test is about
+    torch.testing.assert_close(torch.cat(split), single, rtol=1e-6, atol=1e-7)
+    for method in processes:
+        torch.testing.assert_close(method.ratio_bin_means, base.ratio_bin_means, rtol=1e-12, atol=0)
+
+
+def test_two_cpu_processes_give_the_ratio_bin_means_of_one(tmp_path):
+    """The same check through the trainer's real collectives: 2 gloo processes under ``accelerate launch``."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    ratio_bin_weights(single)                                           # 1 process, in-process
+    launch = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    two = subprocess.run([*launch, str(TESTS / "trainer_helpers.py"), "ratio_bins", str(double)], capture_output=True,
+                         text=True, timeout=180, env=cpu_launch_env())
+    assert two.returncode == 0, two.stderr[-2000:]
+    reference = torch.load(single / "ratio_rank0.pt")
+    ranks = [torch.load(double / f"ratio_rank{k}.pt") for k in range(2)]
+    assert reference["num_processes"] == 1 and [r["num_processes"] for r in ranks] == [2, 2]
+    torch.testing.assert_close(torch.cat([r["weights"] for r in ranks]), reference["weights"], rtol=1e-6, atol=1e-7)
+    for rank in ranks:
+        torch.testing.assert_close(rank["bin_means"], reference["bin_means"], rtol=1e-12, atol=0)
 
 
 def test_validation_never_updates_bins_and_bins_are_state():

@@ -17,7 +17,8 @@ from fdistill.training.sharding import check_fsdp_support, fsdp_requested, shard
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 from test_trainer import cpu_launch_env, free_port  # noqa: E402
-from trainer_helpers import fsdp_method, fsdp_run_config, fsdp_samples, ring_data, tiny_denoising_method  # noqa: E402
+from trainer_helpers import (ACCELERATE_LAUNCH, fsdp_method, fsdp_run_config, fsdp_samples, ring_data,  # noqa: E402
+                             tiny_denoising_method)
 
 ACCELERATE_FSDP_CONFIG = """\
 compute_environment: LOCAL_MACHINE
@@ -50,7 +51,7 @@ def runs(tmp_path_factory):
     reference = {run: train_single(run, single / run) for run in ("denoising", "probe")}
     shutil.copytree(single / "denoising" / "checkpoints" / "step_000002", double / "resumed" / "checkpoints" / "step_000002")
     (root / "fsdp.yaml").write_text(ACCELERATE_FSDP_CONFIG)
-    launch = ["accelerate", "launch", "--config_file", str(root / "fsdp.yaml"), "--main_process_port", str(free_port())]
+    launch = [*ACCELERATE_LAUNCH, "--config_file", str(root / "fsdp.yaml"), "--main_process_port", str(free_port())]
     done = subprocess.run([*launch, str(TESTS / "trainer_helpers.py"), "fsdp", str(double)], capture_output=True,
                           text=True, timeout=240, env=cpu_launch_env())
     assert done.returncode == 0, done.stderr[-3000:]
@@ -151,7 +152,7 @@ def test_fsdp_command_line_trains_the_diffusers_unet_like_one_process(tmp_path):
     single = subprocess.run([sys.executable, "-m", "fdistill.cli", "train", *common, "train.micro_batches=2",
                              f"train.run_dir={tmp_path / 'single'}"], capture_output=True, text=True, env=env, timeout=240)
     assert single.returncode == 0, single.stderr[-2000:]
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+    launch = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
               "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "fdistill.cli", "train"]
     double = subprocess.run([*launch, *common, "train.fsdp=true", "train.fsdp_min_params=1000", "train.micro_batches=1",
                              f"train.run_dir={tmp_path / 'double'}"], capture_output=True, text=True, env=env, timeout=240)

@@ -27,7 +27,7 @@ from fdistill.training.ema import ema_decay_at
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
-from trainer_helpers import probe_method, tiny_denoising_method, train_and_record  # noqa: E402
+from trainer_helpers import ACCELERATE_LAUNCH, probe_method, tiny_denoising_method, train_and_record  # noqa: E402
 
 TINY_RING = ["method=denoising", "model=mlp", "model.hidden=16", "model.depth=1", "data=gaussian_mixture",
              "data.num_samples=128", "train.batch_size=8", "train.device=cpu", "train.progress=false",
@@ -137,7 +137,7 @@ def test_two_processes_average_gradients_like_one_process_on_the_same_global_bat
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir(), double.mkdir()
     train_and_record(single, micro_batches=2)                           # 1 process x 2 micro-batches, in-process
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    launch = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     two = subprocess.run([*launch, script, str(double), "1"], capture_output=True, text=True, timeout=120,
                          env=cpu_launch_env())

@@ -8,6 +8,8 @@
   step 0 and the final weights to ``OUT_DIR/rank<k>.pt``.
 - ``python tests/trainer_helpers.py fsdp OUT_DIR`` (under ``accelerate launch`` with an FSDP config): the FSDP runs of
   tests/test_fsdp.py (``fsdp_runs``); each process writes its gathered weights to ``OUT_DIR/<run>_rank<k>.pt``.
+- ``python tests/trainer_helpers.py ratio_bins OUT_DIR`` (plain or under ``accelerate launch``): f-distill's
+  globally normalised weights of one fixed global batch through the trainer's collectives (``ratio_bin_weights``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from torch import nn
 
 STEPS = 3
 GLOBAL_BATCH = 8
+# ``accelerate launch`` through this interpreter: the tests must not depend on the environment's bin/ being on PATH
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 FSDP_RUNS = ("denoising", "probe", "resumed")
 
 
@@ -161,8 +165,35 @@ def train_and_record(out_dir: Path, micro_batches: int) -> None:
                out_dir / f"rank{rank}.pt")
 
 
+def ratio_bin_weights(out_dir: Path) -> None:
+    """f-distill's weights h(r) of a fixed global batch of 16 (logits, quantiles) with 16 ratio bins, this process
+    holding its contiguous share; writes this process's weights and the bin means to ``OUT_DIR/ratio_rank<k>.pt``."""
+    import copy
+
+    from fdistill.methods.fdistill import FDistill, FDistillConfig
+    from fdistill.networks import MLPDenoiser
+    from fdistill.training import Trainer, TrainConfig
+
+    torch.manual_seed(0)
+    teacher = MLPDenoiser(dim=2, hidden=8, depth=1)
+    method = FDistill(FDistillConfig(divergence="kl", num_ratio_bins=16), teacher, copy.deepcopy(teacher),
+                      copy.deepcopy(teacher), sample_shape=(2,))
+    trainer = Trainer(method, ring_data(), TrainConfig(steps=1, batch_size=16, device="cpu", progress=False,
+                                                       run_dir=str(out_dir / "run")))
+    generator = torch.Generator().manual_seed(7)
+    logits, quantiles = torch.randn(16, generator=generator) * 2, torch.rand(16, generator=generator)
+    rank, world = trainer.accelerator.process_index, trainer.num_processes
+    weights, _ = method.normalized_weights([logits.chunk(world)[rank]], [quantiles.chunk(world)[rank]],
+                                           trainer.context(step=0, num_micro=1))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"weights": weights[0], "bin_means": method.ratio_bin_means.clone(), "num_processes": world},
+               out_dir / f"ratio_rank{rank}.pt")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "fsdp":
         fsdp_runs(Path(sys.argv[2]))
+    elif sys.argv[1] == "ratio_bins":
+        ratio_bin_weights(Path(sys.argv[2]))
     else:
         train_and_record(Path(sys.argv[1]), int(sys.argv[2]))

@@ -74,10 +74,11 @@ def balanced_digit_metrics(images: torch.Tensor) -> dict[str, float]:
 
 def teacher_samples(method, num: int, generator: torch.Generator) -> torch.Tensor:
     """``num`` samples of the (guided) teacher with DPM-Solver++(2M), 20 Karras steps over the method's sigma range."""
-    from ..samplers import sample, sigmas
+    from ..samplers import SamplerConfig, noise_levels, sample
 
     config = method.config
-    levels = sigmas("karras", TEACHER_STEPS, config.sigma_min, config.sigma_max)
+    levels = noise_levels(SamplerConfig(steps=TEACHER_STEPS, schedule="karras", sigma_min=config.sigma_min,
+                                        sigma_max=config.sigma_max), method.frozen["teacher"])
     noise = levels[0] * torch.randn(num, *method.sample_shape, generator=generator, dtype=torch.float64)
     cond = torch.arange(num) % method.num_classes if method.num_classes else None
     device = method.device()     # noise drawn on the CPU: the same samples on any device

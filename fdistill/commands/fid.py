@@ -55,13 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device: str):
     """``generate_fn(num, generator, cond=None) -> [-1, 1] images`` sampling a model directory / hub id."""
     from fdistill.denoisers import load_denoiser
-    from fdistill.samplers import generator_sample, sample, sigmas
+    from fdistill.samplers import SamplerConfig, generator_sample, noise_levels, sample
 
     denoiser, info = load_denoiser(path, device=device)
     if info.conditioning == "text" or info.components.get("vae"):
         raise ValueError(f"{path}: text-to-image / latent models are not sampled by `fdistill fid`; write images "
                          "with `fdistill sample` and pass that folder as --gen")
-    noise_levels = sigmas(schedule, steps, info.sigma_min, info.sigma_max)
+    levels = noise_levels(SamplerConfig(solver, steps, schedule, info.sigma_min, info.sigma_max), denoiser)
 
     @torch.no_grad()
     def generate(num: int, generator: torch.Generator, cond=None) -> torch.Tensor:
@@ -71,7 +71,7 @@ def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device:
             chain = info.generator_chain
             renoise = torch.randn((len(chain) - 1, num, *info.sample_shape), generator=generator).to(device)
             return generator_sample(denoiser, z, chain, info.generator_input_scale, renoise, cond).clamp(-1, 1)
-        return sample(denoiser, float(noise_levels[0]) * z, noise_levels, solver=solver, cond=cond).clamp(-1, 1)
+        return sample(denoiser, float(levels[0]) * z, levels, solver=solver, cond=cond).clamp(-1, 1)
 
     return generate, info
 

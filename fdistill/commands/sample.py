@@ -153,16 +153,14 @@ def batch_condition(model: Model, args: argparse.Namespace, start: int, count: i
 
 def noise_levels(model: Model, args: argparse.Namespace) -> Tensor:
     """The sampler's decreasing sigmas (ending at 0), defaults from the model's noise range."""
-    from fdistill.samplers import sigmas
+    from fdistill.samplers import SamplerConfig, noise_levels as sampler_noise_levels
 
     sigma_min = args.sigma_min if args.sigma_min is not None else model.info.sigma_min
     sigma_max = args.sigma_max if args.sigma_max is not None else model.info.sigma_max
-    options = {}
-    schedule = getattr(model.denoiser, "schedule", None)
-    if args.schedule == "time_uniform" and schedule is not None:      # a discrete VP model: its own table
-        options["alphas_cumprod"] = 1 / (1 + torch.exp(2 * schedule.log_sigmas.cpu()))
     try:
-        return sigmas(args.schedule, args.steps, sigma_min, sigma_max, **options)
+        config = SamplerConfig(solver=args.solver, steps=args.steps, schedule=args.schedule, sigma_min=sigma_min,
+                               sigma_max=sigma_max)
+        return sampler_noise_levels(config, model.denoiser)
     except ValueError as error:
         raise UsageError(str(error)) from error
 

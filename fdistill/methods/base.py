@@ -7,8 +7,9 @@ gradient accumulation, cross-process gradient averaging, mixed precision, clippi
 Layout of a method (an ``nn.Module``):
 - ``self.networks``: ``nn.ModuleDict`` of the networks some phase trains ('student', 'fake_score', ...).
   A network may hold frozen parameters too (LoRA base weights): what is trained is what has requires_grad.
-- ``self.frozen``: ``nn.ModuleDict`` of frozen networks (teacher, reference). All their parameters have
-  ``requires_grad=False`` and the trainer asserts it. Checkpoints do not store them (they are rebuilt from
+- ``self.frozen``: ``nn.ModuleDict`` of frozen networks (teacher, reference, VAE, text encoders). All their parameters
+  have ``requires_grad=False`` (the trainer asserts it) and they stay in eval mode whatever ``method.train(mode)``
+  asks (a teacher with dropout gives deterministic targets). Checkpoints do not store them (they are rebuilt from
   the config), unless the method says otherwise in ``checkpoint_state_dict``.
 - Persistent buffers anywhere outside ``frozen`` (e.g. f-distill's per-noise-level ratio statistics) are state:
   they are checkpointed and copied into EMA snapshots.
@@ -46,6 +47,9 @@ class Phase:
         eps: Adam epsilon.
         max_grad_norm: clip the global gradient norm of this phase's parameters; None = no clipping.
         optimizer: one of OPTIMIZERS.
+        last_step: the last global step at which the phase runs (None = it may run until the end); once that step is
+            done the trainer frees the phase's optimizer state (e.g. a finished DDO round's Adam moments), so neither
+            device memory nor checkpoints grow with the number of finished phases.
     """
 
     name: str
@@ -56,6 +60,7 @@ class Phase:
     eps: float = 1e-8
     max_grad_norm: float | None = None
     optimizer: str = "adamw"
+    last_step: int | None = None
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -66,6 +71,8 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: optimizer {self.optimizer!r} not in {OPTIMIZERS}")
         if not self.networks:
             raise ValueError(f"phase {self.name!r}: trains no network")
+        if self.last_step is not None and self.last_step < 0:
+            raise ValueError(f"phase {self.name!r}: last_step must be >= 0 or None, got {self.last_step}")
 
 
 def optimizer_checks(config) -> list[tuple[bool, str]]:
@@ -103,6 +110,8 @@ class StepContext:
         num_processes: data-parallel processes.
         all_reduce_mean: averages a tensor over processes (identity on one process); collective: every process
             must call it the same number of times in the same order.
+        all_reduce_sum: sums a tensor over processes (identity on one process); collective, like all_reduce_mean.
+            Global means of sparse statistics (per-bin sums and counts) reduce both by SUM and divide once.
         device: the device batches live on.
         training: False during evaluation passes (statistics such as ratio bins must then not be updated).
     """
@@ -111,6 +120,7 @@ class StepContext:
     num_micro_batches: int = 1
     num_processes: int = 1
     all_reduce_mean: Callable[[Tensor], Tensor] = _identity
+    all_reduce_sum: Callable[[Tensor], Tensor] = _identity
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     training: bool = True
 
@@ -159,6 +169,14 @@ class Method(nn.Module):
     def checkpoint_state_dict(self) -> dict[str, Tensor]:
         """What a checkpoint stores: everything except the frozen networks."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("frozen.")}
+
+    def train(self, mode: bool = True) -> "Method":
+        """Train (or eval) mode for everything but the frozen networks, which always stay in eval mode: the trainer's
+        ``method.train()`` must not switch on dropout in a teacher or a reference (noisy targets, a DPO loss that
+        no longer starts at log 2)."""
+        super().train(mode)
+        self.frozen.eval()
+        return self
 
     def assert_frozen(self) -> None:
         """Fail loudly if a frozen network has a trainable parameter."""

@@ -7,7 +7,9 @@ fakes sampled from the reference (1:1) through the implicit discriminator beta *
 
 Self-play rounds (``rounds=K``, ``steps_per_round=S``) live inside the method, so the one trainer runs them unchanged:
 - round r covers global steps [r S, (r + 1) S) and trains in its own Phase ``round_r``: the trainer builds one
-  optimizer per phase, so every round starts with a fresh optimizer (its state is allocated on its first step);
+  optimizer per phase, so every round starts with a fresh optimizer (its state is allocated on its first step), and
+  frees it after the round's last step (``Phase.last_step``): one round's moments live at a time, on the device and
+  in checkpoints;
 - the target is evaluated (``evaluator``, lower is better) at the round start, every ``eval_every`` steps and at the
   round end; the best snapshot is kept (the round's start counts, so a round never makes things worse);
 - at a round boundary the best snapshot becomes the new reference AND the target's starting point, and the fake
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses.ddo import ddo_log_ratio, ddo_loss, likelihood_mode
-from ..training.config import SamplerConfig, as_sampler_config
+from ..samplers.config import SamplerConfig, as_sampler_config
 from .base import Method, Phase, StepContext, optimizer_checks, raise_first_failure
 from .denoising import drop_labels
 
@@ -161,9 +163,7 @@ def sample_with(denoiser: nn.Module, num: int, sample_shape: tuple[int, ...], sa
     from .. import samplers
 
     device = next(denoiser.parameters()).device
-    sigma_min = sampler.sigma_min or getattr(denoiser, "sigma_min", 0.002)
-    sigma_max = sampler.sigma_max or getattr(denoiser, "sigma_max", 80.0)
-    schedule = samplers.sigmas(sampler.schedule, sampler.steps, sigma_min, sigma_max)
+    schedule = samplers.noise_levels(sampler, denoiser)
     noise = torch.randn(num, *sample_shape, generator=generator) * schedule[0]    # CPU generator: same on any device
     schedule = schedule.to(device)
     chunks = []
@@ -212,7 +212,9 @@ class DDO(Method):
     def phases(self) -> list[Phase]:
         c = self.config
         return [Phase(f"round_{r}", ("model",), lr=c.lr, weight_decay=c.weight_decay, betas=tuple(c.betas),
-                      max_grad_norm=c.max_grad_norm, optimizer=c.optimizer) for r in range(c.rounds)]
+                      max_grad_norm=c.max_grad_norm, optimizer=c.optimizer,
+                      last_step=(r + 1) * c.steps_per_round - 1)
+                for r in range(c.rounds)]
 
     def round_at(self, step: int) -> int:
         """The self-play round of global step ``step`` (steps past the last round stay in it)."""

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..denoisers.guidance import ClassifierFreeGuidance
 from ..losses.denoising import LOSS_WEIGHTS, lognormal_sigmas, noisy_sample, table_sigmas, weighted_denoising_loss
-from ..training.config import SamplerConfig, as_sampler_config
+from ..samplers.config import SamplerConfig, as_sampler_config
 from .base import Method, Phase, StepContext, optimizer_checks, raise_first_failure
 
 SIGMA_DISTRIBUTIONS = ("lognormal", "table")
@@ -142,10 +142,7 @@ class Denoising(Method):
         if cond is None and self.num_classes:
             cond = torch.arange(num, device=device) % self.num_classes
         s = self.config.sampler
-        denoiser = self.networks["denoiser"]
-        sigma_min = s.sigma_min or getattr(denoiser, "sigma_min", 0.002)
-        sigma_max = s.sigma_max or getattr(denoiser, "sigma_max", 80.0)
-        schedule = samplers.sigmas(s.schedule, s.steps, sigma_min, sigma_max).to(device)
+        schedule = samplers.noise_levels(s, self.networks["denoiser"]).to(device)
         noise = torch.randn(num, *self.sample_shape, generator=generator, device="cpu").to(device) * schedule[0]
         return samplers.sample(self.sampling_denoiser(), noise, schedule, solver=s.solver, cond=cond).clamp(-1, 1)
 

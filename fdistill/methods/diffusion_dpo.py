@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..losses.dpo import diffusion_dpo_loss, dpo_logits, per_sample_mse, sft_loss
 from ..pipelines import (SDComponents, build_pipeline, decode_latents, encode_latents, text_conditioning,
                          unet_conditioning)
-from ..training.config import SamplerConfig
+from ..samplers.config import SamplerConfig
 from .base import OPTIMIZERS, Method, Phase, StepContext
 
 FINETUNE_MODES = ("full", "lora")
@@ -331,8 +331,7 @@ class DiffusionDPO(Method):
             denoiser = self.sampling_denoiser(unet)
             s = self.sampler
             device = next(unet.parameters()).device
-            schedule = samplers.sigmas(s.schedule, s.steps, s.sigma_min or denoiser_attr(denoiser, "sigma_min"),
-                                       s.sigma_max or denoiser_attr(denoiser, "sigma_max")).to(device)
+            schedule = samplers.noise_levels(s, denoiser).to(device)
             factor = 2 ** (len(self.frozen["vae"].config.block_out_channels) - 1)
             shape = (len(prompts), unet.config.in_channels, self.image_size[0] // factor, self.image_size[1] // factor)
             noise = torch.randn(shape, generator=generator).to(device) * schedule[0]
@@ -367,11 +366,6 @@ class DiffusionDPO(Method):
         with open(os.path.join(directory, "fdistill_dpo.json"), "w") as f:
             json.dump({"method": "diffusion_dpo", "kind": self.kind, "finetune": self.config.finetune,
                        "objective": self.config.objective, "beta": self.config.beta}, f, indent=2)
-
-
-def denoiser_attr(denoiser: nn.Module, name: str) -> float:
-    """An attribute of a denoiser, looking through a guidance wrapper."""
-    return getattr(getattr(denoiser, "denoiser", denoiser), name)
 
 
 def _repeat(value: Any, repeats: int) -> Any:

@@ -424,7 +424,7 @@ class FDistill(Method):
         Args:
             logits: discriminator logits, one [b_i] tensor per micro-batch.
             quantiles: CDF values u [b_i] of each sample's sigma under the sampling distribution.
-            ctx: all_reduce_mean reaches every process (two collectives, same order on every process).
+            ctx: all_reduce_sum reaches every process (two collectives, same order on every process).
         Returns: per-micro-batch weights (global mean exactly 1), and scalars to log.
         """
         ratios = [density_ratio(l, self.config.logit_clamp, self.config.ratio_min, self.config.ratio_max) for l in logits]
@@ -433,7 +433,7 @@ class FDistill(Method):
         weights = [f_divergence_weight(r, self.config.divergence) for r in ratios]
         totals = torch.stack([sum(w.double().sum() for w in weights), torch.tensor(float(sum(w.numel() for w in weights)),
                                                                                    dtype=torch.float64, device=weights[0].device)])
-        total, count = ctx.all_reduce_mean(totals).unbind()
+        total, count = ctx.all_reduce_sum(totals).unbind()
         mean_weight = total / count
         stats = {"ratio_mean": float(torch.cat(ratios).mean()), "weight_mean_raw": float(mean_weight)}
         return [(w.double() / mean_weight).float() for w in weights], stats
@@ -443,8 +443,8 @@ class FDistill(Method):
         n = self.config.num_ratio_bins
         bins = [noise_level_bins(q, n) for q in quantiles]
         sums, counts = (torch.stack(parts).sum(0) for parts in zip(*(binned_sums(r, b, n) for r, b in zip(ratios, bins))))
-        # mean over processes of sums and counts: their ratio is the global per-bin mean
-        reduced = ctx.all_reduce_mean(torch.stack([sums, counts]))
+        # global sums and counts, divided once: a bin seen by fewer processes than there are gets its exact mean
+        reduced = ctx.all_reduce_sum(torch.stack([sums, counts]))
         bin_means = self._update_bin_means(reduced[0], reduced[1], ctx.training)
         return [(r.double() / bin_means[b]).float() for r, b in zip(ratios, bins)]
 
@@ -453,7 +453,7 @@ class FDistill(Method):
         ``ratio_ema``; stored (persistent buffers) only while training."""
         seen = counts > 0
         stored = self.ratio_bin_means.to(sums.device, torch.float64)
-        current = torch.where(seen, sums / counts.clamp_min(1), stored)
+        current = torch.where(seen, sums / counts.clamp_min(1), stored)     # counts are whole numbers: >= 1 if seen
         if self.config.ratio_ema > 0:
             blend = self.ratio_bins_seen.to(sums.device) & seen
             current = torch.where(blend, self.config.ratio_ema * stored + (1 - self.config.ratio_ema) * current, current)

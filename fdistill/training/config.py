@@ -1,4 +1,5 @@
-"""Plain dataclasses for the ``train:`` and ``sampler:`` sections of a run (no omegaconf here: library code).
+"""Plain dataclasses for the ``train:`` and ``sampler:`` sections of a run (no omegaconf here: library code);
+``SamplerConfig`` lives with the samplers (``fdistill.samplers.config``) and is re-exported here.
 
 ``fdistill.config`` registers them as Hydra schemas, so a wrong key or value fails when the config is composed.
 """
@@ -6,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..samplers.config import SamplerConfig, as_sampler_config  # noqa: F401  (re-exported: the sampler: section)
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
-SCHEDULES = ("karras", "logsnr", "time_uniform")
 # 'linear_warmup' is fdistill's own; the others are diffusers.optimization.get_scheduler's
 LR_SCHEDULERS = ("linear_warmup", "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                  "polynomial")
@@ -99,40 +101,3 @@ class TrainConfig:
         require(self.device in ("auto", "cpu", "cuda"), f"train.device must be one of ('auto', 'cpu', 'cuda'), got {self.device!r}")
         require(all(0.0 < d < 1.0 for d in self.ema_decays), f"train.ema_decays must each be in (0, 1), got {list(self.ema_decays)}")
         require(bool(self.run_dir), "train.run_dir must be a non-empty path")
-
-
-@dataclass
-class SamplerConfig:
-    """Multi-step sampler used by methods that sample with ``fdistill.samplers`` (e.g. sample grids of a teacher).
-
-    Attributes:
-        solver: a solver name of ``fdistill.samplers.SOLVERS`` (checked when the method samples), e.g. 'dpmpp_2m'.
-        steps: number of sampling steps (>= 1).
-        schedule: sigma schedule: 'karras', 'logsnr' or 'time_uniform'.
-        sigma_min: smallest nonzero sigma (> 0); null = the model's own (``denoiser.sigma_min``) or 0.002.
-        sigma_max: largest sigma (> sigma_min); null = the model's own (``denoiser.sigma_max``) or 80.
-        guidance: classifier-free guidance scale w (1 = no guidance; >= 0).
-    """
-
-    solver: str = "dpmpp_2m"
-    steps: int = 20
-    schedule: str = "karras"
-    sigma_min: float | None = None
-    sigma_max: float | None = None
-    guidance: float = 1.0
-
-    def __post_init__(self):
-        require(self.steps >= 1, f"sampler.steps must be >= 1, got {self.steps}")
-        require(self.schedule in SCHEDULES, f"sampler.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        require(self.sigma_min is None or self.sigma_min > 0, f"sampler.sigma_min must be > 0, got {self.sigma_min}")
-        require(self.sigma_max is None or self.sigma_max > (self.sigma_min or 0.0),
-                 f"sampler.sigma_max must be > sigma_min, got {self.sigma_max}")
-        require(self.guidance >= 0, f"sampler.guidance must be >= 0, got {self.guidance}")
-
-
-def as_sampler_config(sampler: SamplerConfig | dict | None) -> SamplerConfig:
-    """A method config's ``sampler`` field as a SamplerConfig: the default when null (Hydra fills it from the
-    top-level ``sampler`` group), built from a plain dict when the config was made in Python."""
-    if sampler is None:
-        return SamplerConfig()
-    return SamplerConfig(**sampler) if isinstance(sampler, dict) else sampler

@@ -6,6 +6,7 @@ Per step (see ``fdistill/methods/base.py`` for the contract):
     per micro-batch: loss = method.loss(...);  backward(loss / num_micro)        (autocast when mixed precision)
     all-reduce (mean) the gradients of the phase's parameters across processes    (one flat collective)
     NaN guard, clip (Phase.max_grad_norm), optimizer + LR-schedule step of the phase, EMA update
+    free the optimizer state of phases past their ``Phase.last_step``
 Averaging gradients by hand (no DDP wrapper) lets any phase structure work, and makes 1 process x 4 micro-batches
 equal 2 processes x 2 micro-batches: data order and every micro-batch's random draws are pure functions of
 (seed, step, global micro-batch index), which also makes a resumed run identical to an uninterrupted one.
@@ -215,6 +216,12 @@ class Trainer:
             return tensor
         return self.accelerator.reduce(tensor.contiguous(), reduction="mean")
 
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum over processes (identity on one process); every process must call it in the same order."""
+        if self.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.contiguous(), reduction="sum")
+
     def _broadcast_state(self) -> None:
         """Start every process from process 0's weights and buffers."""
         if self.num_processes == 1:
@@ -240,7 +247,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- one step
     def context(self, step: int, num_micro: int, training: bool = True) -> StepContext:
         return StepContext(step=step, num_micro_batches=num_micro, num_processes=self.num_processes,
-                           all_reduce_mean=self.all_reduce_mean, device=self.accelerator.device, training=training)
+                           all_reduce_mean=self.all_reduce_mean, all_reduce_sum=self.all_reduce_sum,
+                           device=self.accelerator.device, training=training)
 
     def autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.config.mixed_precision)
@@ -274,7 +282,14 @@ class Trainer:
                 f"applied; last good checkpoint: {self.last_checkpoint or 'none'}")
         lr = self.schedulers[phase_name].get_last_lr()[0]  # the LR of this update (the scheduler steps after it)
         grad_norm = self._apply_update(phase, params, scaler)
+        self._free_finished_optimizers(step)
         return {**totals, "loss": mean_loss.item(), "grad_norm": grad_norm, "lr": lr}
+
+    def _free_finished_optimizers(self, step: int) -> None:
+        """Drop the optimizer state of every phase whose ``last_step`` is done (it never steps again)."""
+        for name, phase in self.phases.items():
+            if phase.last_step is not None and phase.last_step <= step:
+                self.optimizers[name].state.clear()
 
     def _apply_update(self, phase: Phase, params: list[Tensor], scaler) -> float:
         """Average gradients across processes, unscale (fp16), clip, step; returns the pre-clip gradient norm.
