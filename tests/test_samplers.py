@@ -98,8 +98,10 @@ def test_every_solver_reaches_zero_finite_and_keeps_float32(solver):
     out = sample(gaussian_denoiser, x, sigmas("karras", 6, SIGMA_MIN, SIGMA_MAX), solver,
                  **({"generator": torch.Generator().manual_seed(0)} if solver == "dpmpp_2m_sde" else {}))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    # the exact flow ends on the data distribution: every coordinate near the Gaussian's range
-    assert ((out.double() - MEAN).abs() / STD).max() < 8
+    # the exact flow ends on the data distribution: every coordinate near the Gaussian's range. UniPC's bh1 scales
+    # its extrapolation by B(h) = -h, which overshoots on Karras' long first steps (10 std here; Diffusers' bh1 gives
+    # the same numbers, tests/test_samplers_unipc.py)
+    assert ((out.double() - MEAN).abs() / STD).max() < (12 if solver == "unipc_bh1" else 8)
 
 
 def test_float64_in_float64_out_and_fp16_model_read_in_fp32():
