@@ -42,7 +42,7 @@ def sample(denoiser: Callable, noise: Tensor, sigmas: Tensor, solver: str = "dpm
         noise: [B, ...] the sample at sigmas[0], already scaled (e.g. ``sigmas[0] * torch.randn(...)``).
         sigmas: strictly decreasing 1-D tensor (see ``fdistill.samplers.sigmas``); sigmas[-1] may be 0.
         solver: a key of ``SOLVERS``: euler, heun, dpm_solver_1/2/3, dpmpp_2s, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde,
-            unipc_bh1, unipc_bh2.
+            dpmpp_3m_taylor, unipc_bh1, unipc_bh2.
         cond: passed unchanged to every denoiser call.
         **options: solver options (``progress``; ``lower_order_final`` for the DPM-Solver family; ``r1``/``r2``;
             ``eta`` and ``generator`` for dpmpp_2m_sde; ``order``, ``corrector``, ``disable_corrector`` and
