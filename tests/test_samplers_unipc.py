@@ -21,19 +21,25 @@ def denoise(x, sigma):
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("corrector", [False, True])
-def test_local_error_order_of_one_step_from_the_exact_trajectory(variant, order, corrector):
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+def test_local_error_order_of_one_step_from_the_exact_trajectory(variant, order, corrector, prediction):
     """Thm. 3.1 / 3.3 of Zhao et al. 2023: from exact history, UniP-p errs by O(h^{p+1}) in one step and UniC-p,
     with the network evaluated at the predicted point, by O(h^{p+2})."""
     x_start = start_noise()
     trajectory = lambda sigma: exact_flow(x_start, SIGMA_MAX, sigma)       # noqa: E731
+
+    def model(x, sigma):
+        return denoise(x, sigma) if prediction == "data" else (x - denoise(x, sigma)) / sigma
+
     errors, step_sizes = [], [0.2, 0.1, 0.05]
     for h in step_sizes:
         sigma_s, sigma_t = 1.0, math.exp(-h)
         past_sigmas = [sigma_s * math.exp(k * h) for k in reversed(range(order))]       # oldest first
-        history = [(sigma, denoise(trajectory(sigma), sigma)) for sigma in past_sigmas]
-        x_t = unipc_update(trajectory(sigma_s), sigma_s, sigma_t, history, variant)
+        history = [(sigma, model(trajectory(sigma), sigma)) for sigma in past_sigmas]
+        x_t = unipc_update(trajectory(sigma_s), sigma_s, sigma_t, history, variant, prediction=prediction)
         if corrector:
-            x_t = unipc_update(trajectory(sigma_s), sigma_s, sigma_t, history, variant, x0_t=denoise(x_t, sigma_t))
+            x_t = unipc_update(trajectory(sigma_s), sigma_s, sigma_t, history, variant, model(x_t, sigma_t),
+                               prediction)
         errors.append((x_t - trajectory(sigma_t)).abs().max().item())
     slope = np.polyfit(np.log(step_sizes), np.log(errors), 1)[0]
     expected = order + 1 + corrector
@@ -60,24 +66,27 @@ def test_global_convergence_order_on_exact_gaussian_flow(variant, order):
 
 
 def diffusers_cases():
-    for variant in ("bh1", "bh2"):
-        for end in ("zero", "sigma_min"):
-            if variant == "bh1" and end == "zero":
-                continue      # Diffusers returns NaN: B(h) = -h is infinite on a step into sigma = 0
-            for order in (1, 2, 3):
-                yield variant, end, order
+    """Diffusers returns NaN on a step into sigma = 0 with bh1 (B(h) = -h is infinite) and with noise prediction
+    (sigma_t (e^h - 1) is 0 * inf); those cases end at sigma_min."""
+    for prediction in ("data", "noise"):
+        for variant in ("bh1", "bh2"):
+            for end in ("zero", "sigma_min"):
+                if end == "sigma_min" or (variant == "bh2" and prediction == "data"):
+                    yield from ((prediction, variant, end, order) for order in (1, 2, 3))
 
 
-@pytest.mark.parametrize("variant, end, order", list(diffusers_cases()))
+@pytest.mark.parametrize("prediction, variant, end, order", list(diffusers_cases()))
 @pytest.mark.parametrize("num_steps", [6, 15])
-def test_equals_diffusers_unipc_scheduler(variant, end, order, num_steps):
+def test_equals_diffusers_unipc_scheduler(prediction, variant, end, order, num_steps):
     """Same sigma list (Karras, set into the scheduler), same starting noise and model; the VP scheduler sees
     x / sqrt(1 + sigma^2) and epsilon = (x - D) / sigma (fdistill.samplers.reference)."""
     schedule = sigmas("karras", num_steps, SIGMA_MIN, SIGMA_MAX, append_zero=end == "zero")
     x = start_noise()
-    scheduler = UniPCMultistepScheduler(solver_order=order, solver_type=variant, final_sigmas_type=end)
+    scheduler = UniPCMultistepScheduler(solver_order=order, solver_type=variant, final_sigmas_type=end,
+                                        predict_x0=prediction == "data")
     theirs = diffusers_sample(scheduler, gaussian_denoiser, x, schedule)
-    ours = sample(gaussian_denoiser, x, schedule, f"unipc_{variant}", order=order)
+    solver = f"unipc_{variant}" + ("_noise" if prediction == "noise" else "")
+    ours = sample(gaussian_denoiser, x, schedule, solver, order=order)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
@@ -122,11 +131,11 @@ def test_phi_series_and_recurrence_agree_and_weights_solve_order_conditions():
             closed = (math.exp(z) - sum(z ** j / math.factorial(j) for j in range(k))) / z ** k
             assert math.isclose(phi(k, z), closed, rel_tol=1e-12), (k, z)
     h, nodes = 0.4, [-0.7, -1.5, 1.0]
-    scale, weights = unipc_weights(h, nodes, "bh1")
+    scale, weights = unipc_weights(-h, nodes, "bh1")
     for n in range(1, 4):
         expected = -h * phi(n + 1, -h) * math.factorial(n) / scale
         assert math.isclose(sum(w * r ** (n - 1) for w, r in zip(weights, nodes)), expected, rel_tol=1e-12)
-    assert unipc_weights(h, [1.0], "bh2") == (math.expm1(-h), [0.5])
+    assert unipc_weights(-h, [1.0], "bh2") == (math.expm1(-h), [0.5])
 
 
 def test_step_orders_lower_order_final_is_unipc_rule_at_any_step_count():
@@ -136,7 +145,8 @@ def test_step_orders_lower_order_final_is_unipc_rule_at_any_step_count():
     assert unipc_step_orders(schedule[:4] + [0.0], 3, True) == [1, 2, 2, 0]
 
 
-@pytest.mark.parametrize("options, message", [({"variant": "bh3"}, "allowed: bh1, bh2"), ({"order": 4}, "order")])
+@pytest.mark.parametrize("options, message", [({"variant": "bh3"}, "allowed: bh1, bh2"), ({"order": 4}, "order"),
+                                              ({"prediction": "v"}, "allowed: data, noise")])
 def test_bad_options_are_named(options, message):
     from fdistill.samplers import unipc
     with pytest.raises(ValueError, match=message):

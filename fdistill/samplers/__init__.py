@@ -4,6 +4,7 @@
     x = sample(denoiser, sigmas_[0] * torch.randn(...), sigmas_, solver="dpmpp_3m", cond=labels)
 """
 from .sampling import SOLVERS, CountingDenoiser, generator_inputs, generator_sample, nfe, sample
+from .recommend import RECOMMENDED_SOLVERS, recommended_solver
 from .schedules import SIGMA_SCHEDULES, karras_sigmas, logsnr_sigmas, sigmas, time_uniform_sigmas
 from .solvers import (dpm_solver_1, dpm_solver_2, dpm_solver_3, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s,
                       dpmpp_3m, dpmpp_3m_coefficients, dpmpp_3m_taylor, euler, heun, step_orders)
@@ -13,5 +14,5 @@ __all__ = [
     "sigmas", "sample", "generator_inputs", "generator_sample", "SOLVERS", "SIGMA_SCHEDULES", "nfe", "CountingDenoiser", "step_orders",
     "karras_sigmas", "logsnr_sigmas", "time_uniform_sigmas", "dpmpp_3m_coefficients",
     "euler", "heun", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde",
-    "dpmpp_3m_taylor", "unipc",
+    "dpmpp_3m_taylor", "unipc", "recommended_solver", "RECOMMENDED_SOLVERS",
 ]

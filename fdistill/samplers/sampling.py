@@ -42,11 +42,11 @@ def sample(denoiser: Callable, noise: Tensor, sigmas: Tensor, solver: str = "dpm
         noise: [B, ...] the sample at sigmas[0], already scaled (e.g. ``sigmas[0] * torch.randn(...)``).
         sigmas: strictly decreasing 1-D tensor (see ``fdistill.samplers.sigmas``); sigmas[-1] may be 0.
         solver: a key of ``SOLVERS``: euler, heun, dpm_solver_1/2/3, dpmpp_2s, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde,
-            dpmpp_3m_taylor, unipc_bh1, unipc_bh2.
+            dpmpp_3m_taylor, unipc_bh1, unipc_bh2, unipc_bh1_noise, unipc_bh2_noise.
         cond: passed unchanged to every denoiser call.
         **options: solver options (``progress``; ``lower_order_final`` for the DPM-Solver family; ``r1``/``r2``;
-            ``eta`` and ``generator`` for dpmpp_2m_sde; ``order``, ``corrector``, ``disable_corrector`` and
-            ``final_corrector`` for UniPC).
+            ``eta`` and ``generator`` for dpmpp_2m_sde; ``order``, ``prediction``, ``corrector``,
+            ``disable_corrector`` and ``final_corrector`` for UniPC).
     Returns:
         [B, ...] the sample at sigmas[-1], in noise's dtype. The computation runs in float64 when noise is float64
         and in float32 otherwise (also for fp16 noise or an fp16 model). No gradients are recorded.

@@ -1,5 +1,5 @@
 """UniPC: the unified predictor-corrector of Zhao et al. 2023 ("UniPC: A Unified Predictor-Corrector Framework for
-Fast Sampling of Diffusion Models", NeurIPS 2023), data-prediction form, in VE / EDM sigma units.
+Fast Sampling of Diffusion Models", NeurIPS 2023), data- and noise-prediction forms, in VE / EDM sigma units.
 
 Derivation (alpha = 1, lambda = -log sigma, a step from sigma_s to sigma_t, h = log(sigma_s / sigma_t) > 0). The exact
 solution of the probability-flow ODE in data prediction (DPM-Solver++, Lu et al. 2022b, Eq. 9) is
@@ -33,6 +33,10 @@ B_1(h) = z ("bh1") and B_2(h) = e^z - 1 ("bh2").
   ``UniPCMultistepScheduler``: it keeps the order conditions (g_1 = 1/2 + O(h)) and makes UniP-2 with bh2 exactly
   DPM-Solver++(2M).
 
+Noise prediction (the paper's Eq. 5 as written; Diffusers' ``predict_x0=False``) runs the same construction on
+eps = (x - x0) / sigma with z = +h: x_t = x_s - sigma_t ((e^h - 1) eps_s + B(h) sum_k w_k D_k), B(h) = h or e^h - 1.
+On the benchmark's Gaussian mixtures it is the more accurate form at 5-20 steps (benchmarks/README.md).
+
 The final step is never corrected unless ``final_corrector`` (one extra network evaluation at the end point; with a
 last sigma of 0, the final denoise is evaluated at the corrected previous point instead). ``lower_order_final`` uses
 UniPC's rule: the order is at most the number of steps left (the authors' code and Diffusers; with a last sigma of 0
@@ -51,6 +55,7 @@ from torch import Tensor
 from .solvers import History, X0Fn, _sigma_list, _steps, _x0_fn, step_orders
 
 B_FUNCTIONS: dict[str, Callable[[float], float]] = {"bh1": lambda z: z, "bh2": math.expm1}
+PREDICTIONS = ("data", "noise")
 MAX_ORDER = 3
 
 
@@ -65,13 +70,12 @@ def phi(k: int, z: float) -> float:
     return value
 
 
-def unipc_weights(h: float, nodes: Sequence[float], variant: str) -> tuple[float, list[float]]:
-    """B(h) and the weights w of the divided differences on ``nodes`` (the r_k) for a step of log-size h > 0.
+def unipc_weights(z: float, nodes: Sequence[float], variant: str) -> tuple[float, list[float]]:
+    """B and the weights w of the divided differences on ``nodes`` (the r_k); z = -h (data prediction) or h (noise).
 
-    Solves R w = g (Zhao et al. 2023, Thm. 3.1) with R[i, k] = r_k^i and g_n = z phi_{n+1}(z) n! / B(h), z = -h;
-    a single node gets w = [1/2] (see the module docstring). Returns (B(h), w) as Python floats.
+    Solves R w = g (Zhao et al. 2023, Thm. 3.1) with R[i, k] = r_k^i and g_n = z phi_{n+1}(z) n! / B(z);
+    a single node gets w = [1/2] (see the module docstring). Returns (B(z), w) as Python floats.
     """
-    z = -h
     scale = B_FUNCTIONS[variant](z)
     if len(nodes) <= 1:
         return scale, [0.5] * len(nodes)
@@ -81,27 +85,29 @@ def unipc_weights(h: float, nodes: Sequence[float], variant: str) -> tuple[float
 
 
 def unipc_update(x_s: Tensor, sigma_s: float, sigma_t: float, history: History, variant: str,
-                 x0_t: Tensor | None = None) -> Tensor:
-    """One UniP-p step (``x0_t`` None) or its UniC-p correction (``x0_t`` = the network's x0 at the predicted x_t).
+                 model_t: Tensor | None = None, prediction: str = "data") -> Tensor:
+    """One UniP-p step (``model_t`` None) or its UniC-p correction (``model_t`` = the network's output at the
+    predicted x_t), in data prediction (outputs x0) or noise prediction (outputs eps = (x - x0) / sigma).
 
     Args:
         x_s: [B, ...] the (corrected) sample at sigma_s.
-        history: the last p (sigma_j, x0_j), newest (sigma_s, x0_s) last; p is the order.
+        history: the last p (sigma_j, output_j), newest (sigma_s, output_s) last; p is the order.
         variant: "bh1" or "bh2" (the B(h) of the module docstring).
     Returns: [B, ...] x at sigma_t > 0.
     """
-    *past, (_, x0_s) = history
+    *past, (_, model_s) = history
     h = math.log(sigma_s / sigma_t)
     nodes = [-math.log(sigma_j / sigma_s) / h for sigma_j, _ in reversed(past)]      # r_k = (lambda_k - lambda_s)/h
-    differences = [(x0_j - x0_s) / r for (_, x0_j), r in zip(reversed(past), nodes)]
-    if x0_t is not None:
+    differences = [(model_j - model_s) / r for (_, model_j), r in zip(reversed(past), nodes)]
+    if model_t is not None:
         nodes.append(1.0)
-        differences.append(x0_t - x0_s)
-    scale, weights = unipc_weights(h, nodes, variant)
-    x_t = (sigma_t / sigma_s) * x_s - math.expm1(-h) * x0_s
+        differences.append(model_t - model_s)
+    z, x_weight, output_weight = (-h, sigma_t / sigma_s, 1.0) if prediction == "data" else (h, 1.0, sigma_t)
+    scale, weights = unipc_weights(z, nodes, variant)
+    update = math.expm1(z) * model_s
     for weight, difference in zip(weights, differences):
-        x_t = x_t - (scale * weight) * difference
-    return x_t
+        update = update + (scale * weight) * difference
+    return x_weight * x_s - output_weight * update
 
 
 def unipc_step_orders(sigmas: list[float], max_order: int, lower_order_final: bool) -> list[int]:
@@ -113,36 +119,41 @@ def unipc_step_orders(sigmas: list[float], max_order: int, lower_order_final: bo
     return orders
 
 
-def _run_unipc(x0_fn: X0Fn, x: Tensor, sigmas: list[float], orders: list[int], variant: str, corrected: set[int],
-               final_corrector: bool, progress: bool, name: str) -> Tensor:
-    """The multistep loop: step i evaluates x0 at its (predicted) start x_i, corrects x_i with it when step i - 1
-    is in ``corrected``, then predicts x_{i+1}. One network evaluation per step (+1 with ``final_corrector``)."""
+def _run_unipc(x0_fn: X0Fn, x: Tensor, sigmas: list[float], orders: list[int], variant: str, prediction: str,
+               corrected: set[int], final_corrector: bool, progress: bool, name: str) -> Tensor:
+    """The multistep loop: step i evaluates the network at its (predicted) start x_i, corrects x_i with it when step
+    i - 1 is in ``corrected``, then predicts x_{i+1}. One network evaluation per step (+1 with ``final_corrector``)."""
+    def output(x: Tensor, sigma: float) -> tuple[Tensor, Tensor]:          # (x0, the model output UniPC uses)
+        x0 = x0_fn(x, sigma)
+        return x0, (x0 if prediction == "data" else (x - x0) / sigma)
+
+    update = partial(unipc_update, variant=variant, prediction=prediction)
     history: History = []
     x_prev, prev_order = x, 0
     for i, order in _steps(orders, progress, name):
         sigma_s = sigmas[i]
-        x0 = x0_fn(x, sigma_s)
+        x0, model_s = output(x, sigma_s)
         if prev_order and i - 1 in corrected:
-            x = unipc_update(x_prev, sigmas[i - 1], sigma_s, history[-prev_order:], variant, x0_t=x0)
-        history = history[-(MAX_ORDER - 1):] + [(sigma_s, x0)]
+            x = update(x_prev, sigmas[i - 1], sigma_s, history[-prev_order:], model_t=model_s)
+        history = history[-(MAX_ORDER - 1):] + [(sigma_s, model_s)]
         if order == 0:                         # into sigma = 0: denoise (the limit of every order-1 step)
             return x0_fn(x, sigma_s) if final_corrector else x0
         x_prev, prev_order = x, order
-        x = unipc_update(x, sigma_s, sigmas[i + 1], history[-order:], variant)
+        x = update(x, sigma_s, sigmas[i + 1], history[-order:])
     if final_corrector:
-        x0 = x0_fn(x, sigmas[-1])
-        x = unipc_update(x_prev, sigmas[-2], sigmas[-1], history[-prev_order:], variant, x0_t=x0)
+        x = update(x_prev, sigmas[-2], sigmas[-1], history[-prev_order:], model_t=output(x, sigmas[-1])[1])
     return x
 
 
 def unipc(denoiser, x: Tensor, sigmas, cond=None, *, variant: str = "bh2", order: int = 3,
-          lower_order_final: bool = True, corrector: bool = True, disable_corrector: Sequence[int] = (),
-          final_corrector: bool = False, progress: bool = False) -> Tensor:
+          prediction: str = "data", lower_order_final: bool = True, corrector: bool = True,
+          disable_corrector: Sequence[int] = (), final_corrector: bool = False, progress: bool = False) -> Tensor:
     """UniPC-p (Zhao et al. 2023): multistep UniP-p predictor + UniC-p corrector, 1 NFE per step.
 
     Args:
         variant: "bh1" (B(h) = -h) or "bh2" (B(h) = e^{-h} - 1; the paper's choice for guided sampling).
         order: p in 1..3 (predictor order; with the corrector the method is of order p + 1).
+        prediction: "data" (x0, the paper's choice for few steps) or "noise" (eps; Diffusers' predict_x0=False).
         lower_order_final: order at most the number of steps left (see the module docstring).
         corrector: apply UniC (False: UniP-p alone, order p).
         disable_corrector: step indices whose result is not corrected (Diffusers' ``disable_corrector``).
@@ -150,16 +161,20 @@ def unipc(denoiser, x: Tensor, sigmas, cond=None, *, variant: str = "bh2", order
     """
     if variant not in B_FUNCTIONS:
         raise ValueError(f"unipc: unknown variant {variant!r}; allowed: {', '.join(B_FUNCTIONS)}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unipc: unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
     if order not in range(1, MAX_ORDER + 1):
         raise ValueError(f"unipc: order must be 1, 2 or 3, got {order}")
     sigma_values = _sigma_list(sigmas)
     orders = unipc_step_orders(sigma_values, order, lower_order_final)
     corrected = set(range(len(orders)) if corrector else ()) - set(disable_corrector)
-    return _run_unipc(_x0_fn(denoiser, cond), x, sigma_values, orders, variant, corrected, final_corrector,
-                      progress, f"unipc_{variant}")
+    return _run_unipc(_x0_fn(denoiser, cond), x, sigma_values, orders, variant, prediction, corrected,
+                      final_corrector, progress, f"unipc_{variant}")
 
 
 UNIPC_SOLVERS: dict[str, Callable[..., Tensor]] = {
     "unipc_bh1": partial(unipc, variant="bh1"),
     "unipc_bh2": partial(unipc, variant="bh2"),
+    "unipc_bh1_noise": partial(unipc, variant="bh1", prediction="noise"),
+    "unipc_bh2_noise": partial(unipc, variant="bh2", prediction="noise"),
 }
