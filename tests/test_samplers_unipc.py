@@ -113,6 +113,17 @@ def test_unip2_bh2_is_dpmpp_2m():
     torch.testing.assert_close(unip, sample(gaussian_denoiser, x, schedule, "dpmpp_2m"), rtol=0, atol=1e-12)
 
 
+def test_unip3_bh2_is_the_full_taylor_dpmpp_3m():
+    """With two divided differences the weights solve R w = g exactly, so B(h) w does not depend on B and UniP-3
+    integrates the same quadratic through the last three x0's as dpmpp_3m_taylor; with bh2 the warm-up step
+    (UniP-2) is 2M as well (bh1's is not)."""
+    schedule = sigmas("karras", 20, SIGMA_MIN, SIGMA_MAX)
+    x = start_noise()
+    unip = sample(gaussian_denoiser, x, schedule, "unipc_bh2", corrector=False, lower_order_final=False)
+    taylor = sample(gaussian_denoiser, x, schedule, "dpmpp_3m_taylor", lower_order_final=False)
+    torch.testing.assert_close(unip, taylor, rtol=0, atol=1e-12)
+
+
 def test_final_corrector_costs_one_evaluation_and_helps_a_large_last_step():
     assert nfe("unipc_bh2", 10) == 10 and nfe("unipc_bh1", 10, to_zero=False) == 10     # the corrector is free
     assert nfe("unipc_bh2", 10, final_corrector=True) == 11
