@@ -162,3 +162,19 @@ def test_bad_options_are_named(options, message):
     from fdistill.samplers import unipc
     with pytest.raises(ValueError, match=message):
         unipc(gaussian_denoiser, start_noise(), sigmas("karras", 3), **options)
+
+
+@pytest.mark.parametrize("solver", ["unipc_bh2", "unipc_bh1_noise", "dpmpp_3m_taylor"])
+def test_methods_periodic_sampling_uses_the_new_solvers(solver):
+    """A training method's ``generate`` (sample grids, periodic evaluation) goes through the same registry."""
+    from fdistill.data import digits
+    from fdistill.methods.denoising import DenoisingConfig, build
+    from fdistill.networks import tiny_unet
+    from fdistill.training.config import SamplerConfig
+
+    torch.manual_seed(0)
+    config = DenoisingConfig(sampler=SamplerConfig(solver=solver, steps=4))
+    images = build(config, tiny_unet(channels=1, resolution=8, num_classes=10), digits(split="test")).generate(
+        3, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
+
