@@ -101,8 +101,8 @@ def gaussian_teacher(seed: int = 0) -> tuple[GaussianMixtureDenoiser, Callable]:
     teacher = GaussianMixtureDenoiser(mean, std)
 
     def exact(noise: torch.Tensor) -> tuple[torch.Tensor, float]:
-        at_sigma_min = mean + (noise - mean) * torch.sqrt(std ** 2 + SIGMA_MIN ** 2) / torch.sqrt(std ** 2 + SIGMA_MAX ** 2)
-        return denoise(teacher, at_sigma_min, SIGMA_MIN), 0.0
+        shrink = torch.sqrt(std ** 2 + SIGMA_MIN ** 2) / torch.sqrt(std ** 2 + SIGMA_MAX ** 2)
+        return denoise(teacher, mean + (noise - mean) * shrink, SIGMA_MIN), 0.0
     return teacher, exact
 
 
@@ -291,9 +291,8 @@ def accuracy_tables(rows: list[dict]) -> str:
         for method in methods:
             group = [index[(teacher, kind, b, method)] for b in BUDGETS]
             best = [min(index[(teacher, kind, b, m)]["median_error"] for m in methods) for b in BUDGETS]
-            cells = [("**" if r["median_error"] == low else "") + f"{r['median_error']:.2e}"
-                     + ("**" if r["median_error"] == low else "") + ("" if r["nfe"] == r["budget"] else f" ({r['nfe']})")
-                     for r, low in zip(group, best)]
+            cells = [(f"**{r['median_error']:.2e}**" if r["median_error"] == low else f"{r['median_error']:.2e}")
+                     + ("" if r["nfe"] == r["budget"] else f" ({r['nfe']})") for r, low in zip(group, best)]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
