@@ -23,7 +23,7 @@ def denoise(x, sigma):
 @pytest.mark.parametrize("corrector", [False, True])
 @pytest.mark.parametrize("prediction", ["data", "noise"])
 def test_local_error_order_of_one_step_from_the_exact_trajectory(variant, order, corrector, prediction):
-    """Thm. 3.1 / 3.3 of Zhao et al. 2023: from exact history, UniP-p errs by O(h^{p+1}) in one step and UniC-p,
+    """Zhao et al. 2023, Sec. 3: from exact history, UniP-p errs by O(h^{p+1}) in one step and UniC-p,
     with the network evaluated at the predicted point, by O(h^{p+2})."""
     x_start = start_noise()
     trajectory = lambda sigma: exact_flow(x_start, SIGMA_MAX, sigma)       # noqa: E731

@@ -2,7 +2,7 @@
 Fast Sampling of Diffusion Models", NeurIPS 2023), data- and noise-prediction forms, in VE / EDM sigma units.
 
 Derivation (alpha = 1, lambda = -log sigma, a step from sigma_s to sigma_t, h = log(sigma_s / sigma_t) > 0). The exact
-solution of the probability-flow ODE in data prediction (DPM-Solver++, Lu et al. 2022b, Eq. 9) is
+solution of the probability-flow ODE in data prediction (DPM-Solver++, Lu et al. 2022b, Sec. 3) is
 
     x_t = (sigma_t / sigma_s) x_s + integral_0^h e^{u - h} x0(lambda_s + u) du.
 
@@ -15,27 +15,31 @@ phi_{k+1}(z) = (phi_k(z) - 1/k!) / z,
 A divided difference D_k = (x0_k - x0_s) / r_k expands to sum_n r_k^{n-1} h^n x0^{(n)} / n!, so B(h) sum_k w_k D_k
 matches the sum up to n = m exactly when sum_k w_k r_k^{n-1} = z phi_{n+1}(z) n! / B(h) for n = 1 .. m.
 
-UniPC (Sec. 3.1-3.2, Eq. 5 and 8 written with -h for data prediction, App. "UniPC with data prediction") does not
+UniPC (Sec. 3, written with -h for data prediction as in the paper's appendix on data prediction) does not
 estimate the derivatives one by one; it replaces the whole sum by one scale B(h) times a combination of divided
 differences on nodes r_k = (lambda_k - lambda_s) / h (r_k < 0 for past points, r = 1 for the new point at t):
 
     x_t = (sigma_t / sigma_s) x_s - (e^{-h} - 1) x0_s - B(h) sum_k w_k D_k,      D_k = (x0_k - x0_s) / r_k,
 
-with the weights solving the order conditions R w = g (Thm. 3.1), R[i, k] = r_k^i (i = 0 .. m-1) and
+with the weights solving the order conditions R w = g (Sec. 3), R[i, k] = r_k^i (i = 0 .. m-1) and
 g_n = z phi_{n+1}(z) n! / B(h) (n = 1 .. m). B(h) is any function with B(h) = O(h): the paper's two choices are
 B_1(h) = z ("bh1") and B_2(h) = e^z - 1 ("bh2").
 
 - UniP-p (predictor) uses the p - 1 past points of the history (m = p - 1); it is of order p.
 - UniC-p (corrector) adds the network evaluation at the predicted x_t as the node r = 1 (m = p) and recomputes
-  x_t from the same x_s; it raises the order to p + 1 (Thm. 3.3). The evaluation at the *predicted* x_t is the one
-  the next predictor uses, so the corrector costs no extra network evaluation (UniPC's key property, Sec. 3.2).
+  x_t from the same x_s; it raises the order to p + 1. The evaluation at the *predicted* x_t is the one
+  the next predictor uses, so the corrector costs no extra network evaluation (UniPC's key property).
 - With a single node (m = 1) the weight is 1/2, the h -> 0 value of g_1, as in the authors' code and Diffusers'
   ``UniPCMultistepScheduler``: it keeps the order conditions (g_1 = 1/2 + O(h)) and makes UniP-2 with bh2 exactly
   DPM-Solver++(2M).
+- With two or more nodes the weights solve R w = g exactly, so B(h) w does not depend on B: bh1 and bh2 differ only
+  where a single node gets 1/2 (UniP-2, UniC-1), and UniP-3 integrates the quadratic through the last three x0's,
+  i.e. it is the full-Taylor ``dpmpp_3m_taylor``.
 
-Noise prediction (the paper's Eq. 5 as written; Diffusers' ``predict_x0=False``) runs the same construction on
+Noise prediction (the paper's main-text form; Diffusers' ``predict_x0=False``) runs the same construction on
 eps = (x - x0) / sigma with z = +h: x_t = x_s - sigma_t ((e^h - 1) eps_s + B(h) sum_k w_k D_k), B(h) = h or e^h - 1.
-On the benchmark's Gaussian mixtures it is the more accurate form at 5-20 steps (benchmarks/README.md).
+On smooth data with Karras sigmas (the benchmark's Gaussian and mild mixture) it is the more accurate form at 6-20
+steps; on sharp data (the stiff mixture) it is far less accurate (benchmarks/README.md).
 
 The final step is never corrected unless ``final_corrector`` (one extra network evaluation at the end point; with a
 last sigma of 0, the final denoise is evaluated at the corrected previous point instead). ``lower_order_final`` uses
@@ -49,7 +53,6 @@ from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .solvers import History, X0Fn, _sigma_list, _steps, _x0_fn, step_orders
@@ -73,7 +76,7 @@ def phi(k: int, z: float) -> float:
 def unipc_weights(z: float, nodes: Sequence[float], variant: str) -> tuple[float, list[float]]:
     """B and the weights w of the divided differences on ``nodes`` (the r_k); z = -h (data prediction) or h (noise).
 
-    Solves R w = g (Zhao et al. 2023, Thm. 3.1) with R[i, k] = r_k^i and g_n = z phi_{n+1}(z) n! / B(z);
+    Solves R w = g (Zhao et al. 2023, Sec. 3) with R[i, k] = r_k^i and g_n = z phi_{n+1}(z) n! / B(z);
     a single node gets w = [1/2] (see the module docstring). Returns (B(z), w) as Python floats.
     """
     scale = B_FUNCTIONS[variant](z)
