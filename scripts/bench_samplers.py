@@ -1,21 +1,28 @@
-"""Benchmark fdistill.samplers: accuracy vs NFE against an exact-teacher ground truth, next to Diffusers'
-DPM-Solver++ schedulers, and per-step solver overhead.
+"""Benchmark fdistill.samplers: error at a network-evaluation (NFE) budget against an exact reference, next to
+Diffusers' DPM-Solver++ 2M / 3M, UniPC bh1 / bh2 and DEIS on the same sigmas, and per-step solver overhead.
 
-Accuracy: a Gaussian-mixture teacher (exact denoiser; sharp modes, a stiff ODE) and a single Gaussian with uneven
-stds (smooth; its ODE flow is closed-form). The mixture's ground truth is the probability-flow ODE solved very finely
-(singlestep DPM-Solver-3, logSNR steps, float64; its own convergence is checked against a solve with half the steps and
-printed). Each solver gets the largest step count whose NFE fits the budget (``fdistill.samplers.nfe``); Diffusers'
-multistep schedulers (EDMDPMSolverMultistepScheduler, and DPMSolverMultistepScheduler driven on the same VE sigma list)
-run the same sigmas and starting noise. Tables show the median over samples of ||x_solver - x_true||_2; the JSON also
-has the RMS over samples and coordinates.
+Setting. Sigmas span Stable Diffusion's VP schedule (scaled-linear betas: sigma 14.61 -> 0.0292), then a final 0, on
+two spacings: Karras (rho = 7) and uniform in log-SNR. Every method gets the same starting noise and sigma list; a
+budget of N NFE is N steps for the 1-NFE multistep methods and the largest step count whose NFE fits for the others.
+The last step of every list goes from sigma_min to 0, which every method takes as a denoise x0 = D(x, sigma_min), so
+the exact answer is D(x(sigma_min), sigma_min) with x(sigma_min) the exact probability-flow ODE solution.
 
-Overhead: seconds per step spent outside the network, (a) with a zero-cost denoiser (a cached output), fdistill's
-``sample`` vs a loop of Diffusers' ``scheduler.step``, and (b) with fdistill's tiny EDM UNet, network time measured
-around every network call and subtracted.
+Teachers (exact denoisers, 16-D, float64):
+- gaussian: one Gaussian, stds log-spaced 0.05..2; x(sigma_min) in closed form ((x - m) / sqrt(s^2 + sigma^2) is
+  constant along the flow).
+- mixture_mild / mixture_stiff: 8 components, means ~ N(0, I), stds U[0.3, 0.6] / U[0.02, 0.1] (sharper modes make
+  the ODE stiffer at small sigma). x(sigma_min) from singlestep DPM-Solver-3 with 500 log-SNR steps (1500 NFE); its
+  distance to a 250-step solve is reported as the reference's own error bound.
 
-    python scripts/bench_samplers.py            # full (about 5-8 minutes on 2 CPU cores)
-    python scripts/bench_samplers.py --quick    # about a minute
-Writes benchmarks/samplers.json and prints markdown tables.
+Metric: median over 128 samples of the per-sample L2 error (the JSON also has the RMS). On a mixture a few
+trajectories start near a boundary between modes, where any solver error flips the mode; they dominate the RMS.
+
+Diffusers runs its own scheduler code on the same sigma list (fdistill.samplers.reference). Its DEIS and UniPC bh1
+cannot step into sigma = 0 (log 0, and B(h) = -h is infinite: NaN), so they run to sigma_min and then take the same
+final denoise as everyone else (same NFE).
+
+    OMP_NUM_THREADS=1 python scripts/bench_samplers.py     # about 2-3 minutes on one core
+Writes benchmarks/samplers.json and benchmarks/samplers.md (the tables printed).
 """
 from __future__ import annotations
 
@@ -29,80 +36,167 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler
+from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler,
+                       UniPCMultistepScheduler)
 
 from fdistill.denoisers import GaussianMixtureDenoiser
 from fdistill.networks import tiny_unet
-from fdistill.samplers import SOLVERS, nfe, sample, sigmas
+from fdistill.samplers import nfe, sample, sigmas
+from fdistill.samplers.recommend import RECOMMENDED_SOLVERS
 from fdistill.samplers.reference import diffusers_sample
 
-SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-ODE_SOLVERS = [name for name in SOLVERS if name != "dpmpp_2m_sde"]      # the SDE has no single exact endpoint
-DIFFUSERS = {
-    "diffusers_edm_2m": lambda: EDMDPMSolverMultistepScheduler(solver_order=2),
-    "diffusers_edm_3m": lambda: EDMDPMSolverMultistepScheduler(solver_order=3),
-    "diffusers_vp_2m": lambda: DPMSolverMultistepScheduler(solver_order=2),
-    "diffusers_vp_3m": lambda: DPMSolverMultistepScheduler(solver_order=3),
+SIGMA_MIN, SIGMA_MAX = 0.029167, 14.614641      # Stable Diffusion's scaled-linear VP schedule, in sigma units
+BUDGETS = [4, 5, 6, 8, 10, 15, 20]
+SCHEDULES = ["karras", "logsnr"]
+DIM, BATCH = 16, 128
+
+# label -> (registry solver, options); the unlabelled registry names use their defaults (what `--solver` gives)
+FDISTILL = {
+    "euler": ("euler", {}),
+    "heun": ("heun", {}),
+    "dpm_solver_2": ("dpm_solver_2", {}),
+    "dpm_solver_3": ("dpm_solver_3", {}),
+    "dpmpp_2s": ("dpmpp_2s", {}),
+    "dpmpp_2m": ("dpmpp_2m", {}),
+    "dpmpp_3m": ("dpmpp_3m", {}),
+    "dpmpp_3m_taylor": ("dpmpp_3m_taylor", {}),
+    "unipc_bh1": ("unipc_bh1", {}),
+    "unipc_bh2": ("unipc_bh2", {}),
+    "unipc_bh1 p=2": ("unipc_bh1", {"order": 2}),
+    "unipc_bh2 p=2": ("unipc_bh2", {"order": 2}),
+    "unipc_bh2 no corrector": ("unipc_bh2", {"corrector": False}),
+    "unipc_bh2 final corrector": ("unipc_bh2", {"final_corrector": True}),
+    "unipc_bh1_noise": ("unipc_bh1_noise", {}),
+    "unipc_bh2_noise": ("unipc_bh2_noise", {}),
+    "unipc_bh1_noise p=2": ("unipc_bh1_noise", {"order": 2}),
+    "unipc_bh2_noise p=2": ("unipc_bh2_noise", {"order": 2}),
+}
+# label -> (scheduler factory, runs into sigma = 0 itself)
+DIFFUSERS: dict[str, tuple[Callable, bool]] = {
+    "diffusers dpmpp_2m": (lambda: DPMSolverMultistepScheduler(solver_order=2), True),
+    "diffusers dpmpp_3m": (lambda: DPMSolverMultistepScheduler(solver_order=3), True),
+    "diffusers unipc_bh1 p=2": (lambda: UniPCMultistepScheduler(solver_type="bh1", final_sigmas_type="sigma_min"),
+                                False),
+    "diffusers unipc_bh2 p=2": (lambda: UniPCMultistepScheduler(solver_type="bh2"), True),
+    "diffusers unipc_bh1 p=3": (lambda: UniPCMultistepScheduler(solver_order=3, solver_type="bh1",
+                                                                final_sigmas_type="sigma_min"), False),
+    "diffusers unipc_bh2 p=3": (lambda: UniPCMultistepScheduler(solver_order=3, solver_type="bh2"), True),
+    "diffusers deis p=2": (lambda: DEISMultistepScheduler(solver_order=2), False),
+    "diffusers deis p=3": (lambda: DEISMultistepScheduler(solver_order=3), False),
 }
 
 
-def gaussian_teacher(dim: int, seed: int = 0) -> tuple[GaussianMixtureDenoiser, Callable]:
-    """One Gaussian, means ~ N(0, I), stds log-spaced in [0.05, 2] (smooth, several time scales), and its exact
-    probability-flow map: (x - m) / sqrt(s^2 + sigma^2) is constant along the ODE."""
+# ------------------------------------------------------------------------------------------------ teachers
+
+
+def denoise(teacher, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    return teacher(x, torch.full((x.shape[0],), sigma, dtype=x.dtype))
+
+
+def gaussian_teacher(seed: int = 0) -> tuple[GaussianMixtureDenoiser, Callable]:
+    """One Gaussian (means ~ N(0, I), stds log-spaced in [0.05, 2]) and its exact answer for a noise batch."""
     generator = torch.Generator().manual_seed(seed)
-    mean = torch.randn(1, dim, generator=generator, dtype=torch.float64)
-    std = torch.logspace(math.log10(0.05), math.log10(2.0), dim, dtype=torch.float64)[None]
-    flow = lambda x: mean + (x - mean) * std / torch.sqrt(std ** 2 + SIGMA_MAX ** 2)     # noqa: E731 (to sigma = 0)
-    return GaussianMixtureDenoiser(mean, std), flow
+    mean = torch.randn(1, DIM, generator=generator, dtype=torch.float64)
+    std = torch.logspace(math.log10(0.05), math.log10(2.0), DIM, dtype=torch.float64)[None]
+    teacher = GaussianMixtureDenoiser(mean, std)
+
+    def exact(noise: torch.Tensor) -> tuple[torch.Tensor, float]:
+        shrink = torch.sqrt(std ** 2 + SIGMA_MIN ** 2) / torch.sqrt(std ** 2 + SIGMA_MAX ** 2)
+        return denoise(teacher, mean + (noise - mean) * shrink, SIGMA_MIN), 0.0
+    return teacher, exact
 
 
-def mixture_teacher(dim: int, components: int, seed: int = 0) -> GaussianMixtureDenoiser:
-    """K random means ~ N(0, I), isotropic stds in [0.05, 0.45]: sharp modes make the ODE stiff at small sigma."""
+def mixture_teacher(std_range: tuple[float, float], seed: int = 0) -> tuple[GaussianMixtureDenoiser, Callable]:
+    """8 components, means ~ N(0, I), isotropic stds ~ U[std_range], and its fine-solve answer (see module doc)."""
     generator = torch.Generator().manual_seed(seed)
-    means = torch.randn(components, dim, generator=generator, dtype=torch.float64)
-    stds = 0.05 + 0.4 * torch.rand(components, generator=generator, dtype=torch.float64)
-    return GaussianMixtureDenoiser(means, stds)
+    means = torch.randn(8, DIM, generator=generator, dtype=torch.float64)
+    low, high = std_range
+    stds = low + (high - low) * torch.rand(8, generator=generator, dtype=torch.float64)
+    teacher = GaussianMixtureDenoiser(means, stds)
+
+    def solve(noise: torch.Tensor, steps: int) -> torch.Tensor:
+        return sample(teacher, noise, sigmas("logsnr", steps, SIGMA_MIN, SIGMA_MAX, append_zero=False), "dpm_solver_3")
+
+    def exact(noise: torch.Tensor) -> tuple[torch.Tensor, float]:
+        fine, half = solve(noise, 500), solve(noise, 250)
+        return denoise(teacher, fine, SIGMA_MIN), (fine - half).norm(dim=1).max().item()
+    return teacher, exact
 
 
-def steps_for_budget(solver: str, budget: int) -> int:
+TEACHERS = {"gaussian": gaussian_teacher, "mixture_mild": lambda: mixture_teacher((0.3, 0.6)),
+            "mixture_stiff": lambda: mixture_teacher((0.02, 0.1))}
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+
+
+def steps_for_budget(solver: str, budget: int, options: dict) -> int:
     """Largest step count whose NFE (ending at sigma = 0) is within ``budget``; at least 1."""
     steps = 1
-    while nfe(solver, steps + 1) <= budget:
+    while nfe(solver, steps + 1, **options) <= budget:
         steps += 1
     return steps
 
 
-def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).pow(2).mean().sqrt().item()
-
-
 def errors(out: torch.Tensor, truth: torch.Tensor) -> dict:
-    """RMS over samples and coordinates, and the median per-sample L2 error. On a mixture a few trajectories start
-    near a boundary between modes and any solver error flips their mode; they dominate the RMS, not the median."""
-    return dict(rms_error=rms(out, truth), median_error=(out - truth).norm(dim=1).median().item())
+    per_sample = (out - truth).norm(dim=1)
+    return dict(median_error=per_sample.median().item(), rms_error=(out - truth).pow(2).mean().sqrt().item())
 
 
-def ground_truth(teacher, noise, steps: int) -> tuple[torch.Tensor, float]:
-    """Fine float64 DPM-Solver-3 solve and its distance to a solve with half the steps (an error bound)."""
-    fine = sample(teacher, noise, sigmas("logsnr", steps, SIGMA_MIN, SIGMA_MAX), "dpm_solver_3")
-    half = sample(teacher, noise, sigmas("logsnr", steps // 2, SIGMA_MIN, SIGMA_MAX), "dpm_solver_3")
-    return fine, rms(fine, half)
+def run_diffusers(teacher, make: Callable, into_zero: bool, noise: torch.Tensor, schedule: torch.Tensor):
+    """Diffusers' scheduler on ``schedule``; without ``into_zero`` it stops at sigma_min and the final step is the
+    shared denoise (one NFE, as the step it replaces)."""
+    if into_zero:
+        return diffusers_sample(make(), teacher, noise, schedule)
+    return denoise(teacher, diffusers_sample(make(), teacher, noise, schedule[:-1]), SIGMA_MIN)
 
 
-def accuracy(teacher_name, teacher, noise, truth, budgets, schedule_kinds) -> list[dict]:
+def accuracy(teacher_name: str, teacher, noise: torch.Tensor, truth: torch.Tensor) -> list[dict]:
     rows = []
-    for kind in schedule_kinds:
-        for budget in budgets:
-            for solver in ODE_SOLVERS:
-                steps = steps_for_budget(solver, budget)
-                out = sample(teacher, noise, sigmas(kind, steps, SIGMA_MIN, SIGMA_MAX), solver)
-                rows.append(dict(teacher=teacher_name, schedule=kind, budget=budget, method=solver, steps=steps,
-                                 nfe=nfe(solver, steps), **errors(out, truth)))
-            for name, make in DIFFUSERS.items():
-                out = diffusers_sample(make(), teacher, noise, sigmas(kind, budget, SIGMA_MIN, SIGMA_MAX))
-                rows.append(dict(teacher=teacher_name, schedule=kind, budget=budget, method=name, steps=budget,
+    for kind in SCHEDULES:
+        for budget in BUDGETS:
+            for label, (solver, options) in FDISTILL.items():
+                steps = steps_for_budget(solver, budget, options)
+                out = sample(teacher, noise, sigmas(kind, steps, SIGMA_MIN, SIGMA_MAX), solver, **options)
+                rows.append(dict(teacher=teacher_name, schedule=kind, budget=budget, method=label, steps=steps,
+                                 nfe=nfe(solver, steps, **options), **errors(out, truth)))
+            for label, (make, into_zero) in DIFFUSERS.items():
+                out = run_diffusers(teacher, make, into_zero, noise, sigmas(kind, budget, SIGMA_MIN, SIGMA_MAX))
+                rows.append(dict(teacher=teacher_name, schedule=kind, budget=budget, method=label, steps=budget,
                                  nfe=budget, **errors(out, truth)))
     return rows
+
+
+def best_per_setting(rows: list[dict]) -> list[dict]:
+    """For every (teacher, schedule, budget): the most accurate fdistill method and Diffusers method."""
+    summary = []
+    for key in dict.fromkeys((r["teacher"], r["schedule"], r["budget"]) for r in rows):
+        group = [r for r in rows if (r["teacher"], r["schedule"], r["budget"]) == key]
+        ours = min((r for r in group if not r["method"].startswith("diffusers")), key=lambda r: r["median_error"])
+        theirs = min((r for r in group if r["method"].startswith("diffusers")), key=lambda r: r["median_error"])
+        summary.append(dict(teacher=key[0], schedule=key[1], budget=key[2], fdistill=ours["method"],
+                            fdistill_error=ours["median_error"], diffusers=theirs["method"],
+                            diffusers_error=theirs["median_error"],
+                            ratio=theirs["median_error"] / ours["median_error"]))
+    return summary
+
+
+def best_registry_solver(rows: list[dict]) -> dict[int, dict]:
+    """Per budget, the registry solver with one NFE per step and default options (what ``--solver NAME --steps
+    NFE`` runs) with the smallest geometric mean of median error over teachers and schedules."""
+    names = [label for label, (solver, options) in FDISTILL.items() if not options and nfe(solver, 10) == 10]
+    result = {}
+    for budget in BUDGETS:
+        score = {name: math.exp(sum(math.log(r["median_error"]) for r in rows
+                                    if r["budget"] == budget and r["method"] == name)
+                                / (len(TEACHERS) * len(SCHEDULES))) for name in names}
+        best = min(score, key=score.get)
+        result[budget] = dict(solver=best, geometric_mean_error=score[best],
+                              runner_up=sorted(score, key=score.get)[1])
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ overhead
 
 
 class TimedDenoiser(torch.nn.Module):
@@ -132,13 +226,13 @@ def fdistill_overhead(denoiser, shape, steps: int, solver: str, repeats: int) ->
     return best / steps
 
 
-def diffusers_overhead(order: int, shape, steps: int, repeats: int, unet=None) -> float:
-    """Seconds per step in Diffusers' EDM scheduler (scale_model_input + step), network time excluded.
-    With ``unet`` (an EDMPrecond) the raw UNet output is fed; otherwise a cached output (zero-cost network)."""
+def diffusers_overhead(make: Callable, shape, steps: int, repeats: int, unet=None) -> float:
+    """Seconds per step in a Diffusers scheduler (scale_model_input + step), network time excluded.
+    With ``unet`` (an EDMPrecond) its raw UNet output is fed; otherwise a cached output (zero-cost network)."""
     best = math.inf
     cached = torch.randn(shape)
     for _ in range(repeats):
-        scheduler = EDMDPMSolverMultistepScheduler(solver_order=order)
+        scheduler = make()
         scheduler.set_timesteps(steps)
         x = SIGMA_MAX * torch.randn(shape)
         spent = 0.0
@@ -162,80 +256,104 @@ def unet_noise_input(sigma: float, batch: int) -> torch.Tensor:
     return torch.full((batch,), TIMESTEP_SCALE * math.log(sigma) / 4)
 
 
+OVERHEAD_PAIRS = [
+    ("dpmpp_2m", "EDM DPM-Solver++ 2M", lambda: EDMDPMSolverMultistepScheduler(solver_order=2)),
+    ("dpmpp_3m", "EDM DPM-Solver++ 3M", lambda: EDMDPMSolverMultistepScheduler(solver_order=3)),
+    ("unipc_bh2", "UniPC bh2 p=3", lambda: UniPCMultistepScheduler(solver_order=3)),
+]
+
+
 def overhead(steps: int, repeats: int) -> list[dict]:
     rows = []
     unet = tiny_unet(channels=1, resolution=8).eval()
     cases = [("cached output", (64, 1, 8, 8), None), ("cached output", (4, 4, 64, 64), None),
              ("tiny UNet", (64, 1, 8, 8), unet)]
     for network, shape, net in cases:
-        for order, solver in ((2, "dpmpp_2m"), (3, "dpmpp_3m")):
+        for solver, theirs, make in OVERHEAD_PAIRS:
             cached = torch.randn(shape)
             denoiser = net if net is not None else (lambda x, sigma, cond=None: cached)
-            rows.append(dict(network=network, shape=list(shape), solver=solver,
+            rows.append(dict(network=network, shape=list(shape), solver=solver, diffusers=theirs,
                              fdistill_ms_per_step=1e3 * fdistill_overhead(denoiser, shape, steps, solver, repeats),
-                             diffusers_ms_per_step=1e3 * diffusers_overhead(order, shape, steps, repeats, net)))
+                             diffusers_ms_per_step=1e3 * diffusers_overhead(make, shape, steps, repeats, net)))
     return rows
 
 
-def accuracy_table(rows, budgets, metric: str) -> str:
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def accuracy_tables(rows: list[dict]) -> str:
     methods = list(dict.fromkeys(row["method"] for row in rows))
+    index = {(r["teacher"], r["schedule"], r["budget"], r["method"]): r for r in rows}
     lines = []
     for teacher, kind in dict.fromkeys((row["teacher"], row["schedule"]) for row in rows):
-        lines += [f"\n{teacher}, {kind} sigmas: {metric} vs the exact ODE solution (NFE budget; actual NFE in "
-                  "brackets when lower)\n",
-                  "| method | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)]
+        lines += [f"\n#### {teacher}, {kind} sigmas: median L2 error (NFE budget; actual NFE in brackets when lower)\n",
+                  "| method | " + " | ".join(f"NFE {b}" for b in BUDGETS) + " |", "|---|" + "---|" * len(BUDGETS)]
         for method in methods:
-            cells = []
-            for budget in budgets:
-                row = next(r for r in rows if (r["teacher"], r["schedule"], r["budget"], r["method"])
-                           == (teacher, kind, budget, method))
-                cells.append(f"{row[metric]:.2e}" + ("" if row["nfe"] == budget else f" ({row['nfe']})"))
+            group = [index[(teacher, kind, b, method)] for b in BUDGETS]
+            best = [min(index[(teacher, kind, b, m)]["median_error"] for m in methods) for b in BUDGETS]
+            cells = [(f"**{r['median_error']:.2e}**" if r["median_error"] == low else f"{r['median_error']:.2e}")
+                     + ("" if r["nfe"] == r["budget"] else f" ({r['nfe']})") for r, low in zip(group, best)]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def overhead_table(rows) -> str:
-    lines = ["\nSolver overhead per step (ms, network time excluded; best of repeats)\n",
-             "| network | shape | solver | fdistill | diffusers EDM scheduler |", "|---|---|---|---|---|"]
+def summary_table(summary: list[dict]) -> str:
+    lines = ["\n#### Best fdistill method vs best Diffusers method (median L2 error; ratio = Diffusers / fdistill)\n",
+             "| teacher | schedule | NFE | fdistill best | error | Diffusers best | error | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['teacher']} | {s['schedule']} | {s['budget']} | {s['fdistill']} | {s['fdistill_error']:.2e} | "
+              f"{s['diffusers']} | {s['diffusers_error']:.2e} | {s['ratio']:.2f} |" for s in summary]
+    return "\n".join(lines)
+
+
+def recommendation_table(best: dict[int, dict]) -> str:
+    lines = ["\n#### Best `--solver` per NFE budget (geometric mean of median error over 3 teachers x 2 schedules)\n",
+             "| NFE | best | geometric-mean error | runner-up | `fdistill sample` default |", "|---|---|---|---|---|"]
+    lines += [f"| {budget} | {b['solver']} | {b['geometric_mean_error']:.2e} | {b['runner_up']} | "
+              f"{RECOMMENDED_SOLVERS.get(budget, '')} |" for budget, b in best.items()]
+    return "\n".join(lines)
+
+
+def overhead_table(rows: list[dict]) -> str:
+    lines = ["\n#### Solver overhead per step (ms, network time excluded; best of repeats)\n",
+             "| network | shape | fdistill solver | ms | Diffusers scheduler | ms |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['network']} | {'x'.join(map(str, r['shape']))} | {r['solver']} | "
-              f"{r['fdistill_ms_per_step']:.3f} | {r['diffusers_ms_per_step']:.3f} |" for r in rows]
+              f"{r['fdistill_ms_per_step']:.3f} | {r['diffusers']} | {r['diffusers_ms_per_step']:.3f} |" for r in rows]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller batch, coarser ground truth, fewer budgets")
     parser.add_argument("--out", default="benchmarks/samplers.json")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the per-step overhead timing")
     args = parser.parse_args()
-    torch.set_num_threads(1)   # tiny tensors: a second thread only adds contention (measured 20x slower under load)
-    budgets = [5, 10, 20] if args.quick else [5, 10, 20, 50]
-    batch, truth_steps = (64, 300) if args.quick else (128, 1000)
-    noise = SIGMA_MAX * torch.randn(batch, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.set_num_threads(1)   # tiny tensors: a second thread only adds contention (the machine is shared)
     start = time.time()
-    gaussian, gaussian_flow = gaussian_teacher(dim=16)
-    mixture = mixture_teacher(dim=16, components=8)
-    truth, truth_error = ground_truth(mixture, noise, truth_steps)
-    accuracy_rows = (accuracy("mixture", mixture, noise, truth, budgets, ["karras", "logsnr"])
-                     + accuracy("gaussian", gaussian, noise, gaussian_flow(noise), budgets, ["karras", "logsnr"]))
-    overhead_rows = overhead(steps=20, repeats=3 if args.quick else 5)
+    noise = SIGMA_MAX * torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rows, reference_error = [], {}
+    for name, build in TEACHERS.items():
+        teacher, exact = build()
+        truth, reference_error[name] = exact(noise)
+        rows += accuracy(name, teacher, noise, truth)
+    summary, best = best_per_setting(rows), best_registry_solver(rows)
+    overhead_rows = [] if args.no_overhead else overhead(steps=20, repeats=5)
     result = dict(
         machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread "
                 f"({os.cpu_count()} cores), torch {torch.__version__}",
-        teachers=dict(mixture="GaussianMixtureDenoiser: 8 components in 16-D, means ~ N(0, I), stds U[0.05, 0.45]",
-                      gaussian="one Gaussian in 16-D, means ~ N(0, I), stds log-spaced 0.05..2 (closed-form ODE flow)"),
-        sigma_range=f"{SIGMA_MAX} -> {SIGMA_MIN} -> 0",
-        mixture_ground_truth=f"dpm_solver_3, {truth_steps} logSNR steps ({3 * truth_steps} NFE), float64; "
-                     f"RMS distance to the {truth_steps // 2}-step solve: {truth_error:.2e}",
-        batch=batch, quick=args.quick, accuracy=accuracy_rows, overhead=overhead_rows,
-        seconds=round(time.time() - start, 1))
+        sigma_range=f"{SIGMA_MAX} -> {SIGMA_MIN} -> 0", batch=BATCH, dim=DIM,
+        teachers=dict(gaussian="one Gaussian, stds log-spaced 0.05..2 (closed-form ODE flow)",
+                      mixture_mild="8 components, stds U[0.3, 0.6]", mixture_stiff="8 components, stds U[0.02, 0.1]"),
+        reference_max_l2_error=reference_error, accuracy=rows, best_per_setting=summary,
+        best_registry_solver_per_budget=best, overhead=overhead_rows, seconds=round(time.time() - start, 1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"machine: {result['machine']}\nteachers: {result['teachers']}\nmixture ground truth: "
-          f"{result['mixture_ground_truth']}")
-    print(accuracy_table(accuracy_rows, budgets, "median_error"))
-    print(overhead_table(overhead_rows))
-    print(f"\nwrote {args.out} ({result['seconds']} s)")
+    report = (f"machine: {result['machine']}; sigmas {result['sigma_range']}; reference error bound (max L2): "
+              + ", ".join(f"{k} {v:.1e}" for k, v in reference_error.items())
+              + "\n" + summary_table(summary) + "\n" + recommendation_table(best) + "\n" + accuracy_tables(rows)
+              + ("\n" + overhead_table(overhead_rows) if overhead_rows else ""))
+    Path(args.out).with_suffix(".md").write_text(report + "\n")
+    print(report)
+    print(f"\nwrote {args.out} and {Path(args.out).with_suffix('.md')} ({result['seconds']} s)")
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def noise_levels(model: Model, args: argparse.Namespace) -> Tensor:
 def draw(model: Model, denoiser: nn.Module, args: argparse.Namespace, levels: Tensor, start: int,
          count: int) -> Tensor:
     """Images start .. start + count - 1 in data space (decoded), [count, *shape] on the CPU."""
-    from fdistill.samplers import generator_sample, sample
+    from fdistill.samplers import generator_sample, recommended_solver, sample
 
     cond = batch_condition(model, args, start, count)
     noise = image_noise(args.seed, start, count, tuple(model.info.sample_shape)).to(args.device)
@@ -179,10 +179,11 @@ def draw(model: Model, denoiser: nn.Module, args: argparse.Namespace, levels: Te
                                    for k in range(1, len(chain))]).to(args.device) if len(chain) > 1 else None
             x = generator_sample(denoiser, noise, chain, model.info.generator_input_scale, renoise, cond)
         else:
+            solver = args.solver or recommended_solver(args.steps)
             options = {}
-            if args.solver == "dpmpp_2m_sde":
+            if solver == "dpmpp_2m_sde":
                 options["generator"] = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + start)
-            x = sample(denoiser, levels[0].item() * noise, levels.to(args.device), solver=args.solver, cond=cond,
+            x = sample(denoiser, levels[0].item() * noise, levels.to(args.device), solver=solver, cond=cond,
                        **options)
         return model.decode(x).float().cpu()
 
@@ -217,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help=f"model directory, Diffusers pipeline / hub id, or built-in: {', '.join(BUILTIN_MODELS)}")
     parser.add_argument("--num", type=positive_int, default=64, help="number of images")
-    parser.add_argument("--solver", choices=list(SOLVERS), default="dpmpp_2m", help="sampler")
+    parser.add_argument("--solver", choices=list(SOLVERS), default=None,
+                        help="sampler (None: the most accurate one for --steps, fdistill.samplers.recommended_solver)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="solver steps (default 1 for one-step generators, 20 otherwise)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="karras", help="noise-level spacing")

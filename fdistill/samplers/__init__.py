@@ -1,17 +1,20 @@
-"""DPM-Solver family samplers in sigma units (Lu et al. 2022, 2022b; Karras et al. 2022) on the denoiser protocol.
+"""DPM-Solver family and UniPC samplers in sigma units (Lu et al. 2022, 2022b; Zhao et al. 2023), denoiser protocol.
 
     sigmas("karras", 20, 0.002, 80.0)                      # 21 decreasing noise levels, last = 0
     x = sample(denoiser, sigmas_[0] * torch.randn(...), sigmas_, solver="dpmpp_3m", cond=labels)
 """
 from .config import SamplerConfig, as_sampler_config, noise_levels
-from .sampling import CountingDenoiser, generator_inputs, generator_sample, nfe, sample
+from .sampling import SOLVERS, CountingDenoiser, generator_inputs, generator_sample, nfe, sample
+from .recommend import RECOMMENDED_SOLVERS, recommended_solver
 from .schedules import SIGMA_SCHEDULES, karras_sigmas, logsnr_sigmas, sigmas, time_uniform_sigmas
-from .solvers import (SOLVERS, dpm_solver_1, dpm_solver_2, dpm_solver_3, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s,
-                      dpmpp_3m, dpmpp_3m_coefficients, euler, heun, step_orders)
+from .solvers import (dpm_solver_1, dpm_solver_2, dpm_solver_3, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s,
+                      dpmpp_3m, dpmpp_3m_coefficients, dpmpp_3m_taylor, euler, heun, step_orders)
+from .unipc import unipc
 
 __all__ = [
     "SamplerConfig", "as_sampler_config", "noise_levels",
     "sigmas", "sample", "generator_inputs", "generator_sample", "SOLVERS", "SIGMA_SCHEDULES", "nfe", "CountingDenoiser", "step_orders",
     "karras_sigmas", "logsnr_sigmas", "time_uniform_sigmas", "dpmpp_3m_coefficients",
     "euler", "heun", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde",
+    "dpmpp_3m_taylor", "unipc", "recommended_solver", "RECOMMENDED_SOLVERS",
 ]

@@ -1,4 +1,4 @@
-"""Drive Diffusers' multistep DPM-Solver schedulers with an fdistill denoiser, on an exact sigma list.
+"""Drive Diffusers' multistep schedulers (DPM-Solver++, UniPC, DEIS) with an fdistill denoiser, on an exact sigma list.
 
 Used by the tests and ``scripts/bench_samplers.py`` to compare fdistill's solvers with Diffusers' at equal sigmas,
 starting noise and NFE. The scheduler's own sigma list is replaced by ``sigmas`` after ``set_timesteps`` (its step
@@ -34,7 +34,8 @@ class _EDMAdapter:
 
 
 class _VPAdapter:
-    """DPMSolverMultistepScheduler (epsilon prediction): VP sample x / sqrt(1 + sigma^2), output (x - x0) / sigma."""
+    """VP schedulers with epsilon prediction (DPMSolverMultistepScheduler, UniPCMultistepScheduler,
+    DEISMultistepScheduler): VP sample x / sqrt(1 + sigma^2), output (x - x0) / sigma."""
 
     @staticmethod
     def to_scheduler(x: Tensor, sigma: float) -> Tensor:
@@ -47,12 +48,13 @@ class _VPAdapter:
     @staticmethod
     def model_output(scheduler, x: Tensor, x0: Tensor, sigma: float) -> Tensor:
         if scheduler.config.prediction_type != "epsilon":
-            raise ValueError(f"diffusers_sample drives DPMSolverMultistepScheduler with prediction_type='epsilon', "
+            raise ValueError(f"diffusers_sample drives {type(scheduler).__name__} with prediction_type='epsilon', "
                              f"got {scheduler.config.prediction_type!r}")
         return (x - x0) / sigma
 
 
-ADAPTERS = {"EDMDPMSolverMultistepScheduler": _EDMAdapter, "DPMSolverMultistepScheduler": _VPAdapter}
+ADAPTERS = {"EDMDPMSolverMultistepScheduler": _EDMAdapter, "DPMSolverMultistepScheduler": _VPAdapter,
+            "UniPCMultistepScheduler": _VPAdapter, "DEISMultistepScheduler": _VPAdapter}
 
 
 @torch.no_grad()
@@ -70,11 +72,12 @@ def diffusers_sample(scheduler, denoiser: Callable, noise: Tensor, sigmas: Tenso
     scheduler.set_timesteps(len(sigmas) - 1)
     scheduler.sigmas = sigmas
     scheduler.set_begin_index(0)
+    options = {} if generator is None else {"generator": generator}      # only the SDE schedulers take one
     sample = adapter.to_scheduler(noise, sigmas[0].item())
     for i, timestep in enumerate(scheduler.timesteps):
         sigma = sigmas[i].item()
         x = adapter.from_scheduler(sample, sigma)
         x0 = denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device), cond).to(x.dtype)
         output = adapter.model_output(scheduler, x, x0, sigma)
-        sample = scheduler.step(output, timestep, sample, generator=generator).prev_sample
+        sample = scheduler.step(output, timestep, sample, **options).prev_sample
     return adapter.from_scheduler(sample, sigmas[-1].item())
