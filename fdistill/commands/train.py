@@ -31,10 +31,14 @@ def available_options() -> str:
 def run_training(prog: str, overrides: list[str], method_name: str | None = None):
     """Compose, validate, build and fit one run; the shared body of ``fdistill train`` and ``fdistill distill``.
 
-    Returns ``(exit_code, trainer, spec, run)``: exit code 2 (and ``trainer`` None) for a config error, 1 for a
-    non-finite loss, 0 when training finished. ``method_name`` restricts the command to one method.
+    Returns ``(exit_code, trainer, spec, run)``: exit code 2 (and ``trainer`` None) for a config error, a run_dir
+    another run holds, or run-defining settings that differ from the checkpoint's; 1 for a non-finite loss, a
+    checkpoint that cannot be written or none that can be resumed; 0 when training finished. config.yaml is written
+    only once the run may proceed. ``method_name`` restricts the command to one method.
     """
-    from ..training import NonFiniteLossError, Trainer
+    from omegaconf import OmegaConf
+
+    from ..training import CheckpointError, NonFiniteLossError, ResumeConflict, RunDirLocked, Trainer
 
     try:
         spec = validate(compose(overrides))
@@ -44,12 +48,17 @@ def run_training(prog: str, overrides: list[str], method_name: str | None = None
     except ConfigError as error:
         print(f"fdistill {prog}: config error: {error}", file=sys.stderr)
         return 2, None, None, None
-    trainer = Trainer(run.method, run.data, spec.train, loggers=run.loggers, evaluator=run.evaluator)
-    if trainer.is_main:
-        save_config(spec.cfg, trainer.run_dir / "config.yaml")
+    trainer = Trainer(run.method, run.data, spec.train, loggers=run.loggers, evaluator=run.evaluator,
+                      run_config=OmegaConf.to_container(spec.cfg, resolve=True))
     try:
+        trainer.open_run()
+        if trainer.is_main:
+            save_config(spec.cfg, trainer.run_dir / "config.yaml")
         trainer.fit()
-    except NonFiniteLossError as error:
+    except (RunDirLocked, ResumeConflict) as error:
+        print(f"fdistill {prog}: {error}", file=sys.stderr)
+        return 2, trainer, spec, run
+    except (NonFiniteLossError, CheckpointError) as error:
         print(f"fdistill {prog}: {error}", file=sys.stderr)
         return 1, trainer, spec, run
     return 0, trainer, spec, run
