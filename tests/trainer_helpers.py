@@ -37,7 +37,7 @@ class KillAtStep:
         pass
 
 
-def tiny_denoising_method(max_grad_norm: float | None = None):
+def tiny_denoising_method(max_grad_norm: float | None = None, lr: float = 1e-2):
     """A denoising method with a small EDM-preconditioned MLP (same weights in every process: seeded)."""
     from fdistill.methods.denoising import Denoising, DenoisingConfig
     from fdistill.networks import MLPDenoiser
@@ -45,7 +45,7 @@ def tiny_denoising_method(max_grad_norm: float | None = None):
     torch.manual_seed(0)
     network = MLPDenoiser(dim=2, hidden=16, depth=1)
     torch.nn.init.normal_(network.net.output[-1].weight, std=0.1)  # non-zero output layer: every weight gets a gradient
-    return Denoising(DenoisingConfig(lr=1e-2, max_grad_norm=max_grad_norm), network, (2,))
+    return Denoising(DenoisingConfig(lr=lr, max_grad_norm=max_grad_norm), network, (2,))
 
 
 def probe_method(nan_at: int | None = None):
