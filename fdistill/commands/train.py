@@ -6,8 +6,9 @@ Examples:
     accelerate launch --num_processes 2 -m fdistill.cli train experiment=digits_teacher
 On a machine without GPUs add --multi_gpu (it starts torchrun; train.device=cpu then joins a gloo group):
 accelerate's --cpu flag alone starts ONE process whatever --num_processes says.
-A bad key or value stops before any work with a one-line message and exit code 2; a non-finite loss stops the run
-with exit code 1, keeping the last good checkpoint.
+A bad key or value, a run_dir that another run holds, or resuming with changed run-defining settings (without
+train.resume=force) stops before any work with a one-line message and exit code 2; a non-finite loss, a checkpoint
+that cannot be written, or checkpoints of which none is intact stop with one line and exit code 1.
 """
 from __future__ import annotations
 

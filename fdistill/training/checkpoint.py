@@ -70,7 +70,8 @@ def step_directories(root: str | Path) -> list[tuple[int, Path]]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir())
+    matches = ((CHECKPOINT_PATTERN.match(p.name), p) for p in root.iterdir())
+    return sorted((int(m.group(1)), p) for m, p in matches if m and p.is_dir())
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -144,14 +145,16 @@ def rotate_checkpoints(root: str | Path, keep_last: int, protect: tuple[Path, ..
 
 def remove_leftovers(root: str | Path) -> list[Path]:
     """Delete what writes and deletions cut short left behind: hidden temporaries and trash (silently), and
-    ``step_*`` directories without a manifest (an interrupted deletion by an earlier version, a partial copy);
-    returns the latter, for the caller to report."""
+    ``step_*`` directories with neither a manifest nor a trainer state (an interrupted deletion by an earlier
+    version, a partial copy); returns the latter, for the caller to report. A directory with a trainer state but no
+    manifest may be a complete checkpoint of an earlier version: it is kept (resume reports it as unverifiable)."""
     root = Path(root)
     if not root.is_dir():
         return []
     for path in [*root.glob(".tmp-step_*"), *root.glob(".trash-step_*")]:
         shutil.rmtree(path, ignore_errors=True)
-    partial = [path for _, path in step_directories(root) if not (path / MANIFEST).is_file()]
+    partial = [path for _, path in step_directories(root)
+               if not (path / MANIFEST).is_file() and not (path / TRAINER_STATE).is_file()]
     for path in partial:
         discard(path)
     return partial

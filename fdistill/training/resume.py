@@ -5,12 +5,13 @@ checkpoints belong to, so resuming refuses (ResumeConflict, listing each key as 
 ``train.resume=force``, which applies the new values (the trainer re-applies optimizer settings such as the LR after
 loading the optimizer state). They are:
     method.*, model.*, data.*, sampler.* (DDO draws its fakes with the sampler),
-    train.batch_size, train.micro_batches, train.mixed_precision, train.seed, train.ema_decays,
-    train.ema_warmup_steps, train.lr_warmup_steps.
+    train.batch_size (global), train.mixed_precision, train.seed, train.ema_decays, train.ema_warmup_steps,
+    train.lr_warmup_steps.
 Everything else may change on resume: train.steps (a run is extended by raising it), the cadence of checkpoints,
 logs, sample grids and evaluation (checkpoint_every, log_every, sample_every, eval_every, keep_last, num_samples),
-where and how it runs (run_dir, resume, device, num_workers, progress, fsdp, fsdp_min_params: resuming across
-process counts and FSDP is exact), export, and the eval / logger groups.
+where and how it runs (run_dir, resume, device, num_workers, progress, micro_batches, fsdp, fsdp_min_params: a run
+resumes on another process count, which changes micro_batches for the same global batch, and with or without
+FSDP), export, and the eval / logger groups.
 A run built in Python without a resolved config (``Trainer(run_config=None)``) guards the train keys above and
 each phase's optimizer settings (``method.phases.<phase>.<field>``).
 """
@@ -22,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .checkpoint import CheckpointError, checkpoint_problem, list_checkpoints
+from .checkpoint import CheckpointError, checkpoint_problem, step_directories
 from .config import RESUME_MODES
 from .manifest import read_manifest
 RUN_DEFINING_SECTIONS = ("method", "model", "data", "sampler")
-RUN_DEFINING_TRAIN_KEYS = ("batch_size", "micro_batches", "mixed_precision", "seed", "ema_decays",
-                           "ema_warmup_steps", "lr_warmup_steps")
+RUN_DEFINING_TRAIN_KEYS = ("batch_size", "mixed_precision", "seed", "ema_decays", "ema_warmup_steps",
+                           "lr_warmup_steps")
 DAMAGED_PREFIX = "damaged-"
 
 
@@ -109,7 +110,7 @@ def plan_resume(root: Path, resume: str, settings: Mapping[str, Any]) -> ResumeP
             raise CheckpointError(f"train.resume={resume}: cannot resume from it: {problem}")
         return ResumePlan(directory, guard_settings(directory, settings, force=False))
     damaged: list[tuple[Path, str]] = []
-    for _, directory in reversed(list_checkpoints(root)):
+    for _, directory in reversed(step_directories(root)):   # every one: those without a manifest count as damaged
         problem = checkpoint_problem(directory)
         if problem is None:
             break

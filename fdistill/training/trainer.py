@@ -375,7 +375,7 @@ class Trainer:
             if stale:
                 notice(f"took over the stale lock of {stale} ({self.lock.path}): that process no longer runs")
             for path in remove_leftovers(self.checkpoint_root):
-                notice(f"removed incomplete checkpoint {path} (no manifest: a write or deletion was cut short)")
+                notice(f"removed incomplete checkpoint {path} (neither manifest nor trainer state: cut short)")
             for path in self.run_dir.glob(".tmp-model-*"):
                 shutil.rmtree(path)
             plan = plan_resume(self.checkpoint_root, self.config.resume, self.settings)
