@@ -253,10 +253,15 @@ def test_nan_stop_keeps_and_names_the_last_checkpoint_whose_next_step_was_finite
 
 
 # ------------------------------------------------------------------------------------------------ concurrent runs
+def subprocess_env() -> dict[str, str]:
+    """This checkout first on the path (the helper imports fdistill as this test process does)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process holding ``run_dir``'s lock (until its stdin closes)."""
-    holder = subprocess.Popen([sys.executable, "-m", "fdistill.training.run_lock", str(run_dir)], cwd=REPO,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, str(TESTS / "trainer_helpers.py"), "lock", str(run_dir)], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=subprocess_env())
     assert holder.stdout.readline().strip() == "locked"
     return holder
 

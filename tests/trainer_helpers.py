@@ -7,6 +7,8 @@
   step 0 and the final weights to ``OUT_DIR/rank<k>.pt``.
 - ``python tests/trainer_helpers.py fsdp OUT_DIR`` (under ``accelerate launch`` with an FSDP config): the FSDP runs of
   tests/test_fsdp.py (``fsdp_runs``); each process writes its gathered weights to ``OUT_DIR/<run>_rank<k>.pt``.
+- ``python tests/trainer_helpers.py lock RUN_DIR``: holds RUN_DIR's run lock, prints 'locked', and waits until its
+  stdin closes (another run, for tests/test_faults.py).
 """
 from __future__ import annotations
 
@@ -147,8 +149,20 @@ def train_and_record(out_dir: Path, micro_batches: int) -> None:
                out_dir / f"rank{rank}.pt")
 
 
+def hold_lock_until_stdin_closes(run_dir: str) -> None:
+    from fdistill.training.run_lock import RunLock
+
+    lock = RunLock(run_dir)
+    lock.acquire()
+    print("locked", flush=True)
+    sys.stdin.read()
+    lock.release()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "fsdp":
         fsdp_runs(Path(sys.argv[2]))
+    elif sys.argv[1] == "lock":
+        hold_lock_until_stdin_closes(sys.argv[2])
     else:
         train_and_record(Path(sys.argv[1]), int(sys.argv[2]))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-import sys
 from pathlib import Path
 
 LOCK_FILE = "run.lock"
@@ -64,16 +63,3 @@ class RunLock:
         os.close(self._fd)          # closing drops the flock
         self._fd = None
 
-
-def hold_until_stdin_closes(run_dir: str) -> None:
-    """Hold ``run_dir``'s lock, print 'locked', and wait until stdin closes (a second process for tests and for
-    checking a file system: ``python -m fdistill.training.run_lock RUN_DIR``)."""
-    lock = RunLock(run_dir)
-    lock.acquire()
-    print("locked", flush=True)
-    sys.stdin.read()
-    lock.release()
-
-
-if __name__ == "__main__":
-    hold_until_stdin_closes(sys.argv[1])
