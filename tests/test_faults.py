@@ -342,14 +342,15 @@ def test_finished_run_says_so_and_rewrites_missing_final_outputs(tmp_path, capsy
     assert train_main(common) == 0
     grid, export = tmp_path / "samples" / "step_000002.pt", tmp_path / "model"      # 2-D points: a tensor file
     final = load_file(tmp_path / "checkpoints" / "step_000002" / "model.safetensors")
-    grid.unlink()                                                    # as if killed after the final checkpoint
+    grid.unlink()                                                    # as if killed after the final checkpoint,
     shutil.rmtree(export)
+    (tmp_path / ".tmp-model-123").mkdir()                            # mid-export
     capsys.readouterr()
     assert train_main(common) == 0
     err = capsys.readouterr().err
     assert f"the run in {tmp_path} is finished (step 2, train.steps=2)" in err
     assert "wrote the missing final sample grid" in err and "wrote the missing export" in err
-    assert grid.is_file() and (export / "fdistill.json").is_file()
+    assert grid.is_file() and (export / "fdistill.json").is_file() and not (tmp_path / ".tmp-model-123").exists()
     assert_bitwise_equal(load_file(tmp_path / "checkpoints" / "step_000002" / "model.safetensors"), final)
     assert logged_steps(tmp_path) == [1, 2]
 

@@ -376,7 +376,7 @@ class Trainer:
                 notice(f"took over the stale lock of {stale} ({self.lock.path}): that process no longer runs")
             for path in remove_leftovers(self.checkpoint_root):
                 notice(f"removed incomplete checkpoint {path} (neither manifest nor trainer state: cut short)")
-            for path in self.run_dir.glob(".tmp-model-*"):
+            for path in [*self.run_dir.glob(".tmp-model-*"), *self.run_dir.glob(".trash-model-*")]:  # cut exports
                 shutil.rmtree(path)
             plan = plan_resume(self.checkpoint_root, self.config.resume, self.settings)
         except BaseException:
