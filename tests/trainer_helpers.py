@@ -10,6 +10,8 @@
   tests/test_fsdp.py (``fsdp_runs``); each process writes its gathered weights to ``OUT_DIR/<run>_rank<k>.pt``.
 - ``python tests/trainer_helpers.py ratio_bins OUT_DIR`` (plain or under ``accelerate launch``): f-distill's
   globally normalised weights of one fixed global batch through the trainer's collectives (``ratio_bin_weights``).
+- ``python tests/trainer_helpers.py lock RUN_DIR``: holds RUN_DIR's run lock, prints 'locked', and waits until its
+  stdin closes (another run, for tests/test_faults.py).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def kill_at_step(config: dict, step: int):
     return Trackers(log_with=[KillAtStep(step)], config=config)
 
 
-def tiny_denoising_method(max_grad_norm: float | None = None):
+def tiny_denoising_method(max_grad_norm: float | None = None, lr: float = 1e-2):
     """A denoising method with a small EDM-preconditioned MLP (same weights in every process: seeded)."""
     from fdistill.methods.denoising import Denoising, DenoisingConfig
     from fdistill.networks import MLPDenoiser
@@ -63,7 +65,7 @@ def tiny_denoising_method(max_grad_norm: float | None = None):
     torch.manual_seed(0)
     network = MLPDenoiser(dim=2, hidden=16, depth=1)
     torch.nn.init.normal_(network.net.output[-1].weight, std=0.1)  # non-zero output layer: every weight gets a gradient
-    return Denoising(DenoisingConfig(lr=1e-2, max_grad_norm=max_grad_norm), network, (2,))
+    return Denoising(DenoisingConfig(lr=lr, max_grad_norm=max_grad_norm), network, (2,))
 
 
 def probe_method(nan_at: int | None = None):
@@ -188,6 +190,14 @@ def ratio_bin_weights(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"weights": weights[0], "bin_means": method.ratio_bin_means.clone(), "num_processes": world},
                out_dir / f"ratio_rank{rank}.pt")
+def hold_lock_until_stdin_closes(run_dir: str) -> None:
+    from fdistill.training.run_lock import RunLock
+
+    lock = RunLock(run_dir)
+    lock.acquire()
+    print("locked", flush=True)
+    sys.stdin.read()
+    lock.release()
 
 
 if __name__ == "__main__":
@@ -195,5 +205,7 @@ if __name__ == "__main__":
         fsdp_runs(Path(sys.argv[2]))
     elif sys.argv[1] == "ratio_bins":
         ratio_bin_weights(Path(sys.argv[2]))
+    elif sys.argv[1] == "lock":
+        hold_lock_until_stdin_closes(sys.argv[2])
     else:
         train_and_record(Path(sys.argv[1]), int(sys.argv[2]))

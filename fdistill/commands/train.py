@@ -6,8 +6,9 @@ Examples:
     accelerate launch --num_processes 2 -m fdistill.cli train experiment=digits_teacher
 On a machine without GPUs add --multi_gpu (it starts torchrun; train.device=cpu then joins a gloo group):
 accelerate's --cpu flag alone starts ONE process whatever --num_processes says.
-A bad key or value stops before any work with a one-line message and exit code 2; a non-finite loss stops the run
-with exit code 1, keeping the last good checkpoint.
+A bad key or value, a run_dir that another run holds, or resuming with changed run-defining settings (without
+train.resume=force) stops before any work with a one-line message and exit code 2; a non-finite loss, a checkpoint
+that cannot be written, or checkpoints of which none is intact stop with one line and exit code 1.
 """
 from __future__ import annotations
 
@@ -32,10 +33,14 @@ def available_options() -> str:
 def run_training(prog: str, overrides: list[str], method_name: str | None = None):
     """Compose, validate, build and fit one run; the shared body of ``fdistill train`` and ``fdistill distill``.
 
-    Returns ``(exit_code, trainer, spec, run)``: exit code 2 (and ``trainer`` None) for a config error, 1 for a
-    non-finite loss, 0 when training finished. ``method_name`` restricts the command to one method.
+    Returns ``(exit_code, trainer, spec, run)``: exit code 2 (and ``trainer`` None) for a config error, a run_dir
+    another run holds, or run-defining settings that differ from the checkpoint's; 1 for a non-finite loss, a
+    checkpoint that cannot be written or none that can be resumed; 0 when training finished. config.yaml is written
+    only once the run may proceed. ``method_name`` restricts the command to one method.
     """
-    from ..training import NonFiniteLossError, Trainer
+    from omegaconf import OmegaConf
+
+    from ..training import CheckpointError, NonFiniteLossError, ResumeConflict, RunDirLocked, Trainer
 
     try:
         spec = validate(compose(overrides))
@@ -45,12 +50,17 @@ def run_training(prog: str, overrides: list[str], method_name: str | None = None
     except ConfigError as error:
         print(f"fdistill {prog}: config error: {error}", file=sys.stderr)
         return 2, None, None, None
-    trainer = Trainer(run.method, run.data, spec.train, trackers=run.trackers, evaluator=run.evaluator)
-    if trainer.is_main:
-        save_config(spec.cfg, trainer.run_dir / "config.yaml")
+    trainer = Trainer(run.method, run.data, spec.train, trackers=run.trackers, evaluator=run.evaluator,
+                      run_config=OmegaConf.to_container(spec.cfg, resolve=True))
     try:
+        trainer.open_run()
+        if trainer.is_main:
+            save_config(spec.cfg, trainer.run_dir / "config.yaml")
         trainer.fit()
-    except NonFiniteLossError as error:
+    except (RunDirLocked, ResumeConflict) as error:
+        print(f"fdistill {prog}: {error}", file=sys.stderr)
+        return 2, trainer, spec, run
+    except (NonFiniteLossError, CheckpointError) as error:
         print(f"fdistill {prog}: {error}", file=sys.stderr)
         return 1, trainer, spec, run
     return 0, trainer, spec, run

@@ -1,13 +1,15 @@
 """The one training loop (accelerate), EMA, atomic checkpoints and logging; see ``trainer.py``."""
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import SamplerConfig, TrainConfig
 from .ema import EMA
 from .logging import JsonlLogger, Trackers
 from .plots import write_curves
-from .trainer import NonFiniteLossError, Trainer, save_sample_grid, split_batch, stream_seed
+from .resume import ResumeConflict
+from .run_lock import RunDirLocked
+from .trainer import REFUSALS, NonFiniteLossError, Trainer, save_sample_grid, split_batch, stream_seed
 
 __all__ = [
-    "latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint", "SamplerConfig", "TrainConfig",
-    "EMA", "JsonlLogger", "Trackers", "NonFiniteLossError", "Trainer", "save_sample_grid", "split_batch",
-    "stream_seed", "write_curves",
+    "CheckpointError", "ResumeConflict", "RunDirLocked", "REFUSALS", "latest_checkpoint", "list_checkpoints",
+    "load_checkpoint", "save_checkpoint", "SamplerConfig", "TrainConfig", "EMA", "JsonlLogger", "Trackers",
+    "NonFiniteLossError", "Trainer", "save_sample_grid", "split_batch", "stream_seed", "write_curves",
 ]

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ..samplers.config import SamplerConfig, as_sampler_config  # noqa: F401  (re-exported: the sampler: section)
@@ -13,6 +14,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # 'linear_warmup' is fdistill's own; the others are diffusers.optimization.get_scheduler's
 LR_SCHEDULERS = ("linear_warmup", "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                  "polynomial")
+RESUME_MODES = ("auto", "never", "force")
 
 
 def require(condition: bool, message: str) -> None:
@@ -47,7 +49,10 @@ class TrainConfig:
             'constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_restarts', 'polynomial' (their
             warm-up starts at 0; the decaying ones reach their end at train.steps).
         run_dir: output directory (config.yaml, metrics.jsonl, checkpoints/, samples/, model/).
-        resume: 'auto' (latest complete checkpoint in run_dir, if any), 'never', or a checkpoint directory.
+        resume: 'auto': the newest intact checkpoint in run_dir, if any (damaged ones are named and set aside; when
+            checkpoints exist but none is intact the run refuses to start); 'never': start at step 0 regardless;
+            'force': as 'auto', but resume even when run-defining settings changed, applying the new values
+            (``fdistill.training.resume`` lists which settings are run-defining); or a checkpoint directory.
         device: 'auto' (accelerate's choice: GPU when present), 'cpu' or 'cuda'.
         num_workers: data-loader worker processes (>= 0).
         export: write ``method.export(run_dir / 'model')`` at the end when the method supports it.
@@ -101,3 +106,5 @@ class TrainConfig:
         require(self.device in ("auto", "cpu", "cuda"), f"train.device must be one of ('auto', 'cpu', 'cuda'), got {self.device!r}")
         require(all(0.0 < d < 1.0 for d in self.ema_decays), f"train.ema_decays must each be in (0, 1), got {list(self.ema_decays)}")
         require(bool(self.run_dir), "train.run_dir must be a non-empty path")
+        require(self.resume in RESUME_MODES or os.path.isdir(self.resume),
+                f"train.resume must be one of {RESUME_MODES} or an existing checkpoint directory, got {self.resume!r}")

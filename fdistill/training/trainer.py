@@ -14,11 +14,18 @@ equal 2 processes x 2 micro-batches: data order and every micro-batch's random d
 With FSDP (``train.fsdp`` or an accelerate FSDP config; see ``sharding.py``) the trained networks are sharded
 instead: FSDP reduce-scatters their gradients itself (once per step: micro-batches before the last one do not sync),
 the same per-step arithmetic runs on shards, and checkpoints / samples / exports see full, gathered weights.
+
+Before training (``open_run``) the main process locks ``run_dir`` (``run_lock.py``), removes what interrupted
+checkpoint writes left, and picks the checkpoint to resume from: verified against its manifest, falling back past
+damaged ones, refused when run-defining settings changed (``resume.py``); it says what it does on stderr.
 """
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -31,12 +38,14 @@ from torch import Tensor
 
 from ..images import labelled_grid
 from ..methods.base import Method, Phase, StepContext
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import CheckpointError, discard, load_checkpoint, remove_leftovers, save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .logging import (TENSORBOARD_DIR, JsonlLogger, Trackers, finish_trackers, flat_hparams, format_block,
                       format_summary, log_image, parameter_counts, phase_scalars)
 from .plots import CURVES_FILENAME, write_curves
+from .resume import ResumeConflict, ResumePlan, plan_resume, run_defining_settings
+from .run_lock import RunDirLocked, RunLock
 from .sharding import (NetworkTemplates, check_fsdp_support, fsdp_requested, full_optimizer_state, full_tensors,
                        full_value, is_sharded, set_gradient_sync, shard_networks, shard_tensors_like,
                        sharded_optimizer_state)
@@ -48,6 +57,14 @@ PREPARE_STREAM = 1 << 20  # RNG stream ids >= this are prepare passes (one per p
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the step was not applied and no checkpoint was written after it."""
+
+
+REFUSALS = (RunDirLocked, CheckpointError, ResumeConflict)  # why a run may refuse to start (one-line messages)
+
+
+def notice(message: str) -> None:
+    """A line for the person running the job (stderr: stdout may carry results)."""
+    print(f"fdistill: {message}", file=sys.stderr, flush=True)
 
 
 def stream_seed(seed: int, step: int, stream: int) -> int:
@@ -112,6 +129,26 @@ def phase_update_counts(method: Method, steps: int) -> dict[str, int]:
     return counts
 
 
+def default_run_config(config: TrainConfig, phases: list[Phase]) -> dict[str, Any]:
+    """What a run built in Python (no resolved Hydra config) records as its settings: the train section and each
+    phase's optimizer settings."""
+    from dataclasses import asdict
+
+    return {"train": asdict(config), "method": {"phases": {phase.name: asdict(phase) for phase in phases}}}
+
+
+def with_configured_settings(optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
+                             configured: list[dict[str, Any]], lr_factor: Callable[[int], float]) -> None:
+    """Put this run's optimizer settings (LR, betas, weight decay, ...: ``configured``, one dict per param group)
+    into a checkpoint's optimizer and LR-schedule states before they are loaded, the LR at the schedule's position.
+    Equal settings leave the states as they are; ``train.resume=force`` with a new ``method.lr`` takes effect."""
+    step = scheduler_state["last_epoch"]
+    scheduler_state["base_lrs"] = [group["initial_lr"] for group in configured]
+    scheduler_state["_last_lr"] = [group["initial_lr"] * lr_factor(step) for group in configured]
+    for group, settings, lr in zip(optimizer_state["param_groups"], configured, scheduler_state["_last_lr"]):
+        group.update({key: value for key, value in settings.items() if key != "params"}, lr=lr)
+
+
 def phase_parameters(method: Method, phase: Phase) -> list[Tensor]:
     params = [p for name in phase.networks for p in method.networks[name].parameters() if p.requires_grad]
     if not params:
@@ -155,10 +192,12 @@ class Trainer:
         trackers: accelerate trackers (wandb, tensorboard: ``fdistill.training.logging.Trackers``) beside
             ``run_dir/metrics.jsonl``, which is always written.
         evaluator: optional ``evaluate(generate_fn, step) -> dict`` run every ``eval_every`` steps (main process).
+        run_config: the resolved run config (nested dicts); its run-defining entries (``resume.py``) are recorded in
+            every checkpoint and guard resumes. Default: ``default_run_config``.
     """
 
     def __init__(self, method: Method, data, config: TrainConfig, trackers: Trackers | None = None,
-                 evaluator: Evaluator | None = None):
+                 evaluator: Evaluator | None = None, run_config: dict[str, Any] | None = None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -203,11 +242,17 @@ class Trainer:
         self.ema = EMA(method, config.ema_decays, config.ema_warmup_steps)
         ema_nets = set(method.ema_networks())
         self.phase_updates_ema = {name: bool(ema_nets & set(p.networks)) for name, p in self.phases.items()}
+        self.settings = run_defining_settings(run_config if run_config is not None
+                                              else default_run_config(config, list(self.phases.values())))
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.metrics_log = jsonl if self.is_main else None
         self.pending_logs: dict[str, float] = {}   # latest scalars of each phase since the last log step
         self.last_logged: dict[str, float] = {}
+        self.last_checkpoint_step: int | None = None
+        self.last_good_checkpoint: Path | None = None   # the newest checkpoint whose next step was finite
+        self.lock = RunLock(self.run_dir) if self.is_main else None
+        self.opened = False
 
     # ----------------------------------------------------------------------------------------------- collectives
     def all_reduce_mean(self, tensor: Tensor) -> Tensor:
@@ -279,7 +324,7 @@ class Trainer:
             self.optimizers[phase_name].zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"non-finite loss ({mean_loss.item()}) at step {step} in phase {phase_name!r}: the update was not "
-                f"applied; last good checkpoint: {self.last_checkpoint or 'none'}")
+                f"applied; last checkpoint whose next step was finite: {self.last_good_checkpoint or 'none'}")
         lr = self.schedulers[phase_name].get_last_lr()[0]  # the LR of this update (the scheduler steps after it)
         grad_norm = self._apply_update(phase, params, scaler)
         self._free_finished_optimizers(step)
@@ -333,34 +378,32 @@ class Trainer:
         model = full_tensors(self.method.checkpoint_state_dict(), self.is_main)
         emas = {d: full_tensors(self.ema.state_dict(d), self.is_main) for d in self.ema.decays}
         state = self.trainer_state()
-        if self.is_main:
+        if self.is_main:  # never rotate away the last checkpoint known to lead to a finite step
+            protect = (self.last_good_checkpoint,) if self.last_good_checkpoint is not None else ()
             self.last_checkpoint = save_checkpoint(self.checkpoint_root, self.step, model, emas, state,
-                                                   self.config.keep_last)
+                                                   self.config.keep_last, self.settings, protect)
+        self.last_checkpoint_step = self.step
         self.accelerator.wait_for_everyone()
 
-    def resume_from(self) -> Path | None:
-        """The checkpoint to resume from according to ``train.resume``."""
-        resume = self.config.resume
-        if resume == "never":
-            return None
-        if resume == "auto":
-            return latest_checkpoint(self.checkpoint_root)
-        if not Path(resume).is_dir():
-            raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint directory")
-        return Path(resume)
-
     def load(self, directory: Path) -> None:
-        """Load a checkpoint (full tensors, from any process count, with or without FSDP; sharded here as needed)."""
-        model, emas, state = load_checkpoint(directory, self.ema.decays)
+        """Load a checkpoint (full tensors, from any process count, with or without FSDP; sharded here as needed).
+        This run's optimizer settings replace the checkpoint's (``with_configured_settings``)."""
+        try:
+            model, emas, state = load_checkpoint(directory, self.ema.decays)
+        except FileNotFoundError as error:
+            raise CheckpointError(str(error)) from error
         model = shard_tensors_like(model, self.method.state_dict())
         missing, unexpected = self.method.load_state_dict(model, strict=False)
         missing = [k for k in missing if not k.startswith("frozen.")]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {directory} does not match the method: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+            raise CheckpointError(f"checkpoint {directory} does not match the method: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
         for decay, tensors in emas.items():
             self.ema.load_state_dict(decay, shard_tensors_like(tensors, self.ema.state_dict(decay)))
         for name, optimizer in self.optimizers.items():
+            configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            with_configured_settings(state["optimizers"][name], state["schedulers"][name], configured,
+                                     self.schedulers[name].lr_lambdas[0])
             optimizer.load_state_dict(sharded_optimizer_state(state["optimizers"][name], optimizer))
         for table, key in ((self.schedulers, "schedulers"), (self.scalers, "scalers")):
             for name, obj in table.items():
@@ -368,7 +411,64 @@ class Trainer:
         self.ema.num_updates = int(state["ema_updates"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
-        self.last_checkpoint = directory
+        self.last_checkpoint, self.last_checkpoint_step = directory, self.step
+
+    # ----------------------------------------------------------------------------------------------- opening a run
+    def open_run(self) -> None:
+        """Lock ``run_dir``, clean up after interrupted writes, and load the checkpoint to resume from (verified,
+        guarded: ``resume.plan_resume``), saying so. ``fit`` calls it; call it first to write into ``run_dir`` only
+        once the run may proceed (``fdistill train`` writes config.yaml then). Raises one of REFUSALS."""
+        if self.opened:
+            return
+        plan = self._decided_by_main(self._plan)
+        try:
+            if plan.checkpoint is not None:
+                self.load(plan.checkpoint)
+                if self.is_main:
+                    notice(f"resuming from step {self.step} (checkpoint {plan.checkpoint})")
+        except BaseException:
+            self.release_lock()
+            raise
+        self.opened = True
+
+    def _plan(self) -> ResumePlan:
+        """Main process: lock, clean up, choose the checkpoint; the lock is released again when this raises."""
+        stale = self.lock.acquire()
+        try:
+            if stale:
+                notice(f"took over the stale lock of {stale} ({self.lock.path}): that process no longer runs")
+            for path in remove_leftovers(self.checkpoint_root):
+                notice(f"removed incomplete checkpoint {path} (neither manifest nor trainer state: cut short)")
+            for path in [*self.run_dir.glob(".tmp-model-*"), *self.run_dir.glob(".trash-model-*")]:  # cut exports
+                shutil.rmtree(path)
+            plan = plan_resume(self.checkpoint_root, self.config.resume, self.settings)
+        except BaseException:
+            self.release_lock()
+            raise
+        for line in plan.notes:
+            notice(line)
+        return plan
+
+    def _decided_by_main(self, decide: Callable[[], Any]) -> Any:
+        """``decide()`` on the main process, its result (or refusal) broadcast to every process."""
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = (decide(), None)
+            except REFUSALS as error:
+                outcome = (None, error)
+        if self.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            outcome = broadcast_object_list([outcome])[0]
+        value, error = outcome
+        if error is not None:
+            raise error
+        return value
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     # ----------------------------------------------------------------------------------------------- outputs
     @contextmanager
@@ -417,7 +517,7 @@ class Trainer:
         """The sample grid of this step (call inside ``inference_model``, on the main process)."""
         cond, labels = grid_condition(self.method, self.config.num_samples, self.accelerator.device)
         samples = self._sample(self.config.num_samples, torch.Generator().manual_seed(self.config.seed), cond)
-        grid = save_sample_grid(samples, self.run_dir / "samples" / f"step_{self.step:06d}.png", labels)
+        grid = save_sample_grid(samples, self.sample_grid_path(self.step), labels)
         if grid is not None:
             log_image(self.accelerator.trackers, "samples", grid, self.step)
 
@@ -428,15 +528,41 @@ class Trainer:
 
     def export(self) -> Path | None:
         """``method.export(run_dir / 'model')`` with EMA weights, written by the main process; None when the method
-        has no export (or on other processes). Collective under FSDP: every process calls it."""
+        has no export (or on other processes). Collective under FSDP: every process calls it. Written into a
+        temporary directory and renamed into place, so ``model/`` exists only complete."""
+        target, temporary = self.run_dir / "model", self.run_dir / f".tmp-model-{os.getpid()}"
         with self.inference_model():
             if not self.is_main:
                 return None
+            shutil.rmtree(temporary, ignore_errors=True)
             try:
-                self.method.export(self.run_dir / "model")
+                self.method.export(temporary)
             except NotImplementedError:
+                shutil.rmtree(temporary, ignore_errors=True)
                 return None
-        return self.run_dir / "model"
+        if target.exists():
+            discard(target)
+        os.rename(temporary, target)
+        return target
+
+    def sample_grid_path(self, step: int) -> Path:
+        """Where the sample grid of ``step`` goes (``save_sample_grid`` writes ``.pt`` instead for non-images)."""
+        return self.run_dir / "samples" / f"step_{step:06d}.png"
+
+    def complete_finished_run(self) -> None:
+        """A run resumed at or past ``train.steps``: say so and write the final outputs a kill may have cut off
+        (the last sample grid, the export)."""
+        if self.is_main:
+            notice(f"the run in {self.run_dir} is finished (step {self.step}, train.steps={self.config.steps}); "
+                   f"raise train.steps to train further")
+        grid = self.sample_grid_path(self.step)
+        if self.config.sample_every > 0 and not (grid.exists() or grid.with_suffix(".pt").exists()):
+            with self.inference_model():
+                if self.is_main:
+                    self.write_samples()
+                    notice(f"wrote the missing final sample grid {grid.parent / grid.stem}.*")
+        if self.config.export and not (self.run_dir / "model").exists() and self.export() is not None:
+            notice(f"wrote the missing export {self.run_dir / 'model'}")
 
     def _periodic(self, every: int, final: bool) -> bool:
         return every > 0 and (self.step % every == 0 or final)
@@ -467,19 +593,26 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- the loop
     def fit(self) -> Method:
-        """Train to ``config.steps`` (resuming per ``config.resume``), export at the end; returns the method."""
+        """Train to ``config.steps`` (resuming per ``config.resume``), export at the end; returns the method.
+        A run already at ``config.steps`` only completes missing final outputs (``complete_finished_run``)."""
+        self.open_run()
+        try:
+            if self.metrics_log is not None:  # one row per step: drop what a killed run logged after its checkpoint
+                self.metrics_log.drop_after(self.step)
+            self.start_trackers()
+            if self.step >= self.config.steps:
+                self.complete_finished_run()
+            else:
+                self._train()
+        finally:
+            finish_trackers(self.accelerator.trackers)
+            self.release_lock()
+        self.accelerator.wait_for_everyone()
+        return self.method
+
+    def _train(self) -> None:
         from tqdm.auto import tqdm
 
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.checkpoint_root)
-        self.accelerator.wait_for_everyone()
-        checkpoint = self.resume_from()
-        if checkpoint is not None:
-            self.load(checkpoint)
-        if self.metrics_log is not None:  # one row per step: drop what a killed run logged after its checkpoint
-            self.metrics_log.drop_after(self.step)
-        self.start_trackers()
         start_step, started = self.step, time.perf_counter()
         batches = self.data.loader(self.config.batch_size, seed=self.config.seed, start_step=self.step,
                                    rank=self.accelerator.process_index, world_size=self.num_processes,
@@ -490,6 +623,8 @@ class Trainer:
         try:
             while self.step < self.config.steps:
                 logs = self.train_step(self.step, next(batches))
+                if self.last_checkpoint_step == self.step:
+                    self.last_good_checkpoint = self.last_checkpoint
                 self.step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss']:.4g}")
@@ -497,11 +632,8 @@ class Trainer:
             exported = self.export() if self.config.export else None
         finally:
             progress.close()
-            finish_trackers(self.accelerator.trackers)
         if self.is_main:
             self.finish_report(start_step, started, exported)
-        self.accelerator.wait_for_everyone()
-        return self.method
 
     # ----------------------------------------------------------------------------------------------- reports
     def run_info(self) -> dict[str, Any]:
