@@ -96,6 +96,14 @@ def test_non_finite_images_and_statistics_are_errors_naming_the_file(tmp_path, c
         compute_metrics(generated, "digits", "digits")
 
 
+def test_a_truncated_npz_is_named_in_one_line(tmp_path, capsys):
+    np.savez(tmp_path / "u8.npz", images=digits_uint8())
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "u8.npz").read_bytes()[:500])
+    assert fid("--gen", str(tmp_path / "cut.npz"), "--ref", "digits") == 1
+    error = one_line_error(capsys)
+    assert "cut.npz: unreadable npz" in error
+
+
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_a_truncated_png_is_named_in_one_line(tmp_path, capsys, workers):
     folder = write_pngs(tmp_path / "gen", digits_uint8(6))
@@ -207,8 +215,8 @@ def test_statistics_cache_is_keyed_on_the_clip_weights(tiny_open_clip, tmp_path,
 
     monkeypatch.setenv("FDISTILL_CACHE", str(tmp_path / "cache"))
     first, _ = tiny_open_clip
-    second = tmp_path / "second_clip"
-    second.mkdir()
+    second = tmp_path / "other" / first.name                     # same model name, so only the weights differ
+    second.mkdir(parents=True)
     (second / "open_clip_config.json").write_text((first / "open_clip_config.json").read_text())
     torch.manual_seed(1)                                                      # other weights, same architecture
     save_file(open_clip.create_model(f"local-dir:{second}", load_weights=False).state_dict(),

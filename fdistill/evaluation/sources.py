@@ -18,6 +18,7 @@ the source; images of mixed sizes are preprocessed one at a time, as clean-fid r
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -100,11 +101,14 @@ class UnstatedRangeError(ValueError):
 
 
 def _npz_images(path) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as data:
-        key = next((k for k in ("images", "arr_0", "x", "samples") if k in data.files), None)
-        if key is None:
-            raise ValueError(f"{path}: no image array (keys images / arr_0 / x / samples); has {data.files}")
-        return data[key]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            key = next((k for k in ("images", "arr_0", "x", "samples") if k in data.files), None)
+            if key is None:
+                raise ValueError(f"{path}: no image array (keys images / arr_0 / x / samples); has {data.files}")
+            return data[key]
+    except (OSError, zipfile.BadZipFile) as error:                 # truncated or not an npz at all
+        raise ValueError(f"{path}: unreadable npz ({error})") from error
 
 
 def implied_float_range(low: float, high: float) -> str | None:
