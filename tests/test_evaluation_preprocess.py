@@ -35,7 +35,7 @@ def test_missing_inception_weights_offline_says_how_to_provide_them(tmp_path, mo
     monkeypatch.setenv("FDISTILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(inception.tempfile, "gettempdir", lambda: str(tmp_path))
 
-    def offline(url, destination, timeout=60.0):
+    def offline(url, destination, timeout=60.0, sha256=None):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(inception, "download", offline)
