@@ -8,12 +8,12 @@ Every source yields network-ready batches (``extractor.preprocess`` already appl
     npz_batches        an npz of images: uint8 [N, H, W, C] (EDM / guided-diffusion layout) or [N, C, H, W],
                        or float in a range the caller states (``FLOAT_RANGES``; checked against the values)
     tensor_batches     any iterable of tensors / batch dicts with "x" (uint8, or float in [-1, 1])
-
-Every source is validated: non-finite values, integer images outside 0..255 and unreadable files are errors that name
-the source; images of mixed sizes are preprocessed one at a time, as clean-fid resizes each image on its own.
     dataset_batches    a torch Dataset of batch dicts (fdistill DataSource.dataset)
     generator_batches  ``generate_fn(num, generator[, cond]) -> [-1, 1] images``; exactly class-balanced labels for
                        conditional models, prompts cycled for text-to-image models
+
+Every source is validated: non-finite values, integer images outside 0..255 and unreadable files are errors that name
+the source; images of mixed sizes are preprocessed one at a time, as clean-fid resizes each image on its own.
 """
 from __future__ import annotations
 
