@@ -104,6 +104,15 @@ def test_a_truncated_npz_is_named_in_one_line(tmp_path, capsys):
     assert "cut.npz: unreadable npz" in error
 
 
+def test_a_diverged_model_gets_a_nan_metric_during_training_not_a_number_from_black_images():
+    from fdistill.evaluation.periodic import Evaluator
+
+    def diverged(num, generator):
+        return torch.full((num, 1, 8, 8), float("nan"))
+
+    assert np.isnan(Evaluator(num=8, batch_size=4, class_tv=False)(diverged, step=1)["fd_digits"])
+
+
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_a_truncated_png_is_named_in_one_line(tmp_path, capsys, workers):
     folder = write_pngs(tmp_path / "gen", digits_uint8(6))

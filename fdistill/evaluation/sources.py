@@ -121,10 +121,14 @@ def implied_float_range(low: float, high: float) -> str | None:
     return None
 
 
+class NonFiniteImagesError(ValueError):
+    """Images with NaN / inf values (a diverged model, or a broken file)."""
+
+
 def _require_finite(images: Tensor | np.ndarray, source: str) -> None:
     finite = np.isfinite(images) if isinstance(images, np.ndarray) else torch.isfinite(images)
     if not finite.all():
-        raise ValueError(f"{source}: {int((~finite).sum())} non-finite values (NaN / inf) in the images")
+        raise NonFiniteImagesError(f"{source}: {int((~finite).sum())} non-finite values (NaN / inf) in the images")
 
 
 def _require_byte_integers(images: Tensor | np.ndarray, source: str) -> None:
