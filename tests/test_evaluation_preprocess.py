@@ -1,5 +1,7 @@
 """clean-fid preprocessing, Inception weight lookup, named statistics, CLIP (tiny random open_clip model)."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -33,7 +35,7 @@ def test_missing_inception_weights_offline_says_how_to_provide_them(tmp_path, mo
     monkeypatch.setenv("FDISTILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(inception.tempfile, "gettempdir", lambda: str(tmp_path))
 
-    def offline(url, destination, timeout=60.0):
+    def offline(url, destination, timeout=60.0, sha256=None):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(inception, "download", offline)
@@ -45,14 +47,16 @@ def test_missing_inception_weights_offline_says_how_to_provide_them(tmp_path, mo
         assert hint in message
     monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "nope.pt"))
     with pytest.raises(FileNotFoundError, match="nope.pt.*FDISTILL_INCEPTION_WEIGHTS.*does not exist"):
-        inception.inception_weights_path()
+        inception.inception_weights()
 
 
 def test_inception_weights_found_in_cache_without_download(tmp_path, monkeypatch):
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("FDISTILL_CACHE", str(tmp_path))
     (tmp_path / inception.INCEPTION_FILENAME).write_bytes(b"x")
-    assert inception.inception_weights_path(allow_download=False) == tmp_path / inception.INCEPTION_FILENAME
+    monkeypatch.setattr(inception, "INCEPTION_SHA256", hashlib.sha256(b"x").hexdigest())   # stands for the real file
+    weights = inception.inception_weights(allow_download=False)
+    assert weights.path == tmp_path / inception.INCEPTION_FILENAME and weights.verified
 
 
 def test_named_statistics_are_read_locally_or_the_error_names_the_file(tmp_path, monkeypatch):

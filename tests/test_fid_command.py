@@ -86,7 +86,7 @@ def test_cli_samples_a_one_step_generator_directory(tmp_path):
                 "--features", "digits", "--quiet", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["num_gen"] == 64 and result["fid"] > 10                        # an untrained network is far off
-    assert cli(["fid", "--gen", str(model_dir), "--ref", "digits", "--features", "digits"]) == 1   # needs --num
+    assert cli(["fid", "--gen", str(model_dir), "--ref", "digits", "--features", "digits"]) == 2   # needs --num
 
 
 def test_eval_config_builds_an_evaluator_with_balanced_labels_and_class_tv():

@@ -9,6 +9,11 @@
 generators run their one- or few-step chain (``fdistill.samplers.generator_sample``); denoisers are sampled with ``fdistill.samplers``;
 class-conditional models get exactly balanced labels). ``--ref``: folder, npz of images or of statistics (mu,
 sigma), clean-fid name ``name/split/res``, or ``digits``. Prints the metrics and writes them as JSON with ``--out``.
+
+Inputs are validated: float images in an npz need ``--float-range`` (checked against their values), non-finite
+images or statistics and unreadable files are errors naming the file; images of mixed sizes are resized one by one.
+The feature extractor's weights are printed (Inception: SHA-256 checked against the published file). Errors are one
+line: exit 2 for a usage error (an option), 1 for a bad input file or a failure while running.
 """
 from __future__ import annotations
 
@@ -19,9 +24,15 @@ from pathlib import Path
 
 import torch
 
-from fdistill.evaluation.extractors import EXTRACTORS
+from fdistill.commands import UsageError, bounded_int, one_line
+from fdistill.evaluation.extractors import EXTRACTORS, build_feature_extractor
 from fdistill.evaluation.fid import SourceOptions, compute_metrics
 from fdistill.evaluation.preprocess import MODES
+from fdistill.evaluation.sources import FLOAT_RANGES, UnstatedRangeError
+
+MAX_IMAGES = 10_000_000          # statistics are streamed: the bound only catches typos (1e12)
+MAX_BATCH = 65_536
+MAX_STEPS = 1000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,21 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gen", required=True, help="image folder, npz, or model directory / hub id")
     parser.add_argument("--ref", required=True, help="folder, npz (images or mu/sigma), name/split/res, or digits")
-    parser.add_argument("--num", type=int, default=None, help="generated images to use (required for a model)")
-    parser.add_argument("--ref-num", type=int, default=None, help="reference images to use (default all)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num", type=bounded_int(1, MAX_IMAGES), default=None,
+                        help="generated images to use (required for a model)")
+    parser.add_argument("--ref-num", type=bounded_int(1, MAX_IMAGES), default=None,
+                        help="reference images to use (default all)")
+    parser.add_argument("--float-range", choices=list(FLOAT_RANGES), default=None,
+                        help="value range of float images in an npz (write --float-range=-1..1 for the negative one)")
+    parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers decoding and resizing images")
     parser.add_argument("--features", choices=sorted(EXTRACTORS), default="inception")
     parser.add_argument("--mode", choices=MODES, default="clean", help="Inception preprocessing (clean-fid modes)")
-    parser.add_argument("--inception-weights", default=None, help="local inception-2015-12-05.pt "
-                        "(else $FDISTILL_INCEPTION_WEIGHTS, the cache, or a download)")
+    parser.add_argument("--inception-weights", default=None, help="inception-2015-12-05.pt to use knowingly, even if "
+                        "its SHA-256 is not the published one (else $FDISTILL_INCEPTION_WEIGHTS, then the verified "
+                        "cache or a verified download)")
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name, local-dir:PATH or hf-hub:ID")
     parser.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag or weights file")
     parser.add_argument("--kid", action="store_true", help="also compute KID (keeps features in memory)")
     parser.add_argument("--pr", action="store_true", help="also compute precision / recall (k = 3)")
     parser.add_argument("--solver", default="dpmpp_2m", help="sampler for a denoiser --gen (fdistill.samplers)")
-    parser.add_argument("--steps", type=int, default=18, help="solver steps for a denoiser --gen")
+    parser.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=18, help="solver steps for a denoiser --gen")
     parser.add_argument("--schedule", default="karras", help="sigma schedule for a denoiser --gen")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="do not read / write cached reference statistics")
@@ -88,28 +104,46 @@ def _gen_source(args):
         raise FileNotFoundError(f"--gen {args.gen}: no such image folder, npz or model directory "
                                 "(hub ids look like org/name)")
     if args.num is None:
-        raise ValueError("--num is required when --gen is a model")
+        raise UsageError("--num is required when --gen is a model")
     generate, info = model_generate_fn(args.gen, args.solver, args.steps, args.schedule, args.device)
     return generate, info.num_classes if info.conditioning == "class" else None
+
+
+def _write_json(path: Path, result: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as error:
+        raise OSError(f"cannot write --out {path}: {error.strerror or error}") from error
+
+
+def run(args: argparse.Namespace) -> dict:
+    gen, num_classes = _gen_source(args)
+    options = SourceOptions(args.batch_size, args.workers, args.device, not args.quiet, args.seed, num_classes,
+                            float_range=args.float_range)
+    extractor = build_feature_extractor(args.features, args.mode, inception_weights=args.inception_weights,
+                                        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
+    print(f"features: {extractor.name}, weights {extractor.weights_note}", file=sys.stderr)
+    result = compute_metrics(gen, args.ref, extractor, args.mode, args.num, args.ref_num, args.kid, args.pr,
+                             options, cache=not args.no_cache)
+    result = {**result, "features": args.features, "mode": args.mode, "gen": args.gen, "ref": args.ref,
+              "weights": extractor.weights_id}
+    for key in ("fid", "kid", "kid_std", "precision", "recall"):
+        if key in result:
+            print(f"{key}: {result[key]:.6g}")
+    if args.out:
+        _write_json(args.out, result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        gen, num_classes = _gen_source(args)
-        options = SourceOptions(args.batch_size, args.workers, args.device, not args.quiet, args.seed, num_classes)
-        extractor_options = {"inception_weights": args.inception_weights, "clip_model": args.clip_model,
-                             "clip_pretrained": args.clip_pretrained}
-        result = compute_metrics(gen, args.ref, args.features, args.mode, args.num, args.ref_num, args.kid, args.pr,
-                                 options, extractor_options, cache=not args.no_cache)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"fdistill fid: error: {error}", file=sys.stderr)
+        run(args)
+    except (UsageError, UnstatedRangeError) as error:
+        print(f"fdistill fid: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as error:            # FileNotFoundError and disk full are OSErrors
+        print(f"fdistill fid: error: {one_line(error)}", file=sys.stderr)
         return 1
-    result = {**result, "features": args.features, "mode": args.mode, "gen": args.gen, "ref": args.ref}
-    for key in ("fid", "kid", "kid_std", "precision", "recall"):
-        if key in result:
-            print(f"{key}: {result[key]:.6g}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fdistill.commands import UsageError, bounded_int, finite_float, one_line
 from fdistill.denoisers import ClassifierFreeGuidance
 from fdistill.pipelines import decode_latents
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULES = ("karras", "logsnr", "time_uniform")
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported as ``fdistill sample: error: ...`` with exit code 2."""
+MAX_NUM = 100_000                # every image is held in memory until written
+MAX_STEPS = 1000                 # a training schedule's length; more steps only cost time
+MAX_BATCH = 65_536
 
 
 @dataclass
@@ -200,16 +200,6 @@ def guided(model: Model, scale: float) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1, 2, ...), got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from fdistill.samplers import SOLVERS
 
@@ -217,20 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True,
                         help=f"model directory, Diffusers pipeline / hub id, or built-in: {', '.join(BUILTIN_MODELS)}")
-    parser.add_argument("--num", type=positive_int, default=64, help="number of images")
+    parser.add_argument("--num", type=bounded_int(1, MAX_NUM), default=64, help="number of images")
     parser.add_argument("--solver", choices=list(SOLVERS), default=None,
                         help="sampler (None: the most accurate one for --steps, fdistill.samplers.recommended_solver)")
-    parser.add_argument("--steps", type=positive_int, default=None,
+    parser.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=None,
                         help="solver steps (default 1 for one-step generators, 20 otherwise)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="karras", help="noise-level spacing")
     parser.add_argument("--sigma-min", type=float, default=None, help="smallest noise level (default: the model's)")
     parser.add_argument("--sigma-max", type=float, default=None, help="largest noise level (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = off)")
+    parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance weight (1 = off)")
     parser.add_argument("--class", dest="class_label", type=int, default=None,
                         help="class label of all images (default: classes cycle 0, 1, ...)")
     parser.add_argument("--prompt", default="", help="text prompt (text-to-image models)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses noise seeded by (seed, i)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward batch")
+    parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=64, help="images per forward batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="network compute dtype")
     parser.add_argument("--out", required=True, help="output directory (000000.png ..., grid.png)")
@@ -259,13 +249,28 @@ def write_outputs(images: Tensor, out: Path) -> str:
     model without a VAE) goes to samples.npy. Returns a summary line."""
     from fdistill.images import GRID_FILENAME, save_grid, save_images
 
-    out.mkdir(parents=True, exist_ok=True)
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        np.save(out / "samples.npy", images.numpy())
-        return f"wrote {len(images)} samples of shape {tuple(images.shape[1:])} to {out / 'samples.npy'}"
-    save_images(images, out)
-    save_grid(images, out / GRID_FILENAME, upscale=max(1, 128 // images.shape[-1]))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            np.save(out / "samples.npy", images.numpy())
+            return f"wrote {len(images)} samples of shape {tuple(images.shape[1:])} to {out / 'samples.npy'}"
+        save_images(images, out)
+        save_grid(images, out / GRID_FILENAME, upscale=max(1, 128 // images.shape[-1]))
+    except OSError as error:                      # disk full, read-only or missing permissions
+        raise OSError(f"cannot write --out {error.filename or out}: {error.strerror or error}") from error
     return f"wrote {len(images)} images and {GRID_FILENAME} to {out}"
+
+
+def require_finite(images: Tensor, start: int, args: argparse.Namespace) -> Tensor:
+    """``images`` (images start .. start + len - 1) when finite; else a FloatingPointError naming the settings
+    (NaN would otherwise be written as black images)."""
+    bad = ~torch.isfinite(images)
+    if bad.any():
+        raise FloatingPointError(
+            f"sampling produced {int(bad.sum())} non-finite values (NaN / inf) in images {start} .. "
+            f"{start + len(images) - 1} of --model {args.model} (--solver {args.solver}, --steps {args.steps}, "
+            f"--guidance {args.guidance}, --dtype {args.dtype}); nothing written")
+    return images
 
 
 def run(args: argparse.Namespace) -> str:
@@ -279,7 +284,7 @@ def run(args: argparse.Namespace) -> str:
     with tqdm(total=args.num, desc="sampling", unit="img", disable=args.no_progress) as progress:
         for start in range(0, args.num, args.batch_size):
             count = min(args.batch_size, args.num - start)
-            batches.append(draw(model, denoiser, args, levels, start, count))
+            batches.append(require_finite(draw(model, denoiser, args, levels, start, count), start, args))
             progress.update(count)
     return write_outputs(torch.cat(batches), Path(args.out))
 
@@ -293,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(run(args))
     except UsageError as error:
-        print(f"fdistill sample: error: {error}", file=sys.stderr)
+        print(f"fdistill sample: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except (OSError, ValueError, FloatingPointError) as error:     # bad model files, disk full, NaN samples
+        print(f"fdistill sample: error: {one_line(error)}", file=sys.stderr)
+        return 1
     return 0

@@ -225,17 +225,18 @@ class _Source:
         relative = self.join(*parts)
         if self.local:
             path = Path(self.name) / relative
-            return json.loads(path.read_text()) if path.is_file() else None
+            return _parse_json(path.read_text(), path) if path.is_file() else None
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
         try:
-            return json.loads(Path(hf_hub_download(self.name, relative)).read_text())
+            downloaded = Path(hf_hub_download(self.name, relative))
         except Exception as error:
             if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
                 return None              # the repository exists and lacks this file: try the next layout
             # offline (LocalEntryNotFoundError), unknown repo, gated...: say which source failed
             raise FileNotFoundError(f"model {self.name!r} is not a local path and could not be read from the "
                                     f"Hugging Face hub: {error}") from error
+        return _parse_json(downloaded.read_text(), self.location(*parts))
 
     def location(self, *parts: str) -> str:
         """A readable name of ``parts`` inside the source, for error messages."""
@@ -251,7 +252,27 @@ class _Source:
         return cls.from_pretrained(self.name, subfolder=self.join(component or "") or None)
 
 
+def _parse_json(text: str, where) -> dict:
+    """A JSON object, or a ValueError naming the file and the position of the syntax error."""
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error})") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
+REQUIRED_FIELDS = ("model_class", "wrapper", "kind", "generator_sigma", "feature_block")
+EDM_FIELDS = ("sigma_data", "sigma_min", "sigma_max")
+
+
 def _load_fdistill(source: _Source, meta: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
+    required = REQUIRED_FIELDS + (EDM_FIELDS if meta.get("wrapper") == "edm" else ())
+    missing = [name for name in required if name not in meta]
+    if missing:
+        raise ValueError(f"{source.location(FORMAT_FILE)}: missing fields {missing} (is it an fdistill model "
+                         "directory written by save_denoiser?)")
     net = source.load_model(meta["model_class"], NETWORK_DIR)
     if meta["wrapper"] == "edm":
         denoiser = EDMPrecond(net, sigma_data=meta["sigma_data"], dtype=dtype, feature_block=meta["feature_block"],

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,10 +22,16 @@ from .preprocess import inception_input
 
 @dataclass
 class FeatureExtractor:
-    """``name`` (used in cache keys and statistics file names), ``network`` [B, *] -> [B, d], ``preprocess``."""
+    """``name`` (used in cache keys and statistics file names), ``network`` [B, *] -> [B, d], ``preprocess``.
+
+    ``weights_id`` identifies the network's weights in cache keys (a content hash, or a published pretrained tag);
+    ``weights_note`` says in words which weights are used (printed by ``fdistill fid``).
+    """
     name: str
     network: nn.Module
     preprocess: Callable[[Tensor], Tensor]
+    weights_id: str = ""
+    weights_note: str = ""
 
     @torch.no_grad()
     def features(self, network_input: Tensor, device: torch.device | str = "cpu") -> Tensor:
@@ -59,24 +66,65 @@ def uint8_to_unit_range(images: Tensor) -> Tensor:
     return (images.float() - 128) / 127.5
 
 
+def uint8_to_digit_grid(images: Tensor) -> Tensor:
+    """uint8 [B, C, H, W] of any size -> the digits network's input [B, 1, 8, 8] in [-1, 1] (fixed size, so images
+    of mixed sizes can share a batch)."""
+    from .digits import to_digit_grid
+
+    return to_digit_grid(uint8_to_unit_range(images))
+
+
+def describe_preprocess(preprocess: Callable) -> str:
+    """A stable text of a preprocessing function and its bound options (for cache keys; no memory addresses)."""
+    if isinstance(preprocess, functools.partial):
+        options = ", ".join(f"{k}={v!r}" for k, v in sorted(preprocess.keywords.items()))
+        return f"{describe_preprocess(preprocess.func)}({options})"
+    return f"{getattr(preprocess, '__module__', '?')}.{getattr(preprocess, '__qualname__', type(preprocess).__name__)}"
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes of every tensor, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _inception(mode: str = "clean", inception_weights=None, **_) -> FeatureExtractor:
     from .inception import InceptionFeatures
 
     network = InceptionFeatures(inception_weights, resize_inside=mode == "legacy_tensorflow")
-    return FeatureExtractor("inception", network.eval(), functools.partial(inception_input, mode=mode))
+    return FeatureExtractor("inception", network.eval(), functools.partial(inception_input, mode=mode),
+                            f"sha256:{network.weights.sha256}", network.weights.describe())
 
 
 def _digits(**_) -> FeatureExtractor:
-    from .digits import digits_feature_extractor
+    from .digits import WEIGHTS_PATH, digits_feature_extractor
 
-    return FeatureExtractor("digits", digits_feature_extractor(), uint8_to_unit_range)
+    network = digits_feature_extractor()
+    return FeatureExtractor("digits", network, uint8_to_digit_grid, f"sha256:{state_dict_sha256(network)}",
+                            f"{WEIGHTS_PATH} (shipped with fdistill)")
+
+
+def clip_weights_id(clip_model: str, clip_pretrained: str | None, network: nn.Module) -> str:
+    """open_clip's model name and pretrained tag when the tag names published weights; otherwise (a weights file,
+    local-dir:, hf-hub:) the SHA-256 of the loaded weights, so other weights under the same name never match."""
+    import open_clip
+
+    if clip_pretrained and clip_pretrained in open_clip.list_pretrained_tags_by_model(clip_model):
+        return f"open_clip:{clip_model}:{clip_pretrained}"
+    return f"sha256:{state_dict_sha256(network)}"
 
 
 def _clip(clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai", **_) -> FeatureExtractor:
     from .clip import load_clip
 
     clip = load_clip(clip_model, clip_pretrained)
-    return FeatureExtractor(f"clip_{clip.name}", clip.image_features_module(), clip.preprocess_uint8)
+    weights_id = clip_weights_id(clip_model, clip_pretrained, clip.model)
+    return FeatureExtractor(f"clip_{clip.name}", clip.image_features_module(), clip.preprocess_uint8, weights_id,
+                            f"open_clip {clip_model}, pretrained {clip_pretrained} ({weights_id})")
 
 
 EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {"inception": _inception, "digits": _digits, "clip": _clip}

@@ -9,13 +9,21 @@ or (``gen`` only) a ``generate_fn(num, generator[, cond])``. References may also
   ``{name}_{mode}[_{model}]_{split}_{res}.npz`` from its stats folder or fdistill's cache, downloaded when online.
 
 Statistics of a reference folder / npz are cached as npz (mu, sigma, num) under ``~/.cache/fdistill/stats``, keyed by
-the files (paths, sizes, modification times), the extractor and the mode.
+the files (paths, sizes, modification times), the extractor's name and weights (``FeatureExtractor.weights_id``: a
+content hash, or open_clip's pretrained tag), its preprocessing and the mode. An unreadable cache file is recomputed;
+a cache that cannot be written is skipped with a warning.
+
+Float images in an npz need their value range stated (``SourceOptions.float_range``, ``--float-range``); non-finite
+images or statistics are errors naming the file, and so is a non-finite FID.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .extractors import FeatureExtractor, build_feature_extractor
+from .extractors import FeatureExtractor, build_feature_extractor, describe_preprocess
 from .frechet import frechet_distance, load_statistics, save_statistics
 from .inception import cache_dir, download
 from .metrics import kernel_inception_distance, precision_recall
@@ -49,7 +57,8 @@ class Statistics:
 
 @dataclass
 class SourceOptions:
-    """How sources are read: images per batch, data-loader workers, device, progress bar, mode for file names."""
+    """How sources are read: images per batch, data-loader workers, device, progress bar, seed, labels or prompts
+    of a generate_fn, and ``float_range`` (a key of ``sources.FLOAT_RANGES``) of float images in an npz."""
     batch_size: int = 64
     workers: int = 0
     device: str = "cpu"
@@ -57,13 +66,17 @@ class SourceOptions:
     seed: int = 0
     num_classes: int | None = None
     prompts: list[str] | None = None
+    float_range: str | None = None
 
 
 def _is_statistics_npz(path: Path) -> bool:
     if path.suffix != ".npz" or not path.is_file():
         return False
-    with np.load(path) as data:
-        return "mu" in data.files and "sigma" in data.files
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return "mu" in data.files and "sigma" in data.files
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: unreadable npz ({error})") from error
 
 
 def source_batches(source, extractor: FeatureExtractor, num: int | None, options: SourceOptions):
@@ -74,7 +87,7 @@ def source_batches(source, extractor: FeatureExtractor, num: int | None, options
         if path.is_dir():
             return folder_batches(path, preprocess, batch, options.workers, num)
         if path.suffix == ".npz" and path.is_file():
-            return npz_batches(path, preprocess, batch, num)
+            return npz_batches(path, preprocess, batch, num, options.float_range)
         raise FileNotFoundError(f"{path}: not an image folder or an npz file")
     if isinstance(source, torch.Tensor):
         return tensor_batches(source.split(batch), preprocess, num)
@@ -133,11 +146,32 @@ def _statistics_file(path: Path) -> Statistics:
         return Statistics(mu, sigma, int(data["num"]) if "num" in data.files else 0)
 
 
-def _folder_cache_key(source: Path, extractor: FeatureExtractor, mode: str, num: int | None) -> str:
+def _folder_cache_key(source: Path, extractor: FeatureExtractor, mode: str, num: int | None,
+                      float_range: str | None) -> str:
+    """Hash of what the statistics depend on: the files, the extractor's weights and preprocessing, the mode."""
     files = list_images(source)[:num] if source.is_dir() else [source]
     described = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    payload = json.dumps([described, extractor.name, mode, num])
-    return hashlib.sha1(payload.encode()).hexdigest()[:20]
+    payload = json.dumps([described, extractor.name, extractor.weights_id, describe_preprocess(extractor.preprocess),
+                          mode, num, float_range])
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _cached_statistics(path: Path) -> Statistics | None:
+    """Statistics from the cache, or None when the file is missing or unreadable (it is then recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        return _statistics_file(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def _store_statistics(path: Path, statistics: Statistics) -> None:
+    """Write the cache; a failed write (disk full, read-only cache) costs only a recomputation next time."""
+    try:
+        save_statistics(path, statistics.mu, statistics.sigma, statistics.num)
+    except OSError as error:
+        print(f"warning: reference statistics not cached ({path}: {error})", file=sys.stderr)
 
 
 def reference_statistics(reference, extractor: FeatureExtractor, mode: str = "clean", num: int | None = None,
@@ -159,11 +193,13 @@ def reference_statistics(reference, extractor: FeatureExtractor, mode: str = "cl
         return _statistics_file(stats_path)
     if path is None or collect or not cache or extractor.name == "custom":
         return source_statistics(reference, extractor, num, collect, options, "reference")
-    cached = cache_dir() / "stats" / f"{path.stem}_{_folder_cache_key(path, extractor, mode, num)}.npz"
-    if cached.is_file():
-        return _statistics_file(cached)
+    options = options or SourceOptions()
+    key = _folder_cache_key(path, extractor, mode, num, options.float_range)
+    cached = cache_dir() / "stats" / f"{path.stem}_{key}.npz"
+    if (statistics := _cached_statistics(cached)) is not None:
+        return statistics
     statistics = source_statistics(reference, extractor, num, False, options, "reference")
-    save_statistics(cached, statistics.mu, statistics.sigma, statistics.num)
+    _store_statistics(cached, statistics)
     return statistics
 
 
@@ -181,8 +217,11 @@ def compute_metrics(gen, ref, features="inception", mode: str = "clean", num: in
     collect = kid or pr
     reference = reference_statistics(ref, extractor, mode, ref_num, collect, options, cache)
     generated = source_statistics(gen, extractor, num, collect, options, "generated")
-    result = {"fid": frechet_distance(generated.mu, generated.sigma, reference.mu, reference.sigma),
-              "num_gen": generated.num, "num_ref": reference.num}
+    fid = frechet_distance(generated.mu, generated.sigma, reference.mu, reference.sigma)
+    if not math.isfinite(fid):
+        raise ValueError(f"FID is {fid}: the features of {gen if isinstance(gen, (str, os.PathLike)) else 'gen'} or "
+                         f"{ref if isinstance(ref, (str, os.PathLike)) else 'ref'} are not finite")
+    result = {"fid": fid, "num_gen": generated.num, "num_ref": reference.num}
     if kid:
         result["kid"], result["kid_std"] = kernel_inception_distance(generated.features, reference.features,
                                                                      seed=options.seed)

@@ -155,12 +155,19 @@ def save_statistics(path, mu, sigma, num: int) -> None:
 
 
 def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
-    """Read (mu [d], sigma [d, d]) float64 from an npz with keys ``mu`` and ``sigma``."""
-    with np.load(path) as data:
+    """Read (mu [d], sigma [d, d]) float64 from an npz with keys ``mu`` and ``sigma``; shapes that do not fit and
+    non-finite values are errors naming the file."""
+    with np.load(path, allow_pickle=False) as data:
         missing = {"mu", "sigma"} - set(data.files)
         if missing:
             raise ValueError(f"{path}: statistics npz lacks keys {sorted(missing)} (has {data.files})")
-        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: statistics need mu [d] and sigma [d, d], got {mu.shape} and {sigma.shape}")
+    for name, value in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"{path}: {name} holds {int((~np.isfinite(value)).sum())} non-finite values (NaN / inf)")
+    return mu, sigma
 
 
 def fid_from_stats(stats1: FeatureStats, stats2: FeatureStats) -> float:

@@ -7,7 +7,9 @@
     num: 1000
 
 The trainer calls ``evaluate(trainer.generate, step)`` on the main process; every call draws the same seeded noise
-(and the same balanced labels for class-conditional models), so successive values differ only by the model.
+(and the same balanced labels for class-conditional models), so successive values differ only by the model. A model
+that generates NaN / inf gets a NaN metric (logged; the trainer's NaN handling decides), not a crash or a number
+computed from clipped garbage.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Callable
 import torch
 
 from .fid import SourceOptions, compute_metrics
+from .sources import NonFiniteImagesError
 
 
 class Evaluator:
@@ -47,8 +50,11 @@ class Evaluator:
         samples = []
         if self.class_tv:
             generate_fn = _recording(generate_fn, samples)
-        metrics = compute_metrics(generate_fn, self.reference, self.features, self.mode, self.num, None, self.kid,
-                                  self.pr, self.options, self.extractor_options)
+        try:
+            metrics = compute_metrics(generate_fn, self.reference, self.features, self.mode, self.num, None, self.kid,
+                                      self.pr, self.options, self.extractor_options)
+        except NonFiniteImagesError:
+            return {f"fd_{self.features}": float("nan")}
         result = {f"fd_{self.features}": metrics["fid"]}
         result.update({key: metrics[key] for key in ("kid", "precision", "recall") if key in metrics})
         if self.class_tv:

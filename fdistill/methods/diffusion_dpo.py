@@ -18,6 +18,7 @@ import contextlib
 import copy
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -481,7 +482,11 @@ def cached_dataset(method: DiffusionDPO, dataset, path: str | Path):
 
     path = Path(path)
     if path.is_file():
-        tensors = torch.load(path, map_location="cpu")
+        try:                              # tensors only: a cache file never runs code when it is read
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"method.cache_path {path}: not a tensor cache (it holds other objects, which are not "
+                             "unpickled); delete it to encode the data again") from error
     else:
         tensors = encode_dataset(method, dataset)
         path.parent.mkdir(parents=True, exist_ok=True)
