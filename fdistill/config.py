@@ -58,14 +58,18 @@ class ConfigError(ValueError):
 
 
 def config_dir() -> Path:
-    """The ``conf/`` directory: the installed package ``fdistill.conf``, else ``<repo>/conf``."""
+    """The ``conf/`` directory: ``<repo>/conf`` beside the imported package in a source checkout (an editable install
+    of another checkout must not supply its configs to this one's code), else the installed package ``fdistill.conf``."""
+    checkout = Path(__file__).resolve().parent.parent / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
     try:
         path = Path(str(resources.files("fdistill.conf")))
         if (path / "config.yaml").is_file():
             return path
     except ModuleNotFoundError:
         pass
-    return Path(__file__).resolve().parent.parent / "conf"
+    return checkout
 
 
 def method_module(name: str) -> ModuleType:

@@ -32,8 +32,11 @@ COMPILE_SETTINGS = {"off": (False,), "on": (True,), "both": (False, True)}
 
 def machine(device: str) -> str:
     """One line naming the machine the numbers come from."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]   # native bf16 matmuls (autocast speed)
+    cpu += f" ({', '.join(bf16)})" if bf16 else " (no native bf16)"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     line = (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}, Python {platform.python_version()}")
@@ -58,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", default="off", choices=sorted(COMPILE_SETTINGS), help="train.compile setting(s)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per row")
     parser.add_argument("--out", default=None, help="output path without suffix (default: benchmarks/rehearsal_<device>)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of an existing <out>.json (a row run again replaces its old one)")
     args = parser.parse_args(argv)
     names = list(REHEARSALS) if args.recipes == "all" else [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in REHEARSALS]
@@ -73,7 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_row(name: str, compile_networks: bool, args: argparse.Namespace) -> RehearsalResult:
     row = REHEARSALS[name]
-    estimate = estimate_gib(row, args.resolution, args.frozen_dtype)
+    try:
+        estimate = estimate_gib(row, args.resolution, args.frozen_dtype)
+    except Exception as error:  # noqa: BLE001 - a row that cannot even compose is a row of the table, not a crash
+        return RehearsalResult(name, row.experiment, row.architecture, args.device, compile=compile_networks,
+                               status=f"failed: {' '.join(str(error).split())[:300]}")
     if estimate > args.max_gib:
         return RehearsalResult(name, row.experiment, row.architecture, args.device, compile=compile_networks,
                                analytic_gib=estimate, status=f"skipped: estimated minimum {estimate:.1f} GiB > "
@@ -81,6 +90,20 @@ def run_row(name: str, compile_networks: bool, args: argparse.Namespace) -> Rehe
     return rehearse_in_subprocess(row, timeout=args.timeout, steps=args.steps, batch=args.batch, device=args.device,
                                   resolution=args.resolution, compile_networks=compile_networks,
                                   bare=name == args.bare, frozen_dtype=args.frozen_dtype or False)
+
+
+def previous_rows(args: argparse.Namespace) -> list[RehearsalResult]:
+    path = args.out.with_suffix(".json")
+    if not (args.append and path.is_file()):
+        return []
+    return [RehearsalResult(**row) for row in json.loads(path.read_text())["rows"]]
+
+
+def merged(old: list[RehearsalResult], new: list[RehearsalResult]) -> list[RehearsalResult]:
+    """``old`` rows (table order kept) with those run again replaced, then the new ones."""
+    fresh = {(r.name, r.compile): r for r in new}
+    kept = [fresh.pop((r.name, r.compile), r) for r in old]
+    return kept + list(fresh.values())
 
 
 def write(results: list[RehearsalResult], args: argparse.Namespace, header: str) -> None:
@@ -95,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     header = f"{machine(args.device)}; {time.strftime('%Y-%m-%d', time.gmtime())}"
     print(header, flush=True)
-    results: list[RehearsalResult] = []
+    old, results = previous_rows(args), []
     for compile_networks in COMPILE_SETTINGS[args.compile]:
         for name in args.names:
             results.append(run_row(name, compile_networks, args))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
-            write(results, args, header)
-    print(format_table(results))
+            write(merged(old, results), args, header)
+    print(format_table(merged(old, results)))
     return 0
 
 

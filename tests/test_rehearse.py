@@ -70,3 +70,36 @@ def test_optimizer_state_bytes_match_the_optimizers_state(optimizer):
     held = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
                if torch.is_tensor(t) and t.ndim > 0)
     assert held == sum(optimizer_state_bytes(p, optimizer) for p in params)
+
+
+def small_sd(kind: str) -> dict:
+    """The published SD layouts (block types, SDXL's added conditioning) with narrow channels."""
+    unet = dict(architectures.SD15_UNET, block_out_channels=(32, 64, 64, 64), attention_head_dim=4,
+                norm_num_groups=8, cross_attention_dim=64)
+    if kind == "sdxl":
+        unet = dict(architectures.SDXL_UNET, block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4),
+                    transformer_layers_per_block=(1, 1, 1), norm_num_groups=8, cross_attention_dim=128,
+                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 64)
+    text = dict(architectures.CLIP_L_TEXT, hidden_size=64, intermediate_size=64, num_attention_heads=2,
+                num_hidden_layers=2, projection_dim=64)
+    parts = {"unet": unet, "vae": dict(architectures.SD15_VAE, block_out_channels=(8,) * 4, norm_num_groups=4),
+             "text_encoder": text}
+    return {**parts, "text_encoder_2": text} if kind == "sdxl" else parts
+
+
+def test_sd15_dpo_full_recipe_with_the_bare_loop(monkeypatch):
+    monkeypatch.setitem(architectures.SD_ARCHITECTURES, "sd15", small_sd("sd15"))
+    components = architectures.sd_components_from_config("sd15", latent_size=8)
+    unet = sum(p.numel() for p in components.unet.parameters())
+    others = sum(p.numel() for m in (components.vae, components.text_encoder) for p in m.parameters())
+    result = rehearse(REHEARSALS["sd15_dpo_full"], steps=2, batch=1, device="cpu", bare=True,
+                      frozen_dtype="bfloat16")
+    assert result.status == "ok" and result.frozen_dtype == "bfloat16"
+    assert (result.trained_params, result.frozen_params) == (unet, unet + others)   # UNet; reference + VAE + text
+    assert len(result.bare_step_cpu_seconds) == 2 and result.trainer_over_bare > 0
+
+
+def test_sdxl_fdistill_recipe_runs_both_phases(monkeypatch):
+    monkeypatch.setitem(architectures.SD_ARCHITECTURES, "sdxl", small_sd("sdxl"))
+    result = rehearse(REHEARSALS["sdxl_fdistill"], steps=2, batch=1, device="cpu", frozen_dtype="bfloat16")
+    assert result.phases == ["critic", "student"] and all(math.isfinite(loss) for loss in result.losses)
