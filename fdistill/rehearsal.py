@@ -9,9 +9,9 @@ rounds by a small pool and one round — builds the run with ``fdistill.config.b
 ``build``) and runs ``Trainer.train_step`` (the trainer's whole step: micro-batches, autocast, backward, clipping,
 optimizer, EMA) on steps chosen so that every phase of the method runs.
 
-Analytic minimum (bytes) = weights + gradients + optimizer states of the trained parameters + EMA copies + frozen
-weights and buffers (everything else the method holds); activations come on top. Optimizer states: AdamW / Adam two
-moments of the parameter's size; Adafactor (no first moment) one row and one column factor per matrix, a full
+Analytic minimum (bytes) = weights + optimizer states of the trained parameters + gradients of the largest phase +
+EMA copies + frozen weights and buffers (everything else the method holds); activations come on top. Optimizer
+states: AdamW / Adam two moments of the parameter's size; Adafactor (no first moment) one row and one column factor per matrix, a full
 second moment for vectors. Peak memory: on CPU the peak resident set size of the training steps (VmHWM, reset
 through /proc/self/clear_refs before the first step) minus the resident size of the interpreter with torch and the
 libraries imported (``runtime_gib``: not the run's memory); on GPU ``torch.cuda.max_memory_allocated`` over the
@@ -199,13 +199,15 @@ def trained_parameters(trainer) -> dict[int, tuple[Tensor, str]]:
 
 
 def analytic_memory(trainer) -> AnalyticMemory:
-    """Weights + gradients + optimizer states of the trained parameters, EMA snapshots, and every other parameter
-    and buffer of the method (frozen networks, LoRA base weights, statistics)."""
+    """Weights and optimizer states of the trained parameters, the gradients of the largest phase (the trainer
+    frees a phase's gradients after its step: f-distill never holds the student's and the critic's at once), EMA
+    snapshots, and every other parameter and buffer of the method (frozen networks, LoRA base weights, statistics)."""
     trained = trained_parameters(trainer)
     weights = sum(tensor_bytes(p) for p, _ in trained.values())
     others = [t for t in [*trainer.method.parameters(), *trainer.method.buffers()] if id(t) not in trained]
+    largest_phase = max(sum(tensor_bytes(p) for p in params) for params in trainer.params.values())
     return AnalyticMemory(
-        trained_weights=weights, gradients=weights,
+        trained_weights=weights, gradients=largest_phase,
         optimizer_states=sum(optimizer_state_bytes(p, kind) for p, kind in trained.values()),
         ema=sum(tensor_bytes(t) for snapshot in trainer.ema.snapshots.values() for t in snapshot.values()),
         frozen=sum(tensor_bytes(t) for t in others))

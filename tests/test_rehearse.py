@@ -40,7 +40,8 @@ def test_cifar10_fdistill_recipe_trains_both_phases_and_counts_its_memory(tiny_a
     assert result.trained_params > 2 * unet_params             # student + fake score + discriminator head
     analytic = {k: v * GIB for k, v in result.analytic.items()}
     assert analytic["trained_weights"] == pytest.approx(4 * result.trained_params)
-    assert analytic["gradients"] == analytic["trained_weights"]
+    critic_params = result.trained_params - unet_params       # fake score + head: the larger phase
+    assert analytic["gradients"] == pytest.approx(4 * critic_params)
     assert analytic["optimizer_states"] == pytest.approx(2 * analytic["trained_weights"])   # AdamW moments
     assert analytic["ema"] >= 4 * unet_params                  # one EMA copy of the student (recipe: 0.9999)
     assert analytic["frozen"] >= 4 * unet_params
