@@ -11,12 +11,12 @@ optimizer, EMA) on steps chosen so that every phase of the method runs.
 
 Analytic minimum (bytes) = weights + optimizer states of the trained parameters + gradients of the largest phase +
 EMA copies + frozen weights and buffers (everything else the method holds); activations come on top. Optimizer
-states: AdamW / Adam two moments of the parameter's size; Adafactor (no first moment) one row and one column factor per matrix, a full
-second moment for vectors. Peak memory: on CPU the peak resident set size of the training steps (VmHWM, reset
-through /proc/self/clear_refs before the first step) minus the resident size of the interpreter with torch and the
-libraries imported (``runtime_gib``: not the run's memory); on GPU ``torch.cuda.max_memory_allocated`` over the
-steps. Each rehearsal runs in its own process (``rehearse_in_subprocess``) so one recipe's peak does not hide
-another's.
+states: AdamW / Adam two moments of the parameter's size; Adafactor (no first moment) one row and one column factor
+per matrix, a full second moment for vectors. Peak memory: on CPU the peak resident set size of the training steps
+(VmHWM, reset through /proc/self/clear_refs before the first step) minus the resident size of the interpreter with
+torch and the libraries imported (``runtime_gib``: not the run's memory); on GPU ``torch.cuda.max_memory_allocated``
+over the steps. Each rehearsal runs in its own process (``rehearse_in_subprocess``) so one recipe's peak does not
+hide another's.
 """
 from __future__ import annotations
 
@@ -496,7 +496,8 @@ def format_table(results: list[RehearsalResult]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         trained = sum(r.analytic.get(k, 0.0) for k in ("trained_weights", "gradients", "optimizer_states", "ema"))
-        cells = [r.name + (" (compiled)" if r.compile else ""), f"{r.trained_params:,}", f"{r.frozen_params:,}", _number(r.seconds_per_step),
+        cells = [r.name + (" (compiled)" if r.compile else ""), f"{r.trained_params:,}", f"{r.frozen_params:,}",
+                 _number(r.seconds_per_step),
                  _number(r.cpu_seconds_per_step), _number(r.peak_gib), _number(r.runtime_gib),
                  _number(trained if r.analytic else math.nan), _number(r.analytic.get("frozen", math.nan)),
                  _number(r.analytic_gib), _number(r.ratio), _number(r.trainer_over_bare), r.status]

@@ -39,7 +39,8 @@ def machine(device: str) -> str:
     cpu += f" ({', '.join(bf16)})" if bf16 else " (no native bf16)"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     line = (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, OMP_NUM_THREADS="
-            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}, Python {platform.python_version()}")
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
     if device.startswith("cuda"):
         line = f"{torch.cuda.get_device_name(device)}; host: {line}"
     return line
@@ -60,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bare", default="sd15_dpo_lora", help="DPO row that also times the bare loop ('' = none)")
     parser.add_argument("--compile", default="off", choices=sorted(COMPILE_SETTINGS), help="train.compile setting(s)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per row")
-    parser.add_argument("--out", default=None, help="output path without suffix (default: benchmarks/rehearsal_<device>)")
+    parser.add_argument("--out", default=None,
+                        help="output path without suffix (default: benchmarks/rehearsal_<device>)")
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of an existing <out>.json (a row run again replaces its old one)")
     args = parser.parse_args(argv)
