@@ -20,7 +20,7 @@ USAGE = """usage: fdistill train [KEY=VALUE ...]   (Hydra overrides)
 
 Config groups (conf/<group>/<option>.yaml): {groups}
 Keys: train.* (steps, batch_size, micro_batches, mixed_precision, seed, ema_decays, checkpoint_every, keep_last,
-      sample_every, eval_every, log_every, lr_warmup_steps, lr_scheduler, run_dir, resume, device),
+      sample_every, eval_every, log_every, lr_warmup_steps, lr_scheduler, run_dir, resume, device, compile, fsdp),
       method.*, sampler.*, data.*, model.*, logger.* (log_with, project, mode)
 Example: fdistill train experiment=digits_teacher train.steps=500 method.lr=1e-3"""
 

@@ -62,6 +62,8 @@ class TrainConfig:
             Needs mixed_precision 'no' or 'bf16' and Adam/AdamW.
         fsdp_min_params: under FSDP, every submodule with at least this many parameters is its own FSDP unit
             (gathered one at a time; >= 1); smaller ones belong to their parent, the network itself is always one.
+        compile: compile the trained networks with ``torch.compile`` (``nn.Module.compile``: in place, parameter
+            names and checkpoints unchanged); the first steps of each phase pay the compilation.
     """
 
     steps: int = 1000
@@ -87,6 +89,7 @@ class TrainConfig:
     progress: bool = True
     fsdp: bool = False
     fsdp_min_params: int = 10_000_000
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "micro_batches", "checkpoint_every", "keep_last", "log_every", "num_samples",

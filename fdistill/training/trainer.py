@@ -156,6 +156,13 @@ def phase_parameters(method: Method, phase: Phase) -> list[Tensor]:
     return params
 
 
+def compile_trained_networks(method: Method, phases) -> None:
+    """``torch.compile`` every network a phase trains, in place (``nn.Module.compile``: the module keeps its
+    parameters and state-dict names, so checkpoints, EMA and exports are unchanged)."""
+    for name in dict.fromkeys(n for phase in phases for n in phase.networks):
+        method.networks[name].compile()
+
+
 def save_sample_grid(samples: Tensor, path: Path, labels: list[str] | None = None):
     """Images in [-1, 1] ([N, C, H, W]) as one PNG grid (``fdistill.images.labelled_grid``: enlarged to >= 256 px,
     captioned with ``labels``), returned as a [H, W, 3] uint8 array; other samples (points) as a tensor file next
@@ -231,6 +238,8 @@ class Trainer:
 
             mesh = init_device_mesh(self.accelerator.device.type, (self.num_processes,))
             shard_networks(self.sharded, mesh, config.fsdp_min_params)
+        if config.compile:
+            compile_trained_networks(method, self.phases.values())
         self.params = {name: phase_parameters(method, phase) for name, phase in self.phases.items()}
         self.optimizers = {name: build_optimizer(phase, self.params[name]) for name, phase in self.phases.items()}
         updates = phase_update_counts(method, config.steps)
