@@ -117,9 +117,11 @@ def one_line(error: BaseException) -> str:
     return " ".join(" ".join(messages).split())
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config",
+            return_hydra_config: bool = False) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides (``experiment=digits_teacher train.steps=10``) and validate
-    every section; raises ConfigError with a one-line message naming the problem."""
+    every section; raises ConfigError with a one-line message naming the problem. ``return_hydra_config`` keeps
+    Hydra's own ``hydra`` section (``--cfg hydra``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -128,7 +130,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     register_schemas()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides),
+                                return_hydra_config=return_hydra_config)
         validate(cfg)
     except (HydraException, OmegaConfBaseException, ValueError, TypeError) as error:
         if isinstance(error, ConfigError):

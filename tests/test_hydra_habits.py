@@ -1,0 +1,95 @@
+"""Hydra's command-line habits on ``fdistill train`` / ``distill``: --cfg, --help with defaults, -m sweeps,
+hydra.run.dir (fdistill.commands.hydra_habits)."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fdistill.commands.hydra_habits import (UsageError, attribute_docs, expand_sweeps, map_hydra_override,
+                                            parse_command_line, train_options_help)
+from fdistill.training.config import TrainConfig
+
+GMM = ["experiment=gmm_fdistill", "train.steps=2", "train.progress=false"]
+
+
+def fdistill(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fdistill.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_cfg_job_prints_the_composed_config_and_does_not_train(tmp_path):
+    result = fdistill("train", "--cfg", "job", *GMM, f"train.run_dir={tmp_path}/run", "method.divergence=kl")
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["train"]["steps"] == 2 and cfg["method"]["divergence"] == "kl" and "hydra" not in cfg
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("part", ["hydra", "all"])
+def test_cfg_hydra_shows_train_run_dir_as_hydra_run_dir(part, tmp_path):
+    result = fdistill("distill", f"--cfg={part}", f"train.run_dir={tmp_path}/run")
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    hydra = cfg if part == "hydra" else cfg["hydra"]
+    assert hydra["run"]["dir"] == f"{tmp_path}/run"
+    assert ("train" in cfg) == (part == "all")
+
+
+def test_help_lists_every_train_option_with_its_default_and_meaning():
+    result = fdistill("train", "--help")
+    assert result.returncode == 0
+    docs = attribute_docs(TrainConfig)
+    assert set(docs) == {f.name for f in dataclasses.fields(TrainConfig)}   # every field documented
+    for f in dataclasses.fields(TrainConfig):
+        assert f"train.{f.name} (" in result.stdout
+    assert "train.steps (int, default: 1000)" in result.stdout
+    assert "total optimisation steps" in result.stdout
+    assert "experiment: " in result.stdout and "digits_teacher" in result.stdout   # the groups stay
+    assert "--multirun" in train_options_help() or "--multirun" in result.stdout
+
+
+def test_hydra_run_dir_is_train_run_dir_and_other_hydra_keys_are_refused():
+    assert map_hydra_override("hydra.run.dir=out/a") == "train.run_dir=out/a"
+    assert map_hydra_override("method.lr=1") == "method.lr=1"
+    with pytest.raises(UsageError, match="hydra.run.dir"):
+        map_hydra_override("hydra.job.chdir=true")
+    with pytest.raises(UsageError, match="allowed"):
+        parse_command_line(["--hydra-help"])
+    with pytest.raises(UsageError, match="job, hydra, all"):
+        parse_command_line(["--cfg", "jobs"])
+    result = fdistill("train", "hydra/launcher=joblib")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "hydra.run.dir" in result.stderr
+
+
+def test_hydra_run_dir_reaches_the_composed_config(tmp_path):
+    result = fdistill("train", "--cfg", "job", *GMM, f"hydra.run.dir={tmp_path}/h")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["train"]["run_dir"] == f"{tmp_path}/h"
+
+
+def test_sweeps_expand_with_hydra_grammar_last_varies_fastest():
+    jobs = expand_sweeps(["experiment=gmm_fdistill", "method.divergence=rkl,kl", "train.steps=range(1,3)",
+                          "train.ema_decays=[0.9,0.99]"])
+    assert [job.swept for job in jobs] == [["method.divergence=rkl", "train.steps=1"],
+                                           ["method.divergence=rkl", "train.steps=2"],
+                                           ["method.divergence=kl", "train.steps=1"],
+                                           ["method.divergence=kl", "train.steps=2"]]
+    assert jobs[3].overrides[-1] == "train.ema_decays=[0.9,0.99]"     # a list is not a sweep
+    assert jobs[3].dirname() == "3_method.divergence=kl,train.steps=2"
+
+
+def test_multirun_runs_each_combination_in_its_dir_and_fails_if_one_fails(tmp_path):
+    result = fdistill("train", "-m", *GMM, f"hydra.sweep.dir={tmp_path}/sweep", "train.lr_scheduler=constant,bogus")
+    assert result.returncode == 1, result.stderr
+    good = tmp_path / "sweep" / "0_train.lr_scheduler=constant"
+    assert yaml.safe_load((good / "config.yaml").read_text())["train"]["lr_scheduler"] == "constant"
+    assert (good / "checkpoints" / "step_000002").is_dir()
+    assert not (tmp_path / "sweep" / "1_train.lr_scheduler=bogus").exists()
+    table = result.stdout[result.stdout.index("#  exit"):]
+    assert "0_train.lr_scheduler=constant" in table and "1/2 runs succeeded" in result.stdout
+    assert [line.split()[1] for line in table.splitlines()[1:3]] == ["0", "2"]   # the exit codes
