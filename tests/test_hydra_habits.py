@@ -93,3 +93,53 @@ def test_multirun_runs_each_combination_in_its_dir_and_fails_if_one_fails(tmp_pa
     table = result.stdout[result.stdout.index("#  exit"):]
     assert "0_train.lr_scheduler=constant" in table and "1/2 runs succeeded" in result.stdout
     assert [line.split()[1] for line in table.splitlines()[1:3]] == ["0", "2"]   # the exit codes
+
+
+# ------------------------------------------------------------------------------------- accelerate launch's config
+
+def launched_with(monkeypatch, **variables):
+    for name in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_accelerate_mixed_precision_and_accumulation_are_honoured_when_train_left_at_default(monkeypatch):
+    from fdistill.config import compose, validate
+
+    launched_with(monkeypatch, ACCELERATE_MIXED_PRECISION="bf16", ACCELERATE_GRADIENT_ACCUMULATION_STEPS="4")
+    spec = validate(compose(["experiment=gmm_fdistill"]))
+    assert (spec.train.mixed_precision, spec.train.micro_batches) == ("bf16", 4)
+    assert spec.cfg.train.mixed_precision == "bf16"        # config.yaml records what ran
+
+
+def test_accelerate_no_mixed_precision_leaves_train_alone(monkeypatch):
+    from fdistill.config import compose
+
+    launched_with(monkeypatch, ACCELERATE_MIXED_PRECISION="no")   # what accelerate exports when nothing asked
+    assert compose(["experiment=gmm_fdistill", "train.mixed_precision=fp16"]).train.mixed_precision == "fp16"
+
+
+@pytest.mark.parametrize("variables, override, needles", [
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "train.mixed_precision=fp16", ["bf16", "fp16", "mixed_precision"]),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "train.mixed_precision=no", ["fp16", "train.mixed_precision=no"]),
+    ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, "train.micro_batches=2", ["micro_batches=4", "micro_batches=2"]),
+    ({"ACCELERATE_MIXED_PRECISION": "fp8"}, "train.steps=2", ["fp8", "supports"]),
+])
+def test_accelerate_settings_that_disagree_with_train_are_refused(monkeypatch, variables, override, needles):
+    from fdistill.config import ConfigError, compose
+
+    launched_with(monkeypatch, **variables)
+    with pytest.raises(ConfigError) as error:
+        compose(["experiment=gmm_fdistill", override])
+    assert all(needle in str(error.value) for needle in needles), str(error.value)
+
+
+def test_accelerate_conflict_from_the_command_line_exits_2_with_one_line(tmp_path):
+    import os
+
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"}
+    result = subprocess.run([sys.executable, "-m", "fdistill.cli", "train", *GMM, "train.mixed_precision=fp16",
+                             f"train.run_dir={tmp_path}/run"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "ACCELERATE_MIXED_PRECISION" in result.stderr and not (tmp_path / "run").exists()
