@@ -143,3 +143,31 @@ def test_accelerate_conflict_from_the_command_line_exits_2_with_one_line(tmp_pat
                              f"train.run_dir={tmp_path}/run"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "ACCELERATE_MIXED_PRECISION" in result.stderr and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------ shell completion
+
+def test_completion_candidates_cover_groups_options_and_train_keys():
+    from fdistill.commands.completion import candidates
+
+    assert candidates("exp") == ["experiment="]
+    assert candidates("experiment=gmm") == ["experiment=gmm_ddo", "experiment=gmm_fdistill"]
+    assert candidates("train.mixed") == ["train.mixed_precision="]
+    assert candidates("train.mixed_precision=") == ["train.mixed_precision=no", "train.mixed_precision=fp16",
+                                                   "train.mixed_precision=bf16"]
+    assert candidates("+train.export=t") == ["+train.export=true"]
+    assert "train.fsdp_min_params=" in candidates("train.")          # every TrainConfig field
+    assert candidates("--c") == ["--cfg"]
+
+
+def test_completion_bash_script_holds_the_tables():
+    result = fdistill("completion", "bash")
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    assert "complete -F _fdistill fdistill" in script
+    assert '_fdistill_commands="distill train' in script and " completion" in script
+    assert '[experiment]="' in script and "digits_teacher" in script.split("[experiment]=")[1].splitlines()[0]
+    assert '[train.mixed_precision]="no fp16 bf16"' in script
+    assert "train.micro_batches=" in script.split("_fdistill_keys=")[1].splitlines()[0]
+    bad = fdistill("completion", "zsh")
+    assert bad.returncode == 2 and "zsh" in bad.stderr
