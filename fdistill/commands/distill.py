@@ -13,6 +13,7 @@ Examples:
     fdistill distill
     fdistill distill method.divergence=rkl train.steps=500 train.run_dir=runs/digits_rkl
     fdistill distill experiment=gmm_fdistill
+    fdistill distill -m method.divergence=rkl,kl,js train.steps=500     # a sweep: one run dir per divergence
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 Examples:
     fdistill train experiment=digits_teacher
     fdistill train experiment=digits_teacher train.steps=200 train.run_dir=runs/quick
+    fdistill train --cfg job experiment=digits_teacher          # the composed config, no training
+    fdistill train -m experiment=digits_teacher method.lr=1e-3,3e-4   # a sweep (fdistill.commands.hydra_habits)
     accelerate launch --num_processes 2 -m fdistill.cli train experiment=digits_teacher
 On a machine without GPUs add --multi_gpu (it starts torchrun; train.device=cpu then joins a gloo group):
 accelerate's --cpu flag alone starts ONE process whatever --num_processes says.
