@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from dataclasses import dataclass, field, make_dataclass
 from importlib import resources
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .training.config import SamplerConfig, TrainConfig
+from .training.config import MIXED_PRECISION, SamplerConfig, TrainConfig
 
 METHODS = {
     "denoising": "fdistill.methods.denoising",
@@ -117,9 +118,11 @@ def one_line(error: BaseException) -> str:
     return " ".join(" ".join(messages).split())
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config",
+            return_hydra_config: bool = False) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides (``experiment=digits_teacher train.steps=10``) and validate
-    every section; raises ConfigError with a one-line message naming the problem."""
+    every section; raises ConfigError with a one-line message naming the problem. ``return_hydra_config`` keeps
+    Hydra's own ``hydra`` section (``--cfg hydra``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -128,13 +131,51 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     register_schemas()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides),
+                                return_hydra_config=return_hydra_config)
+        apply_accelerate_launch(cfg, overrides, os.environ)
         validate(cfg)
     except (HydraException, OmegaConfBaseException, ValueError, TypeError) as error:
         if isinstance(error, ConfigError):
             raise
         raise ConfigError(one_line(error)) from error
     return cfg
+
+
+# what ``accelerate launch`` (its config file or flags) exports, and the train.* field each one means
+ACCELERATE_LAUNCH_SETTINGS = {"ACCELERATE_MIXED_PRECISION": ("mixed_precision", str),
+                              "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("micro_batches", int)}
+
+
+def apply_accelerate_launch(cfg: DictConfig, overrides, environ) -> None:
+    """Honour ``accelerate launch``'s mixed precision and gradient accumulation (its config file's
+    ``mixed_precision: bf16``, ``--gradient_accumulation_steps``), exported as ``ACCELERATE_*`` variables.
+
+    The trainer applies ``train.mixed_precision`` / ``train.micro_batches`` itself, so accelerate's values are
+    copied into ``cfg.train`` when train.* was left at its ``TrainConfig`` default (not set by an experiment or on
+    the command line); a differing explicit value raises ConfigError naming both. Accelerate exports
+    mixed precision 'no' when nothing asked for it, so 'no' never overrides train.*.
+    """
+    defaults = TrainConfig()
+    for variable, (name, kind) in ACCELERATE_LAUNCH_SETTINGS.items():
+        wanted = environ.get(variable, "")
+        if wanted in ("", "no"):
+            continue
+        try:
+            wanted = kind(wanted)
+        except ValueError:
+            raise ConfigError(f"{variable}={wanted!r} (from accelerate launch) is not a valid train.{name}") from None
+        if name == "mixed_precision" and wanted not in MIXED_PRECISION:
+            raise ConfigError(f"accelerate launch asks mixed_precision={wanted} ({variable}); fdistill supports "
+                              f"{MIXED_PRECISION}")
+        current = cfg.train[name]
+        if current == wanted:
+            continue
+        explicit = any(str(o).split("=", 1)[0].lstrip("+~") == f"train.{name}" for o in overrides)
+        if explicit or current != getattr(defaults, name):
+            raise ConfigError(f"accelerate launch asks {name}={wanted} ({variable}) but train.{name}={current}; make "
+                              f"them agree (set train.{name}={wanted} or change the accelerate config)")
+        cfg.train[name] = wanted
 
 
 @dataclass

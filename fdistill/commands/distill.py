@@ -13,6 +13,7 @@ Examples:
     fdistill distill
     fdistill distill method.divergence=rkl train.steps=500 train.run_dir=runs/digits_rkl
     fdistill distill experiment=gmm_fdistill
+    fdistill distill -m method.divergence=rkl,kl,js train.steps=500     # a sweep: one run dir per divergence
 """
 from __future__ import annotations
 
@@ -100,11 +101,15 @@ def evaluate_digits(method, data, num: int = EVAL_SAMPLES) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(USAGE)
-        return 0
+    from .hydra_habits import run_command
+
+    return run_command("distill", argv, USAGE, distill_once, preset=with_default_experiment)
+
+
+def distill_once(overrides: list[str]) -> int:
+    """Train one f-distill run from full overrides, then evaluate and write ``metrics.json``; the exit code."""
     started = time.perf_counter()
-    code, trainer, spec, run = run_training("distill", with_default_experiment(argv), method_name="fdistill")
+    code, trainer, spec, run = run_training("distill", overrides, method_name="fdistill")
     if code or not trainer.is_main:
         return code
     metrics: dict[str, Any] = {"divergence": spec.method_config.divergence, "steps": spec.train.steps,

@@ -3,6 +3,8 @@
 Examples:
     fdistill train experiment=digits_teacher
     fdistill train experiment=digits_teacher train.steps=200 train.run_dir=runs/quick
+    fdistill train --cfg job experiment=digits_teacher          # the composed config, no training
+    fdistill train -m experiment=digits_teacher method.lr=1e-3,3e-4   # a sweep (fdistill.commands.hydra_habits)
     accelerate launch --num_processes 2 -m fdistill.cli train experiment=digits_teacher
 On a machine without GPUs add --multi_gpu (it starts torchrun; train.device=cpu then joins a gloo group):
 accelerate's --cpu flag alone starts ONE process whatever --num_processes says.
@@ -19,9 +21,7 @@ from ..config import GROUPS, ConfigError, build_run, compose, config_dir, save_c
 USAGE = """usage: fdistill train [KEY=VALUE ...]   (Hydra overrides)
 
 Config groups (conf/<group>/<option>.yaml): {groups}
-Keys: train.* (steps, batch_size, micro_batches, mixed_precision, seed, ema_decays, checkpoint_every, keep_last,
-      sample_every, eval_every, log_every, lr_warmup_steps, lr_scheduler, run_dir, resume, device, compile, fsdp),
-      method.*, sampler.*, data.*, model.*, logger.* (log_with, project, mode)
+Keys: train.* (listed below with defaults), method.*, sampler.*, data.*, model.*, logger.* (log_with, project, mode)
 Example: fdistill train experiment=digits_teacher train.steps=500 method.lr=1e-3"""
 
 
@@ -67,7 +67,7 @@ def run_training(prog: str, overrides: list[str], method_name: str | None = None
 
 
 def main(argv: list[str]) -> int:
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(USAGE.format(groups=available_options()))
-        return 0
-    return run_training("train", argv)[0]
+    from .hydra_habits import run_command
+
+    return run_command("train", argv, USAGE.format(groups=available_options()),
+                       lambda overrides: run_training("train", overrides)[0])
