@@ -26,7 +26,9 @@ PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionX
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion model. ``text_encoder_2`` / ``tokenizer_2`` are set only for SDXL."""
+    """The parts of a Stable Diffusion model. ``text_encoder_2`` / ``tokenizer_2`` are set only for SDXL.
+    ``source`` is the hub id or directory they were loaded from (None when built in memory): a LoRA trained on
+    them records it as its base model."""
 
     unet: nn.Module
     vae: nn.Module
@@ -35,6 +37,7 @@ class SDComponents:
     scheduler: Any
     text_encoder_2: nn.Module | None = None
     tokenizer_2: Any = None
+    source: str | None = None
 
     @property
     def kind(self) -> str:
@@ -102,7 +105,7 @@ def load_sd_components(pretrained: str, kind: str = "sd15", revision: str | None
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             pretrained, subfolder="text_encoder_2", **frozen)
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision)
-    return SDComponents(**parts)
+    return SDComponents(**parts, source=str(pretrained))
 
 
 # ----------------------------------------------------------------------------------------------- tiny models
