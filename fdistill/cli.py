@@ -14,6 +14,7 @@ COMMANDS = {
     "sample": ("fdistill.commands.sample", "draw samples from a model with a DPM-Solver sampler and save PNGs + a grid"),
     "fid": ("fdistill.commands.fid", "FID / KID / precision-recall between image folders, statistics files or a model"),
     "plot": ("fdistill.commands.plot", "training curves (loss, metrics, LR) of a run directory as a PNG"),
+    "push": ("fdistill.commands.push", "upload a run's export (model + model card) to the Hugging Face Hub"),
 }
 
 

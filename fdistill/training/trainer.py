@@ -41,6 +41,7 @@ from ..methods.base import Method, Phase, StepContext
 from .checkpoint import CheckpointError, discard, load_checkpoint, remove_leftovers, save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
+from .hub import push_export, write_model_card
 from .logging import (TENSORBOARD_DIR, JsonlLogger, Trackers, finish_trackers, flat_hparams, format_block,
                       format_summary, log_image, parameter_counts, phase_scalars)
 from .plots import CURVES_FILENAME, write_curves
@@ -540,6 +541,7 @@ class Trainer:
             except NotImplementedError:
                 shutil.rmtree(temporary, ignore_errors=True)
                 return None
+            write_model_card(temporary, self.run_dir)
         if target.exists():
             discard(target)
         os.rename(temporary, target)
@@ -630,6 +632,8 @@ class Trainer:
                 progress.set_postfix(loss=f"{logs['loss']:.4g}")
                 self._after_step(logs, started, start_step)
             exported = self.export() if self.config.export else None
+            if self.is_main and exported is not None and self.config.push_to_hub:
+                notice(f"pushed {exported} to {push_export(exported, self.config.hub_repo_id)}")
         finally:
             progress.close()
         if self.is_main:
