@@ -128,3 +128,22 @@ def test_card_of_a_local_base_keeps_it_out_of_the_front_matter(tmp_path):
 def test_command_line_shows_the_entry_point_as_fdistill():
     assert command_line(["/usr/lib/python3/site-packages/fdistill/cli.py", "train", "method.lr=1e-3",
                          "train.run_dir=my runs/a"]) == "fdistill train method.lr=1e-3 'train.run_dir=my runs/a'"
+
+
+def test_a_failed_upload_is_one_line_with_the_retry_command(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    from fdistill.cli import main
+    from fdistill.commands.train import main as train
+
+    def unreachable(self, *args, **kwargs):
+        raise ConnectionError("Failed to resolve huggingface.co")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    run_dir = tmp_path / "run"
+    assert train([*GMM, f"train.run_dir={run_dir}", "train.push_to_hub=true", "train.hub_repo_id=me/gmm"]) == 0
+    err = capsys.readouterr().err
+    assert "to the Hub repository me/gmm failed: ConnectionError: Failed to resolve" in err
+    assert f"retry with: fdistill push {run_dir} --repo-id me/gmm" in err
+    assert main(["push", str(run_dir), "--repo-id", "me/gmm"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1

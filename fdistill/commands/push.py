@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fdistill.denoisers.io import HUB_ID
-from fdistill.training.hub import CARD_FILENAME, push_export, write_model_card
+from fdistill.training.hub import CARD_FILENAME, HubPushError, push_export, write_model_card
 
 
 def repo_id(value: str) -> str:
@@ -43,12 +43,10 @@ def main(argv: list[str]) -> int:
         return 2
     if not (model_dir / CARD_FILENAME).is_file():
         write_model_card(model_dir, args.run_dir, argv=[])
-    from huggingface_hub.errors import HfHubHTTPError
-
     try:
         url = push_export(model_dir, args.repo_id, private=args.private, token=args.token)
-    except (HfHubHTTPError, OSError) as error:
-        print(f"fdistill push: uploading {model_dir} to {args.repo_id} failed: {error}", file=sys.stderr)
+    except HubPushError as error:
+        print(f"fdistill push: {error}", file=sys.stderr)
         return 1
     print(url)
     return 0

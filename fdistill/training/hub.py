@@ -162,13 +162,21 @@ def write_model_card(export_dir: str | Path, run_dir: str | Path, argv: list[str
     return path
 
 
+class HubPushError(RuntimeError):
+    """An upload to the Hub that failed (network, authentication, permissions); the message names folder and repo."""
+
+
 def push_export(model_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Create (or reuse) the Hub model repository ``repo_id`` and upload ``model_dir`` into it; returns the
     repository's URL. The token is ``token``, else huggingface_hub's own (``HF_TOKEN``, ``hf auth login``)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), repo_type="model",
-                      commit_message="Upload model trained with fdistill")
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), repo_type="model",
+                          commit_message="Upload model trained with fdistill")
+    except Exception as error:  # the transport's errors differ across huggingface_hub versions (requests, httpx)
+        raise HubPushError(f"uploading {model_dir} to the Hub repository {repo_id} failed: "
+                           f"{type(error).__name__}: {error}") from error
     return str(url)

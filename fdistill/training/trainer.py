@@ -41,7 +41,7 @@ from ..methods.base import Method, Phase, StepContext
 from .checkpoint import CheckpointError, discard, load_checkpoint, remove_leftovers, save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
-from .hub import push_export, write_model_card
+from .hub import HubPushError, push_export, write_model_card
 from .logging import (TENSORBOARD_DIR, JsonlLogger, Trackers, finish_trackers, flat_hparams, format_block,
                       format_summary, log_image, parameter_counts, phase_scalars)
 from .plots import CURVES_FILENAME, write_curves
@@ -547,6 +547,14 @@ class Trainer:
         os.rename(temporary, target)
         return target
 
+    def push(self, exported: Path) -> None:
+        """Upload the export to ``train.hub_repo_id``. A failed upload does not fail the finished run: it is
+        reported with the command that retries it."""
+        try:
+            notice(f"pushed {exported} to {push_export(exported, self.config.hub_repo_id)}")
+        except HubPushError as error:
+            notice(f"{error}; retry with: fdistill push {self.run_dir} --repo-id {self.config.hub_repo_id}")
+
     def sample_grid_path(self, step: int) -> Path:
         """Where the sample grid of ``step`` goes (``save_sample_grid`` writes ``.pt`` instead for non-images)."""
         return self.run_dir / "samples" / f"step_{step:06d}.png"
@@ -633,7 +641,7 @@ class Trainer:
                 self._after_step(logs, started, start_step)
             exported = self.export() if self.config.export else None
             if self.is_main and exported is not None and self.config.push_to_hub:
-                notice(f"pushed {exported} to {push_export(exported, self.config.hub_repo_id)}")
+                self.push(exported)
         finally:
             progress.close()
         if self.is_main:
