@@ -15,6 +15,7 @@ Conditioning (what the UNet is called with), as in the Diffusers pipelines:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,7 +106,8 @@ def load_sd_components(pretrained: str, kind: str = "sd15", revision: str | None
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             pretrained, subfolder="text_encoder_2", **frozen)
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision)
-    return SDComponents(**parts, source=str(pretrained))
+    local = Path(pretrained).exists()       # a directory is recorded absolute: a LoRA export loads from anywhere
+    return SDComponents(**parts, source=str(Path(pretrained).resolve()) if local else str(pretrained))
 
 
 # ----------------------------------------------------------------------------------------------- tiny models

@@ -53,6 +53,13 @@ def test_sample_command_runs_a_lora_export(lora_export, tmp_path):
     assert len(list(out.glob("*.png"))) >= 2
 
 
+def test_a_local_base_is_recorded_absolute(tmp_path, monkeypatch):
+    save_components(tiny_sd_components("sd15", image_size=SIZE), str(tmp_path / "base"))
+    monkeypatch.chdir(tmp_path)
+    assert load_sd_components("base").source == str((tmp_path / "base").resolve())
+    assert load_sd_components(str(tmp_path / "base")).source == str((tmp_path / "base").resolve())
+
+
 def test_lora_export_without_base_names_the_file(tmp_path):
     config = DiffusionDPOConfig(finetune="lora", sampler=SamplerConfig(steps=2))
     method = build(config, tiny_sd_components("sd15", image_size=SIZE), shape_preferences(num_pairs=4, resolution=SIZE))
