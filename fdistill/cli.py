@@ -15,6 +15,7 @@ COMMANDS = {
     "fid": ("fdistill.commands.fid", "FID / KID / precision-recall between image folders, statistics files or a model"),
     "plot": ("fdistill.commands.plot", "training curves (loss, metrics, LR) of a run directory as a PNG"),
     "completion": ("fdistill.commands.completion", "print a bash completion script: eval \"$(fdistill completion bash)\""),
+    "push": ("fdistill.commands.push", "upload a run's export (model + model card) to the Hugging Face Hub"),
 }
 
 

@@ -15,6 +15,7 @@ Conditioning (what the UNet is called with), as in the Diffusers pipelines:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,9 @@ PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionX
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion model. ``text_encoder_2`` / ``tokenizer_2`` are set only for SDXL."""
+    """The parts of a Stable Diffusion model. ``text_encoder_2`` / ``tokenizer_2`` are set only for SDXL.
+    ``source`` is the hub id or directory they were loaded from (None when built in memory): a LoRA trained on
+    them records it as its base model."""
 
     unet: nn.Module
     vae: nn.Module
@@ -35,6 +38,7 @@ class SDComponents:
     scheduler: Any
     text_encoder_2: nn.Module | None = None
     tokenizer_2: Any = None
+    source: str | None = None
 
     @property
     def kind(self) -> str:
@@ -102,7 +106,8 @@ def load_sd_components(pretrained: str, kind: str = "sd15", revision: str | None
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             pretrained, subfolder="text_encoder_2", **frozen)
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision)
-    return SDComponents(**parts)
+    local = Path(pretrained).exists()       # a directory is recorded absolute: a LoRA export loads from anywhere
+    return SDComponents(**parts, source=str(Path(pretrained).resolve()) if local else str(pretrained))
 
 
 # ----------------------------------------------------------------------------------------------- tiny models

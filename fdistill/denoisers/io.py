@@ -42,6 +42,8 @@ KINDS = ("denoiser", "generator")
 NETWORK_DIR = "unet"
 SCHEDULER_DIR = "scheduler"
 PIPELINE_MODEL_COMPONENTS = ("unet", "transformer")
+LORA_EXPORT_FILE = "fdistill_dpo.json"           # written by method diffusion_dpo's export
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # model_class name in a config / fdistill.json -> module that defines it.
@@ -71,6 +73,7 @@ class ModelInfo:
         sigma_min, sigma_max: noise range of the model.
         wrapper: "edm" or "vp".
         source: the path or hub id it was loaded from.
+        base_model: a LoRA export's base pipeline (path or hub id) the LoRA was fused into; None otherwise.
         components: other pipeline parts by name -> (path or hub id, subfolder), e.g. {"vae": ("sd-dir", "vae")},
             loadable with ``<Class>.from_pretrained(root, subfolder=subfolder)``.
     """
@@ -86,6 +89,7 @@ class ModelInfo:
     sigma_max: float = 80.0
     wrapper: str = "edm"
     source: str = ""
+    base_model: str | None = None
     components: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
@@ -314,6 +318,23 @@ def _other_components(source: _Source, index: dict, model_component: str) -> dic
             and value[0] is not None}
 
 
+def _load_lora_export(source: _Source, meta: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
+    """The base pipeline named by ``meta["base_model"]`` with the export's LoRA fused into its UNet (the
+    pipeline's VAE and text encoders come from the base)."""
+    base = meta.get("base_model")
+    if not base:
+        raise ValueError(f"{source.location(LORA_EXPORT_FILE)}: the LoRA export names no base_model (trained on "
+                         f"in-memory components); load its base pipeline and call pipe.load_lora_weights(...)")
+    denoiser, info = load_denoiser(base, dtype=dtype)
+    location = {"pretrained_model_name_or_path_or_dict": str(Path(source.name) / source.join())} if source.local \
+        else {"pretrained_model_name_or_path_or_dict": source.name, "subfolder": source.subfolder}
+    denoiser.net.load_lora_adapter(**location, weight_name=LORA_WEIGHTS_FILE, prefix="unet")
+    denoiser.net.fuse_lora()        # merged into the base weights: sampling runs at the base model's speed
+    denoiser.net.unload_lora()
+    info.base_model = str(base)
+    return denoiser, info
+
+
 def _load_bare_model(source: _Source, config: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
     scheduler = source.read_json("scheduler_config.json") or source.read_json("..", SCHEDULER_DIR,
                                                                               "scheduler_config.json")
@@ -329,7 +350,9 @@ def load_denoiser(path_or_hub_id: str | os.PathLike, subfolder: str | None = Non
     """Load a model directory or hub id as a denoiser; returns (denoiser in eval mode, ModelInfo).
 
     Accepts, in this order: an fdistill directory (fdistill.json), a Diffusers pipeline (model_index.json: the
-    ``unet`` or ``transformer`` plus ``scheduler``), a bare Diffusers model directory (config.json + a scheduler).
+    ``unet`` or ``transformer`` plus ``scheduler``), a Diffusion-DPO LoRA export (fdistill_dpo.json naming its
+    ``base_model``: the base pipeline with the LoRA fused in), a bare Diffusers model directory (config.json + a
+    scheduler).
     ``subfolder`` selects a directory inside the path / repository. ``dtype`` is the network's compute dtype
     (inputs and outputs stay float32).
     Raises FileNotFoundError for a missing path, ValueError for a directory that is none of these.
@@ -339,6 +362,8 @@ def load_denoiser(path_or_hub_id: str | os.PathLike, subfolder: str | None = Non
         denoiser, info = _load_fdistill(source, meta, dtype)
     elif (index := source.read_json("model_index.json")) is not None:
         denoiser, info = _load_pipeline(source, index, dtype)
+    elif (lora := source.read_json(LORA_EXPORT_FILE)) is not None and lora.get("finetune") == "lora":
+        denoiser, info = _load_lora_export(source, lora, dtype)
     elif (config := source.read_json("config.json")) is not None:
         denoiser, info = _load_bare_model(source, config, dtype)
     else:

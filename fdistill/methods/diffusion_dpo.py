@@ -197,6 +197,7 @@ class DiffusionDPO(Method):
         super().__init__()
         self.config = config
         self.kind = components.kind
+        self.base_model = components.source
         self.tokenizers = (components.tokenizer, components.tokenizer_2)
         self.scheduler = components.scheduler
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
@@ -347,7 +348,9 @@ class DiffusionDPO(Method):
     # ------------------------------------------------------------------------------------- export
 
     def export(self, directory: str | Path) -> None:
-        """LoRA mode: ``pytorch_lora_weights.safetensors`` in Diffusers format (``pipe.load_lora_weights(dir)``).
+        """LoRA mode: ``pytorch_lora_weights.safetensors`` in Diffusers format (``pipe.load_lora_weights(dir)``),
+        its base pipeline (hub id or directory; null for in-memory components) in ``fdistill_dpo.json``
+        ``base_model``: ``fdistill sample --model dir`` loads the base and applies the LoRA.
         Full mode: a complete Diffusers pipeline directory with the tuned UNet (``Pipeline.from_pretrained(dir)``;
         the UNet alone loads with ``UNet2DConditionModel.from_pretrained(dir, subfolder="unet")``)."""
         directory = str(directory)
@@ -366,7 +369,8 @@ class DiffusionDPO(Method):
                                              unet_lora_adapter_metadata=metadata)
         with open(os.path.join(directory, "fdistill_dpo.json"), "w") as f:
             json.dump({"method": "diffusion_dpo", "kind": self.kind, "finetune": self.config.finetune,
-                       "objective": self.config.objective, "beta": self.config.beta}, f, indent=2)
+                       "objective": self.config.objective, "beta": self.config.beta,
+                       "base_model": self.base_model}, f, indent=2)
 
 
 def _repeat(value: Any, repeats: int) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ..denoisers.io import HUB_ID
 from ..samplers.config import SamplerConfig, as_sampler_config  # noqa: F401  (re-exported: the sampler: section)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -55,7 +56,11 @@ class TrainConfig:
             (``fdistill.training.resume`` lists which settings are run-defining); or a checkpoint directory.
         device: 'auto' (accelerate's choice: GPU when present), 'cpu' or 'cuda'.
         num_workers: data-loader worker processes (>= 0).
-        export: write ``method.export(run_dir / 'model')`` at the end when the method supports it.
+        export: write ``method.export(run_dir / 'model')`` at the end when the method supports it (with a model
+            card, ``README.md``).
+        push_to_hub: upload the export to the Hugging Face Hub repository ``hub_repo_id`` at the end (created if
+            missing; the token is huggingface_hub's: ``HF_TOKEN`` or ``hf auth login``). Needs ``export``.
+        hub_repo_id: the Hub model repository ``owner/name`` of ``push_to_hub``.
         progress: show a tqdm progress bar on the main process.
         fsdp: shard the trained networks with FSDP2 across processes (``fdistill.training.sharding``); also on when
             ``accelerate launch`` runs with an FSDP config (``distributed_type: FSDP``). No effect on one process.
@@ -86,6 +91,8 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     export: bool = True
+    push_to_hub: bool = False
+    hub_repo_id: str | None = None
     progress: bool = True
     fsdp: bool = False
     fsdp_min_params: int = 10_000_000
@@ -109,5 +116,8 @@ class TrainConfig:
         require(self.device in ("auto", "cpu", "cuda"), f"train.device must be one of ('auto', 'cpu', 'cuda'), got {self.device!r}")
         require(all(0.0 < d < 1.0 for d in self.ema_decays), f"train.ema_decays must each be in (0, 1), got {list(self.ema_decays)}")
         require(bool(self.run_dir), "train.run_dir must be a non-empty path")
+        require(not self.push_to_hub or (self.export and bool(self.hub_repo_id) and HUB_ID.match(self.hub_repo_id)),
+                f"train.push_to_hub needs train.export=true and train.hub_repo_id=<owner>/<name>, got "
+                f"export={self.export}, hub_repo_id={self.hub_repo_id!r}")
         require(self.resume in RESUME_MODES or os.path.isdir(self.resume),
                 f"train.resume must be one of {RESUME_MODES} or an existing checkpoint directory, got {self.resume!r}")

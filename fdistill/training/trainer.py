@@ -41,6 +41,7 @@ from ..methods.base import Method, Phase, StepContext
 from .checkpoint import CheckpointError, discard, load_checkpoint, remove_leftovers, save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
+from .hub import HubPushError, push_export, write_model_card
 from .logging import (TENSORBOARD_DIR, JsonlLogger, Trackers, finish_trackers, flat_hparams, format_block,
                       format_summary, log_image, parameter_counts, phase_scalars)
 from .plots import CURVES_FILENAME, write_curves
@@ -549,10 +550,19 @@ class Trainer:
             except NotImplementedError:
                 shutil.rmtree(temporary, ignore_errors=True)
                 return None
+            write_model_card(temporary, self.run_dir)
         if target.exists():
             discard(target)
         os.rename(temporary, target)
         return target
+
+    def push(self, exported: Path) -> None:
+        """Upload the export to ``train.hub_repo_id``. A failed upload does not fail the finished run: it is
+        reported with the command that retries it."""
+        try:
+            notice(f"pushed {exported} to {push_export(exported, self.config.hub_repo_id)}")
+        except HubPushError as error:
+            notice(f"{error}; retry with: fdistill push {self.run_dir} --repo-id {self.config.hub_repo_id}")
 
     def sample_grid_path(self, step: int) -> Path:
         """Where the sample grid of ``step`` goes (``save_sample_grid`` writes ``.pt`` instead for non-images)."""
@@ -639,6 +649,8 @@ class Trainer:
                 progress.set_postfix(loss=f"{logs['loss']:.4g}")
                 self._after_step(logs, started, start_step)
             exported = self.export() if self.config.export else None
+            if self.is_main and exported is not None and self.config.push_to_hub:
+                self.push(exported)
         finally:
             progress.close()
         if self.is_main:
