@@ -21,7 +21,8 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: fdistill <command> [options]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `fdistill <command> --help` for the options of one command."]
     return "\n".join(lines)
 
