@@ -138,10 +138,6 @@ class ModelStatistics:
                 raise ValueError(f"{path}: missing tensors {sorted(missing)}")
             return cls(*(handle.get_tensor(name) for name in ("lambdas", "l", "s", "b")))
 
-    def l_at(self, lam: float) -> Tensor:
-        """l at one lambda: [*sample_shape] (or a scalar tensor)."""
-        return _interpolate(self.lambdas, self.l, torch.tensor([lam], dtype=torch.float64))[0]
-
 
 class _Integrals:
     """L, S (integrals of l, s) and B = integral of e^{-S} b, tabulated on a fine lambda grid and interpolated
@@ -157,6 +153,36 @@ class _Integrals:
         self.L = _cumulative_trapezoid(self.grid, l)
         self.S = _cumulative_trapezoid(self.grid, s)
         self.B = _cumulative_trapezoid(self.grid, torch.exp(-self.S) * b)
+        self._steps: dict[tuple[float, float], tuple[Tensor, list[Tensor], Tensor]] = {}
+        self._g: dict[tuple[float, float], tuple[Tensor, Tensor]] = {}
+        self._points: dict[float, tuple[Tensor, Tensor]] = {}
+
+    def step(self, lam_s: float, lam_t: float, like: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """``_step_coefficients`` up to k = MAX_ORDER in ``like``'s dtype and device, computed once per step (the
+        predictor and the corrector of a step share them)."""
+        if (lam_s, lam_t) not in self._steps:
+            decay, phis, b_term = _step_coefficients(self, lam_s, lam_t, MAX_ORDER)
+            self._steps[(lam_s, lam_t)] = decay.to(like), [phi.to(like) for phi in phis], b_term.to(like)
+        return self._steps[(lam_s, lam_t)]
+
+    def g_factors(self, lam_s: float, lam_j: float, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(e^{S_s - S_j}, e^{S_s} (B_j - B_s)): g_j = first * f_j - second relative to lam_s (module docstring);
+        cached per pair."""
+        if (lam_s, lam_j) not in self._g:
+            (S_s, B_s), (S_j, B_j) = self._point(lam_s), self._point(lam_j)
+            self._g[(lam_s, lam_j)] = torch.exp(S_s - S_j).to(like), (torch.exp(S_s) * (B_j - B_s)).to(like)
+        return self._g[(lam_s, lam_j)]
+
+    def tabulate(self, lambdas: list[float]) -> None:
+        """Look up S and B at all of a schedule's lambdas in one interpolation (the per-step lookups are the
+        solver's main overhead otherwise)."""
+        _, S, B = self.at(torch.tensor(lambdas, dtype=torch.float64))
+        self._points.update({lam: (S[k], B[k]) for k, lam in enumerate(lambdas)})
+
+    def _point(self, lam: float) -> tuple[Tensor, Tensor]:
+        if lam not in self._points:
+            self.tabulate([lam])
+        return self._points[lam]
 
     def at(self, lambdas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(L, S, B) at lambdas [M]: each [M, *sample_shape]."""
@@ -200,9 +226,11 @@ def _step_coefficients(integrals: _Integrals, lam_s: float, lam_t: float, max_k:
 
 def _g_values(integrals: _Integrals, lam_s: float, nodes: list[Node]) -> list[Tensor]:
     """g at each node relative to the expansion point lam_s: e^{S_s - S_j} f_j - e^{S_s} (B_j - B_s)."""
-    L, S, B = integrals.at(torch.tensor([lam_s] + [lam for lam, _ in nodes], dtype=torch.float64))
-    return [torch.exp(S[0] - S[j + 1]).to(f) * f - (torch.exp(S[0]) * (B[j + 1] - B[0])).to(f)
-            for j, (_, f) in enumerate(nodes)]
+    values = []
+    for lam_j, f in nodes:
+        scale, shift = integrals.g_factors(lam_s, lam_j, f)
+        values.append(scale * f - shift)
+    return values
 
 
 def _derivatives(offsets: list[float], g: list[Tensor], pseudo: bool) -> list[Tensor]:
@@ -230,12 +258,12 @@ def dpm_solver_v3_update(integrals: _Integrals, x_s: Tensor, lam_t: float, nodes
     of order len(nodes) (paper Eq. 11). The other nodes are earlier evaluations (predictor) or the evaluation at
     the predicted x_t followed by earlier ones (corrector)."""
     lam_s = nodes[0][0]
-    decay, phis, b_term = _step_coefficients(integrals, lam_s, lam_t, len(nodes) - 1)
+    decay, phis, b_term = integrals.step(lam_s, lam_t, x_s)
     g = _g_values(integrals, lam_s, nodes)
     derivatives = [g[0]] + _derivatives([lam - lam_s for lam, _ in nodes], g, pseudo)
-    x_t = decay.to(x_s) * x_s - b_term.to(x_s)
+    x_t = decay * x_s - b_term
     for phi_k, derivative in zip(phis, derivatives):
-        x_t = x_t - phi_k.to(x_s) * derivative
+        x_t = x_t - phi_k * derivative
     return x_t
 
 
@@ -265,12 +293,14 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
     integrals = _Integrals(stats)
     sigma_values = _sigma_list(sigmas)
     orders = step_orders(sigma_values, order, multistep=True, lower_order_final=lower_order_final)
+    lambdas = [-math.log(sigma) for sigma in sigma_values if sigma > 0]
+    integrals.tabulate(lambdas)
+    l_values = _interpolate(stats.lambdas, stats.l, torch.tensor(lambdas, dtype=torch.float64)).to(x)
     x0_fn = _x0_fn(denoiser, cond)
     history: list[Node] = []                   # newest first
     previous: tuple[Tensor, int] | None = None  # (x_s, predictor order) of the last step, for the corrector
     for i, step_order in _steps(orders, progress, "dpm_solver_v3"):
-        lam = -math.log(sigma_values[i])
-        l_now = stats.l_at(lam).to(x)
+        lam, l_now = lambdas[i], l_values[i]
         f = (1 - l_now) * x - x0_fn(x, sigma_values[i])
         if corrector and previous is not None:
             x_s, previous_order = previous
@@ -280,8 +310,7 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
         if step_order == 0:
             return (1 - l_now) * x - f
         previous = (x, step_order)
-        x = dpm_solver_v3_update(integrals, x, -math.log(sigma_values[i + 1]), history[:step_order],
-                                 predictor_pseudo)
+        x = dpm_solver_v3_update(integrals, x, lambdas[i + 1], history[:step_order], predictor_pseudo)
     return x
 
 
