@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
+from fdistill.denoisers import GaussianMixtureDenoiser
 from fdistill.samplers import ModelStatistics, compute_ems, dpmpp_3m_coefficients, nfe, sample, sigmas, step_orders
 from fdistill.samplers.reference import diffusers_sample
 
@@ -136,6 +137,26 @@ def test_gaussian_ems_make_few_step_sampling_nearly_exact(gaussian_ems, steps):
              for name, options in [("dpm_solver_v3", {"ems": gaussian_ems}), ("dpmpp_3m", {}), ("unipc_bh2", {})]}
     assert error["dpm_solver_v3"] < 1e-2 and error["dpm_solver_v3"] < min(error["dpmpp_3m"], error["unipc_bh2"]) / 50, \
         error
+
+
+def test_float32_ems_are_as_good_as_float64_ems():
+    """EMS computed in float32 (what a network gives) must not be ruined by rounding in the finite differences:
+    sampling with them is about as accurate as with float64 EMS, and far better than without EMS."""
+    generator = torch.Generator().manual_seed(0)
+    teacher = GaussianMixtureDenoiser(torch.randn(4, 64, generator=generator, dtype=torch.float64),
+                                      torch.full((4,), 0.3), sample_shape=(1, 8, 8))
+    lambdas = torch.linspace(-math.log(SIGMA_MAX), -math.log(SIGMA_MIN), 41, dtype=torch.float64)
+    x = SIGMA_MAX * torch.randn(8, 1, 8, 8, generator=generator)
+    schedule = sigmas("karras", 8, SIGMA_MIN, SIGMA_MAX)
+    reference = sample(teacher, x.double(), sigmas("logsnr", 100, SIGMA_MIN, SIGMA_MAX), "dpm_solver_3").float()
+
+    def error(**options):
+        return (sample(teacher, x, schedule, "dpm_solver_v3", **options) - reference).flatten(1).norm(dim=1).median()
+
+    ems = {dtype: compute_ems(teacher, (1, 8, 8), 64, lambdas, dtype=dtype) for dtype in (torch.float64, torch.float32)}
+    assert ems[torch.float32].l.shape == (41, 1, 8, 8)
+    assert error(ems=ems[torch.float32]) < 1.5 * error(ems=ems[torch.float64])
+    assert error(ems=ems[torch.float32]) < error() / 10
 
 
 def test_ems_save_load_round_trip_and_bad_files(gaussian_ems, tmp_path):

@@ -59,6 +59,7 @@ QUADRATURE_INTERVALS = 128        # Simpson intervals per step for Phi_k and the
 INTEGRAL_GRID_SPACING = 0.01      # lambda spacing of the tabulated L, S and b-integral
 INTEGRAL_GRID_MARGIN = 2.0        # the table extends this far (in lambda) beyond the statistics grid
 EMS_FORMAT = "fdistill-ems-v1"
+X_STEP_FLOOR = 0.1               # compute_ems: the x-step of the Jacobian probe is fd_step * max(sigma, this)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,7 +331,8 @@ def _batch_cond(cond: Any, num_samples: int, batch: slice) -> Any:
 @torch.no_grad()
 def compute_ems(denoiser: Callable, sample_shape: tuple[int, ...], num_samples: int, lambdas: Tensor,
                 cond: Any = None, *, data: Tensor | None = None, sampling_steps: int = 50, batch_size: int = 256,
-                fd_step: float = 1e-3, seed: int = 0, dtype: torch.dtype = torch.float64,
+                fd_step: float | None = None, ridge: float | None = None, seed: int = 0,
+                dtype: torch.dtype = torch.float64,
                 device: torch.device | str = "cpu") -> ModelStatistics:
     """Empirical model statistics l, s, b of ``denoiser`` on the lambda grid (paper Sec. 3.2; module docstring).
 
@@ -342,13 +344,22 @@ def compute_ems(denoiser: Callable, sample_shape: tuple[int, ...], num_samples: 
         cond: passed to the denoiser (a tensor with ``num_samples`` rows is split with the batches).
         data: [num_samples, *sample_shape] samples of the model's data distribution; None = draw them from the model
             with ``sampling_steps`` steps of dpmpp_3m from sigma = exp(-lambdas[0]) (Karras sigmas) to 0.
-        fd_step: relative step of the finite differences (in x: fd_step * sigma; in lambda: fd_step).
+        fd_step: relative step of the finite differences (in x: fd_step * max(sigma, X_STEP_FLOOR); in lambda:
+            fd_step); None = 1e-3 in float64, 1e-2 in lower precision. The floor keeps the x-step above the
+            denoiser's rounding at small sigma: in float32, fd_step * sigma there turned l into noise and made the
+            sampler diverge (64-D mixture, 8 Karras steps: error 3e3 against 0.15).
+        ridge: s = Cov(f', f) / (Var(f) + ridge * E[f^2]); None = 1e-8 in float64, 1e-3 in lower precision. Where f
+            barely varies (large sigma, where D is nearly the data mean; a Gaussian's f is deterministic), rounding
+            noise would otherwise make s arbitrary (float32, 64-D mixture: |s| up to 70 and a diverging sampler).
         seed: seeds the noise, the Hutchinson probes and the generated data.
     Returns: ModelStatistics with l, s, b of shape [K, *sample_shape] (float64, on the CPU).
     """
     from .sampling import sample
     from .schedules import sigmas as make_sigmas
     lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
+    low_precision = dtype != torch.float64
+    fd_step = (1e-2 if low_precision else 1e-3) if fd_step is None else fd_step
+    ridge = (1e-3 if low_precision else 1e-8) if ridge is None else ridge
     if lambdas.ndim != 1 or len(lambdas) < 3 or not bool((lambdas.diff() > 0).all()):
         raise ValueError("compute_ems: lambdas must be a 1-D strictly increasing grid with >= 3 entries")
     generator = torch.Generator().manual_seed(seed)
@@ -369,7 +380,7 @@ def compute_ems(denoiser: Callable, sample_shape: tuple[int, ...], num_samples: 
 
     def jacobian_diagonal(lam: float) -> Tensor:
         sigma, total = math.exp(-lam), torch.zeros(sample_shape, dtype=dtype, device=device)
-        step = fd_step * sigma
+        step = fd_step * max(sigma, X_STEP_FLOOR)
         for batch in batches:
             x, v, c = data[batch] + sigma * noise[batch], probes[batch], _batch_cond(cond, num_samples, batch)
             jv = (_call(denoiser, x + step * v, sigma, c) - _call(denoiser, x - step * v, sigma, c)) / (2 * step)
@@ -393,9 +404,8 @@ def compute_ems(denoiser: Callable, sample_shape: tuple[int, ...], num_samples: 
         f, df = torch.cat(f_all), torch.cat(df_all)
         f_centred, df_centred = f - f.mean(0), df - df.mean(0)
         variance = (f_centred ** 2).mean(0)
-        # A ridge relative to E[f^2] keeps s finite (and ~0) where f is (nearly) deterministic, e.g. Gaussian data.
-        ridge = 1e-8 * (f ** 2).mean() + 1e-30
-        s = (f_centred * df_centred).mean(0) / (variance + ridge)
+        # A ridge relative to E[f^2] keeps s finite (and ~0) where f is (nearly) deterministic (see ``ridge``).
+        s = (f_centred * df_centred).mean(0) / (variance + ridge * (f ** 2).mean() + 1e-30)
         return s, df.mean(0) - s * f.mean(0)
 
     s_b = [regression(k, lam) for k, lam in enumerate(lambdas.tolist())]
