@@ -73,8 +73,8 @@ def test_noise_prediction_statistics_first_order_is_ddim():
     DPM-Solver++'s."""
     x = start_noise()
     sigma_list = sigmas("karras", 8, SIGMA_MIN, SIGMA_MAX)
-    out = sample(gaussian_denoiser, x, sigma_list, "dpm_solver_v3", ems=ModelStatistics.constant(l=0.0, s=-1.0), order=1,
-                 corrector=False)
+    noise_prediction = ModelStatistics.constant(l=0.0, s=-1.0)
+    out = sample(gaussian_denoiser, x, sigma_list, "dpm_solver_v3", ems=noise_prediction, order=1, corrector=False)
     torch.testing.assert_close(out, sample(gaussian_denoiser, x, sigma_list, "dpm_solver_1"), rtol=1e-8, atol=1e-8)
 
 

@@ -11,8 +11,8 @@ dx/dlambda = -sigma eps. For statistics l, s, b (functions of lambda, one value 
 with L, S the integrals of l, s along lambda (S_s = S(lambda_s)). If f' = s f + b held exactly, g would be constant.
 The exact solution from lambda_s to lambda_t (paper Eq. 9) is
 
-    x_t = e^{L_s - L_t} x_s - integral e^{L - L_t + S - S_s} g dlambda - integral e^{L - L_t} (integral_{lambda_s}^{lambda}
-          e^{S - S(r)} b(r) dr) dlambda,
+    x_t = e^{L_s - L_t} x_s - integral e^{L - L_t + S - S_s} g dlambda
+          - integral e^{L - L_t} (integral_{lambda_s}^{lambda} e^{S - S(r)} b(r) dr) dlambda,
 
 and a Taylor expansion of g around lambda_s gives the predictor of order n + 1 (paper Eq. 11)
 
@@ -190,7 +190,8 @@ class _Integrals:
         if bool((lambdas < self.grid[0]).any() or (lambdas > self.grid[-1]).any()):
             raise ValueError(f"dpm_solver_v3: sigma range exp(-lambda) for lambda in [{lambdas.min().item():.3f}, "
                              f"{lambdas.max().item():.3f}] exceeds the statistics' lambda range "
-                             f"[{self.grid[0].item():.3f}, {self.grid[-1].item():.3f}]; compute the EMS on a wider grid")
+                             f"[{self.grid[0].item():.3f}, {self.grid[-1].item():.3f}]; "
+                             "compute the EMS on a wider grid")
         return tuple(_interpolate(self.grid, table, lambdas) for table in (self.L, self.S, self.B))
 
 
