@@ -1,0 +1,117 @@
+"""Text-to-image evaluation at scale: prompt files, images written batch by batch, FID of a pipeline on a prompt
+file, CLIP score command."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from fdistill.cli import main as cli_main
+from fdistill.commands import sample as sample_command
+from fdistill.evaluation.prompts import read_prompts
+from fdistill.images import load_images
+
+PROMPTS = ["a red square", "a blue circle", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    from fdistill.pipelines import save_components, tiny_sd_components
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pipelines") / "sd"
+    save_components(tiny_sd_components("sd15", image_size=8), str(path))
+    return path
+
+
+def write_prompt_files(directory) -> dict[str, str]:
+    """The same prompts as txt, json strings, json objects (custom field), jsonl and parquet."""
+    files = {"txt": directory / "p.txt", "json": directory / "p.json", "objects": directory / "o.json",
+             "jsonl": directory / "p.jsonl", "parquet": directory / "p.parquet"}
+    files["txt"].write_text("\n".join(PROMPTS) + "\n\n")
+    files["json"].write_text(json.dumps(PROMPTS))
+    files["objects"].write_text(json.dumps([{"id": i, "text": p} for i, p in enumerate(PROMPTS)]))
+    files["jsonl"].write_text("".join(json.dumps({"caption": p}) + "\n" for p in PROMPTS))
+    pq.write_table(pa.table({"id": [1, 2, 3], "caption": PROMPTS}), files["parquet"])
+    return {name: str(path) for name, path in files.items()}
+
+
+def test_read_prompts_in_every_format(tmp_path):
+    files = write_prompt_files(tmp_path)
+    assert read_prompts(files["txt"]) == PROMPTS
+    assert read_prompts(files["json"]) == PROMPTS
+    assert read_prompts(files["objects"], caption_column="text") == PROMPTS
+    assert read_prompts(files["jsonl"]) == PROMPTS
+    assert read_prompts(files["parquet"]) == PROMPTS
+    with pytest.raises(ValueError, match="'caption' field"):
+        read_prompts(files["objects"])
+    with pytest.raises(ValueError, match="no column 'text'.*id, caption"):
+        read_prompts(files["parquet"], caption_column="text")
+    with pytest.raises(ValueError, match=r"unknown prompt file type '.csv'.*\.txt"):
+        read_prompts(tmp_path / "p.csv")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+
+
+def sample(*args: str) -> int:
+    return cli_main(["sample", "--no-progress", *args])
+
+
+def test_sample_prompts_file_one_image_per_prompt_with_caption_index(sd_dir, tmp_path):
+    files = write_prompt_files(tmp_path)
+    common = ["--model", str(sd_dir), "--steps", "2", "--guidance", "3"]
+    assert sample(*common, "--prompts", files["parquet"], "--per-prompt", "2", "--batch-size", "4",
+                  "--out", str(tmp_path / "a")) == 0
+    captions = [json.loads(line) for line in (tmp_path / "a" / "captions.jsonl").read_text().splitlines()]
+    assert captions == [{"file": f"{i:06d}.png", "caption": PROMPTS[i // 2]} for i in range(6)]
+    images = load_images(tmp_path / "a")
+    assert images.shape == (6, 3, 8, 8)
+    # image 3 (prompt 1, second copy) equals a --prompt run's image 3: prompts follow the index, not the batch
+    assert sample(*common, "--prompt", PROMPTS[1], "--num", "4", "--out", str(tmp_path / "b")) == 0
+    torch.testing.assert_close(load_images(tmp_path / "b")[3], images[3], atol=2 / 255, rtol=0)
+    assert (images[2] - images[0]).abs().max() > 0.01                      # another prompt, another image
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompts", "missing.txt"], "--prompts: prompt file missing.txt does not exist"),
+    (["--prompts", "PROMPTS", "--num", "3"], "--num and --prompts"),
+    (["--prompts", "PROMPTS", "--prompt", "a cat"], "--prompt and --prompts"),
+    (["--per-prompt", "2"], "--per-prompt needs --prompts"),
+])
+def test_sample_prompt_option_errors_exit_2(sd_dir, tmp_path, capsys, args, message):
+    files = write_prompt_files(tmp_path)
+    args = [files["txt"] if a == "PROMPTS" else a for a in args]
+    assert sample("--model", str(sd_dir), *args, "--out", str(tmp_path / "o")) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sample_writes_batch_by_batch_keeping_at_most_two_batches_alive(monkeypatch, tmp_path):
+    """Images must not accumulate: at every write, at most the current batch (and the one the loop variable still
+    holds) of all drawn image tensors is alive, and each write gets one batch."""
+    import weakref
+
+    from fdistill import images as images_module
+
+    drawn, writes = weakref.WeakSet(), []
+    real_draw, real_save = sample_command.draw, images_module.save_images
+
+    def tracked_draw(*args, **kwargs):
+        batch = real_draw(*args, **kwargs)
+        drawn.add(batch)
+        return batch
+
+    def recorded_save(images, directory, start_index=0):
+        writes.append((len(images), sum(len(batch) for batch in drawn)))
+        return real_save(images, directory, start_index)
+
+    monkeypatch.setattr(sample_command, "draw", tracked_draw)
+    monkeypatch.setattr(images_module, "save_images", recorded_save)
+    assert sample("--model", "digits-exact", "--num", "40", "--steps", "1", "--batch-size", "4",
+                  "--out", str(tmp_path)) == 0
+    assert len(writes) == 10 and max(size for size, _ in writes) == 4
+    assert max(alive for _, alive in writes) <= 8
+    assert len(list(tmp_path.glob("0*.png"))) == 40 and (tmp_path / "grid.png").is_file()
