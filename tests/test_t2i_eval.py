@@ -115,3 +115,41 @@ def test_sample_writes_batch_by_batch_keeping_at_most_two_batches_alive(monkeypa
     assert len(writes) == 10 and max(size for size, _ in writes) == 4
     assert max(alive for _, alive in writes) <= 8
     assert len(list(tmp_path.glob("0*.png"))) == 40 and (tmp_path / "grid.png").is_file()
+
+
+def test_fid_of_a_pipeline_on_a_prompt_file_equals_fid_of_the_folder_sample_writes(sd_dir, tmp_path):
+    """COCO-style FID: `fdistill fid --gen PIPELINE --prompts FILE` draws the images `fdistill sample --prompts`
+    writes (same code, same seeds), streamed into the extractor."""
+    files = write_prompt_files(tmp_path)
+    settings = ["--steps", "2", "--guidance", "3", "--per-prompt", "3", "--batch-size", "4"]
+    assert sample("--model", str(sd_dir), "--prompts", files["txt"], "--solver", "dpmpp_2m", *settings,
+                  "--out", str(tmp_path / "gen")) == 0
+    fid = ["fid", "--ref", "digits", "--features", "digits", "--quiet"]
+    assert cli_main([*fid, "--gen", str(tmp_path / "gen"), "--out", str(tmp_path / "folder.json")]) == 0
+    assert cli_main([*fid, "--gen", str(sd_dir), "--prompts", files["jsonl"], *settings,
+                     "--out", str(tmp_path / "pipeline.json")]) == 0
+    folder, pipeline = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("folder", "pipeline"))
+    assert pipeline["num_gen"] == folder["num_gen"] == 9
+    assert pipeline["fid"] == pytest.approx(folder["fid"], rel=1e-6, abs=1e-6)
+    assert pipeline["fid"] > 1                                              # tiny random pipeline: far from digits
+
+
+def test_fid_prompts_errors_exit_2(sd_dir, tmp_path, capsys):
+    files = write_prompt_files(tmp_path)
+    assert cli_main(["fid", "--gen", str(sd_dir), "--prompts", files["txt"], "--num", "5", "--ref", "digits",
+                     "--features", "digits", "--quiet"]) == 2
+    assert "--num and --prompts" in capsys.readouterr().err
+    assert cli_main(["fid", "--gen", str(sd_dir), "--prompts", str(tmp_path / "none.txt"), "--ref", "digits",
+                     "--features", "digits", "--quiet"]) == 2
+    assert "--prompts: prompt file" in capsys.readouterr().err
+
+
+def test_progress_bars_know_their_total_for_an_eta(tmp_path, capsys):
+    """The long loops show n/total (tqdm then prints an ETA): sampling, and features of a folder (no --num)."""
+    assert cli_main(["sample", "--model", "digits-exact", "--num", "6", "--steps", "1", "--batch-size", "4",
+                     "--out", str(tmp_path)]) == 0
+    assert "6/6" in capsys.readouterr().err
+    assert cli_main(["fid", "--gen", str(tmp_path), "--ref", str(tmp_path), "--features", "digits",
+                     "--no-cache"]) == 0
+    bars = capsys.readouterr().err
+    assert "reference: 100%|██████████| 6/6" in bars and "generated: 100%|██████████| 6/6" in bars, bars
