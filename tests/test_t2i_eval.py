@@ -153,3 +153,35 @@ def test_progress_bars_know_their_total_for_an_eta(tmp_path, capsys):
                      "--no-cache"]) == 0
     bars = capsys.readouterr().err
     assert "reference: 100%|██████████| 6/6" in bars and "generated: 100%|██████████| 6/6" in bars, bars
+
+
+def test_clipscore_of_a_sampled_folder_its_pipeline_and_a_prompt_file_agree(sd_dir, tiny_open_clip, tmp_path,
+                                                                           capsys):
+    from fdistill.evaluation.clip import clip_score, load_clip
+
+    directory, _ = tiny_open_clip
+    clip_options = ["--clip-model", f"local-dir:{directory}", "--clip-pretrained", "", "--quiet"]
+    files = write_prompt_files(tmp_path)
+    settings = ["--steps", "2", "--guidance", "3", "--per-prompt", "2", "--batch-size", "4"]
+    assert sample("--model", str(sd_dir), "--prompts", files["txt"], *settings, "--out", str(tmp_path / "gen")) == 0
+
+    def score(*args: str) -> float:
+        out = tmp_path / "score.json"
+        assert cli_main(["clipscore", *args, *clip_options, "--out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["num"] == 6
+        return result["clip_score"]
+
+    from_index = score("--images", str(tmp_path / "gen"), "--batch-size", "4")
+    expected = clip_score(load_images(tmp_path / "gen"), [p for p in PROMPTS for _ in range(2)],
+                          load_clip(f"local-dir:{directory}", None))
+    assert from_index == pytest.approx(expected, rel=1e-5)
+    assert score("--images", str(tmp_path / "gen"), "--prompts", files["parquet"], "--per-prompt", "2") \
+        == pytest.approx(expected, rel=1e-5)
+    assert score("--gen", str(sd_dir), "--prompts", files["json"], *settings) == pytest.approx(expected, rel=1e-4)
+    # a prompt file of another length, and a folder without captions.jsonl, are refused naming the problem
+    assert cli_main(["clipscore", "--images", str(tmp_path / "gen"), "--prompts", files["txt"], *clip_options]) == 2
+    assert "3 prompts x --per-prompt 1 != 6 images" in capsys.readouterr().err
+    (tmp_path / "gen" / "captions.jsonl").unlink()
+    assert cli_main(["clipscore", "--images", str(tmp_path / "gen"), *clip_options]) == 1
+    assert "captions.jsonl does not exist; give the prompts with --prompts" in capsys.readouterr().err

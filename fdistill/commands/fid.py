@@ -30,7 +30,7 @@ from fdistill.commands import UsageError, bounded_int, finite_float, one_line
 from fdistill.evaluation.extractors import EXTRACTORS, build_feature_extractor
 from fdistill.evaluation.fid import SourceOptions, compute_metrics
 from fdistill.evaluation.preprocess import MODES
-from fdistill.evaluation.prompts import DEFAULT_CAPTION_COLUMN
+from fdistill.commands.sample import add_prompt_arguments
 from fdistill.evaluation.sources import FLOAT_RANGES, UnstatedRangeError
 
 MAX_IMAGES = 10_000_000          # statistics are streamed: the bound only catches typos (1e12)
@@ -65,10 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=18, help="solver steps for a denoiser --gen")
     parser.add_argument("--schedule", default="karras", help="sigma schedule for a denoiser --gen")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts", default=None, help="prompt file for a text-to-image --gen pipeline (.txt, .json, "
-                        ".jsonl, .parquet; see `fdistill sample --help`): one image per prompt")
-    parser.add_argument("--caption-column", default=DEFAULT_CAPTION_COLUMN, help="prompt field / column of --prompts")
-    parser.add_argument("--per-prompt", type=bounded_int(1, MAX_IMAGES), default=1, help="images per prompt")
+    add_prompt_arguments(parser)                        # a text-to-image --gen pipeline sampled on a prompt file
     parser.add_argument("--guidance", type=finite_float, default=1.0,
                         help="classifier-free guidance weight of a --prompts pipeline (1 = off)")
     parser.add_argument("--no-cache", action="store_true", help="do not read / write cached reference statistics")
@@ -101,22 +98,6 @@ def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device:
     return generate, info
 
 
-def prompt_image_batches(args):
-    """(batches of [-1, 1] images, their number) of the text-to-image pipeline --gen on --prompts, drawn by
-    ``fdistill sample``'s code (same files -> same images) and streamed: nothing is kept or written."""
-    from fdistill.commands import sample
-
-    if args.num is not None:
-        raise UsageError("--num and --prompts: the number of images is prompts x --per-prompt; drop --num")
-    settings = sample.build_parser().parse_args(["--model", args.gen, "--out", "unused"])   # its defaults
-    settings.__dict__.update(prompts=args.prompts, caption_column=args.caption_column, per_prompt=args.per_prompt,
-                             guidance=args.guidance, solver=args.solver, steps=args.steps, schedule=args.schedule,
-                             seed=args.seed, batch_size=args.batch_size, device=args.device,
-                             no_progress=True)                  # the feature extraction's bar shows the ETA
-    model, denoiser, levels = sample.prepare(settings)           # refuses --prompts for other models
-    return (images for _, images in sample.image_batches(model, denoiser, settings, levels)), settings.num
-
-
 def _gen_source(args):
     """(source, num_classes) for --gen: a path to images as is, or a model's generate_fn."""
     path = Path(args.gen)
@@ -144,7 +125,10 @@ def _write_json(path: Path, result: dict) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     if args.prompts is not None:
-        (gen, args.num), num_classes = prompt_image_batches(args), None
+        from fdistill.commands.sample import prompt_pipeline_batches
+
+        batches, args.num = prompt_pipeline_batches(args)
+        gen, num_classes = (images for images, _ in batches), None
     else:
         gen, num_classes = _gen_source(args)
     options = SourceOptions(args.batch_size, args.workers, args.device, not args.quiet, args.seed, num_classes,

@@ -216,6 +216,15 @@ def guided(model: Model, scale: float) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ command line
 
 
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """--prompts, --caption-column, --per-prompt (shared with ``fdistill fid`` and ``fdistill clipscore``)."""
+    parser.add_argument("--prompts", default=None,
+                        help="prompt file, one image per prompt (.txt lines, .json/.jsonl strings or objects, .parquet)")
+    parser.add_argument("--caption-column", default=DEFAULT_CAPTION_COLUMN,
+                        help="field / column holding the prompt in a .json, .jsonl or .parquet --prompts file")
+    parser.add_argument("--per-prompt", type=bounded_int(1, MAX_NUM), default=1, help="images per --prompts prompt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fdistill.samplers import SOLVERS
 
@@ -236,11 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class", dest="class_label", type=int, default=None,
                         help="class label of all images (default: classes cycle 0, 1, ...)")
     parser.add_argument("--prompt", default="", help="text prompt (text-to-image models)")
-    parser.add_argument("--prompts", default=None,
-                        help="prompt file, one image per prompt (.txt lines, .json/.jsonl strings or objects, .parquet)")
-    parser.add_argument("--caption-column", default=DEFAULT_CAPTION_COLUMN,
-                        help="field / column holding the prompt in a .json, .jsonl or .parquet --prompts file")
-    parser.add_argument("--per-prompt", type=bounded_int(1, MAX_NUM), default=1, help="images per --prompts prompt")
+    add_prompt_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="image i uses noise seeded by (seed, i)")
     parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=64, help="images per forward batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -375,6 +380,25 @@ def image_batches(model: Model, denoiser: nn.Module, args: argparse.Namespace, l
             count = min(args.batch_size, args.num - start)
             yield start, require_finite(draw(model, denoiser, args, levels, start, count), start, args)
             progress.update(count)
+
+
+def prompt_pipeline_batches(options: argparse.Namespace):
+    """(iterator of (images [B, C, H, W] in [-1, 1], their prompts), number of images) of the text-to-image
+    pipeline ``options.gen`` on ``options.prompts``, drawn by this command's code (same options -> the images
+    ``fdistill sample`` writes) and streamed: nothing is kept or written. ``options`` holds the sampling options
+    of ``fdistill fid`` / ``fdistill clipscore`` (gen, num, prompts, caption_column, per_prompt, guidance, solver,
+    steps, schedule, seed, batch_size, device); the others take this command's defaults."""
+    if options.num is not None:
+        raise UsageError("--num and --prompts: the number of images is prompts x --per-prompt; drop --num")
+    args = build_parser().parse_args(["--model", options.gen, "--out", "unused"])       # this command's defaults
+    for name in ("prompts", "caption_column", "per_prompt", "guidance", "solver", "steps", "schedule", "seed",
+                 "batch_size", "device"):
+        setattr(args, name, getattr(options, name))
+    args.no_progress = True                             # the caller's feature-extraction bar shows the ETA
+    model, denoiser, levels = prepare(args)             # refuses --prompts for a model without text conditioning
+    batches = ((images, image_prompts(args, start, len(images)))
+               for start, images in image_batches(model, denoiser, args, levels))
+    return batches, args.num
 
 
 def run(args: argparse.Namespace) -> str:
