@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="solver steps")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--features", default="digits", help="fdistill fid --features (digits: built-in, offline)")
+    parser.add_argument("--only", choices=("fid", "sample"), default=None, help="run one of the two commands")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/t2i_eval.json"))
     args = parser.parse_args(argv)
     sizes = args.num or [10_000]
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "--no-progress", "--out", str(tmp / f"gen_{num}"), *common],
             }
             for name, command in commands.items():
+                if args.only and command[0] != args.only:
+                    continue
                 seconds, peak_mib = run_measured([sys.executable, "-m", "fdistill.cli", *command])
                 rows.append({"command": name, "images": num, "seconds": round(seconds, 2),
                              "images_per_s": round(num / seconds, 2), "peak_rss_mib": round(peak_mib, 1)})

@@ -185,3 +185,44 @@ def test_clipscore_of_a_sampled_folder_its_pipeline_and_a_prompt_file_agree(sd_d
     (tmp_path / "gen" / "captions.jsonl").unlink()
     assert cli_main(["clipscore", "--images", str(tmp_path / "gen"), *clip_options]) == 1
     assert "captions.jsonl does not exist; give the prompts with --prompts" in capsys.readouterr().err
+
+
+def test_sample_under_accelerate_launch_two_cpu_processes_writes_the_one_process_images(sd_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on the CPU, GPUs hidden): each process draws every
+    other batch; together they write the one-process files (PNGs within one grey level, identical captions)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    files = write_prompt_files(tmp_path)
+    settings = ["--model", str(sd_dir), "--prompts", files["txt"], "--per-prompt", "3", "--steps", "2",
+                "--guidance", "3", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    assert sample(*settings[:-1], "--out", str(tmp_path / "one")) == 0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), "-m", "fdistill.cli", "sample", *settings, "--out", str(tmp_path / "two")]
+    two = subprocess.run(launch, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("wrote 9 images") == 1                         # the main process reports, once
+    one_images, two_images = load_images(tmp_path / "one"), load_images(tmp_path / "two")
+    assert two_images.shape == one_images.shape == (9, 3, 8, 8)
+    assert (two_images - one_images).abs().max() <= 1.5 / 127.5
+    assert (tmp_path / "two" / "captions.jsonl").read_text() == (tmp_path / "one" / "captions.jsonl").read_text()
+    assert (tmp_path / "two" / "grid.png").is_file()
+
+
+def test_processes_draw_disjoint_strided_batches_that_cover_every_image():
+    args = sample_command.build_parser().parse_args(["--model", "digits-exact", "--num", "11", "--batch-size", "2",
+                                                     "--steps", "1", "--no-progress", "--out", "unused"])
+    model, denoiser, levels = sample_command.prepare(args)
+    everything = dict(sample_command.image_batches(model, denoiser, args, levels))
+    shares = [dict(sample_command.image_batches(model, denoiser, args, levels, rank, 3)) for rank in range(3)]
+    assert [sorted(share) for share in shares] == [[0, 6], [2, 8], [4, 10]]
+    for share in shares:
+        for start, images in share.items():
+            torch.testing.assert_close(images, everything[start])

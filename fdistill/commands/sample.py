@@ -300,52 +300,47 @@ def resolve_prompts(args: argparse.Namespace) -> None:
 class SampleWriter:
     """Writes images batch by batch as they are drawn, so memory does not depend on the number of images.
 
-    Images [B, C, H, W] with C in (1, 3) become ``{index:06d}.png`` (+ one ``captions.jsonl`` line each when
-    prompts are given) and the first ``GRID_MAX`` of them ``grid.png`` at ``close``; anything else (point data
-    [B, D], latents of a model without a VAE) fills ``samples.npy`` [num, ...] through a memory map.
+    Images [B, C, H, W] with C in (1, 3) become ``{index:06d}.png``; at ``finish`` (main process, once every
+    process has written its share) the first ``GRID_MAX`` PNGs are read back into ``grid.png`` and, with prompts,
+    ``captions.jsonl`` maps each file to its prompt. Anything else (point data [B, D], latents of a model without
+    a VAE) fills ``samples.npy`` [num, ...] through a memory map (one process only).
     """
 
-    def __init__(self, out: Path, num: int):
-        self.out, self.num, self.written = out, num, 0
-        self.preview: list[Tensor] = []
+    def __init__(self, out: Path, num: int, num_processes: int = 1):
+        self.out, self.num, self.num_processes = out, num, num_processes
         self.array = None
-        self.captions = None
         out.mkdir(parents=True, exist_ok=True)
 
-    def write(self, start: int, images: Tensor, prompts: list[str] | None = None) -> None:
-        """Write images start .. start + len(images) - 1 (and their prompts)."""
+    def write(self, start: int, images: Tensor) -> None:
+        """Write images start .. start + len(images) - 1."""
         from fdistill.images import save_images
+
+        if images.ndim == 4 and images.shape[1] in (1, 3):
+            save_images(images, self.out, start_index=start)
+            return
+        if self.num_processes > 1:
+            raise UsageError(f"samples of shape {tuple(images.shape[1:])} go to one samples.npy, written by one "
+                             "process: run without `accelerate launch`")
+        if self.array is None:
+            self.array = np.lib.format.open_memmap(self.out / "samples.npy", mode="w+", dtype=np.float32,
+                                                   shape=(self.num, *images.shape[1:]))
+        self.array[start:start + len(images)] = images.numpy()
+
+    def finish(self, prompts: list[str] | None) -> str:
+        """Flush samples.npy, or write grid.png (and captions.jsonl for ``prompts`` [num]); a summary line."""
         from fdistill.evaluation.prompts import CAPTIONS_FILENAME
+        from fdistill.images import GRID_FILENAME, image_filename, load_images, save_grid
 
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            if self.array is None:
-                self.array = np.lib.format.open_memmap(self.out / "samples.npy", mode="w+", dtype=np.float32,
-                                                       shape=(self.num, *images.shape[1:]))
-            self.array[start:start + len(images)] = images.numpy()
-        else:
-            paths = save_images(images, self.out, start_index=start)
-            if prompts is not None:
-                if self.captions is None:
-                    self.captions = open(self.out / CAPTIONS_FILENAME, "w", encoding="utf-8")
-                self.captions.writelines(json.dumps({"file": path.name, "caption": prompt}) + "\n"
-                                         for path, prompt in zip(paths, prompts))
-            kept = sum(len(batch) for batch in self.preview)
-            if kept < GRID_MAX:
-                self.preview.append(images[:GRID_MAX - kept].clone())     # a copy: the batch itself can be freed
-        self.written += len(images)
-
-    def close(self) -> str:
-        """Finish the files (grid, npy flush, captions); returns a summary line."""
-        from fdistill.images import GRID_FILENAME, save_grid
-
-        if self.captions is not None:
-            self.captions.close()
         if self.array is not None:
             self.array.flush()
-            return f"wrote {self.written} samples of shape {tuple(self.array.shape[1:])} to {self.out / 'samples.npy'}"
-        preview = torch.cat(self.preview)
+            return f"wrote {self.num} samples of shape {tuple(self.array.shape[1:])} to {self.out / 'samples.npy'}"
+        preview = torch.cat([load_images(self.out, image_filename(index)) for index in range(min(GRID_MAX, self.num))])
         save_grid(preview, self.out / GRID_FILENAME, upscale=max(1, 128 // preview.shape[-1]))
-        return f"wrote {self.written} images and {GRID_FILENAME} to {self.out}"
+        if prompts is not None:
+            with open(self.out / CAPTIONS_FILENAME, "w", encoding="utf-8") as index:
+                index.writelines(json.dumps({"file": image_filename(i), "caption": prompt}) + "\n"
+                                 for i, prompt in enumerate(prompts))
+        return f"wrote {self.num} images and {GRID_FILENAME} to {self.out}"
 
 
 def require_finite(images: Tensor, start: int, args: argparse.Namespace) -> Tensor:
@@ -370,13 +365,17 @@ def prepare(args: argparse.Namespace) -> tuple[Model, nn.Module, Tensor | None]:
 
 
 def image_batches(model: Model, denoiser: nn.Module, args: argparse.Namespace, levels: Tensor | None,
-                  description: str = "sampling"):
+                  rank: int = 0, num_processes: int = 1):
     """Yield (start, images [count, ...] in data space on the CPU) for images 0 .. args.num - 1, one batch at a
-    time (nothing is kept), with a progress bar (ETA) unless args.no_progress."""
+    time (nothing is kept), with a progress bar (ETA) unless args.no_progress. Process ``rank`` of
+    ``num_processes`` takes batches rank, rank + num_processes, ...: images depend on their index only, so the
+    processes together draw the one-process images."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=args.num, desc=description, unit="img", disable=args.no_progress) as progress:
-        for start in range(0, args.num, args.batch_size):
+    starts = range(rank * args.batch_size, args.num, num_processes * args.batch_size)
+    share = sum(min(args.batch_size, args.num - start) for start in starts)
+    with tqdm(total=share, desc="sampling", unit="img", disable=args.no_progress or rank > 0) as progress:
+        for start in starts:
             count = min(args.batch_size, args.num - start)
             yield start, require_finite(draw(model, denoiser, args, levels, start, count), start, args)
             progress.update(count)
@@ -402,13 +401,22 @@ def prompt_pipeline_batches(options: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> str:
+    """Sample and write; under ``accelerate launch`` each process draws and writes its share of the batches."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu")
+    if state.num_processes > 1:
+        args.device = str(state.device)
     model, denoiser, levels = prepare(args)
     try:
-        writer = SampleWriter(Path(args.out), args.num)
-        for start, images in image_batches(model, denoiser, args, levels):
-            prompts = image_prompts(args, start, len(images)) if args.prompt_list is not None else None
-            writer.write(start, images, prompts)
-        return writer.close()
+        writer = SampleWriter(Path(args.out), args.num, state.num_processes)
+        for start, images in image_batches(model, denoiser, args, levels, state.process_index, state.num_processes):
+            writer.write(start, images)
+        state.wait_for_everyone()
+        summary = writer.finish(image_prompts(args, 0, args.num) if args.prompt_list is not None else None) \
+            if state.is_main_process else ""
+        state.wait_for_everyone()
+        return summary
     except OSError as error:                      # disk full, read-only or missing permissions
         raise OSError(f"cannot write --out {error.filename or args.out}: {error.strerror or error}") from error
 
@@ -420,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:          # argparse already printed the message (bad choice, bad int, --help)
         return int(exit_.code or 0)
     try:
-        print(run(args))
+        summary = run(args)
+        if summary:                      # the main process reports; the others of `accelerate launch` stay quiet
+            print(summary)
     except UsageError as error:
         print(f"fdistill sample: error: {one_line(error)}", file=sys.stderr)
         return 2
