@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -400,13 +401,30 @@ def prompt_pipeline_batches(options: argparse.Namespace):
     return batches, args.num
 
 
-def run(args: argparse.Namespace) -> str:
-    """Sample and write; under ``accelerate launch`` each process draws and writes its share of the batches."""
+class _OneProcess:
+    """The process state of a run that was not launched with several processes."""
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def launched_processes(args: argparse.Namespace):
+    """accelerate's PartialState when started by ``accelerate launch`` / torchrun with several processes (then
+    ``args.device`` becomes this process's device), else a one-process stand-in; accelerate's state is a process
+    singleton, so it is not created when there is nothing to share (an in-process call keeps it untouched)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _OneProcess()
     from accelerate import PartialState
 
     state = PartialState(cpu=args.device == "cpu")
-    if state.num_processes > 1:
-        args.device = str(state.device)
+    args.device = str(state.device)
+    return state
+
+
+def run(args: argparse.Namespace) -> str:
+    """Sample and write; under ``accelerate launch`` each process draws and writes its share of the batches."""
+    state = launched_processes(args)
     model, denoiser, levels = prepare(args)
     try:
         writer = SampleWriter(Path(args.out), args.num, state.num_processes)
