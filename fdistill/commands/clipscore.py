@@ -1,7 +1,7 @@
 """``fdistill clipscore``: CLIP score (Hessel et al. 2021, Eq. 1, w = 100) of images against their prompts.
 
-    fdistill clipscore --images samples/                          # captions.jsonl written by `fdistill sample --prompts`
-    fdistill clipscore --images coco_gen/ --prompts captions.txt  # image i (sorted by name) <-> prompt i // --per-prompt
+    fdistill clipscore --images samples/                   # its captions.jsonl, written by `fdistill sample --prompts`
+    fdistill clipscore --images gen/ --prompts captions.txt  # image i (sorted by path) <-> prompt i // --per-prompt
     fdistill clipscore --gen path/to/sd-pipeline --prompts captions.txt --guidance 5 --steps 20
 
 Images and captions are streamed batch by batch (memory does not grow with their number). Prints the mean score and

@@ -9,8 +9,9 @@
 ``--gen``: image folder, npz of images, or a model directory / hub id (``fdistill.denoisers.load_denoiser``; one-step
 generators run their one- or few-step chain (``fdistill.samplers.generator_sample``); denoisers are sampled with ``fdistill.samplers``;
 class-conditional models get exactly balanced labels; a text-to-image pipeline with ``--prompts`` is sampled by
-``fdistill sample``'s code, one image per prompt, batch by batch into the extractor). ``--ref``: folder, npz of images or of statistics (mu,
-sigma), clean-fid name ``name/split/res``, or ``digits``. Prints the metrics and writes them as JSON with ``--out``.
+``fdistill sample``'s code, one image per prompt, batch by batch into the extractor). ``--ref``: folder, npz of
+images or of statistics (mu, sigma), clean-fid name ``name/split/res``, or ``digits``. Prints the metrics and writes
+them as JSON with ``--out``.
 
 Inputs are validated: float images in an npz need ``--float-range`` (checked against their values), non-finite
 images or statistics and unreadable files are errors naming the file; images of mixed sizes are resized one by one.
@@ -27,10 +28,10 @@ from pathlib import Path
 import torch
 
 from fdistill.commands import UsageError, bounded_int, finite_float, one_line
+from fdistill.commands.sample import add_prompt_arguments
 from fdistill.evaluation.extractors import EXTRACTORS, build_feature_extractor
 from fdistill.evaluation.fid import SourceOptions, compute_metrics
 from fdistill.evaluation.preprocess import MODES
-from fdistill.commands.sample import add_prompt_arguments
 from fdistill.evaluation.sources import FLOAT_RANGES, UnstatedRangeError
 
 MAX_IMAGES = 10_000_000          # statistics are streamed: the bound only catches typos (1e12)

@@ -220,7 +220,7 @@ def guided(model: Model, scale: float) -> nn.Module:
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     """--prompts, --caption-column, --per-prompt (shared with ``fdistill fid`` and ``fdistill clipscore``)."""
     parser.add_argument("--prompts", default=None,
-                        help="prompt file, one image per prompt (.txt lines, .json/.jsonl strings or objects, .parquet)")
+                        help="prompt file, one image per prompt: .txt lines, .json/.jsonl strings or objects, .parquet")
     parser.add_argument("--caption-column", default=DEFAULT_CAPTION_COLUMN,
                         help="field / column holding the prompt in a .json, .jsonl or .parquet --prompts file")
     parser.add_argument("--per-prompt", type=bounded_int(1, MAX_NUM), default=1, help="images per --prompts prompt")
