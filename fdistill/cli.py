@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("fdistill.commands.train", "train with a Hydra config: method=denoising|fdistill|ddo|diffusion_dpo"),
     "sample": ("fdistill.commands.sample", "draw samples from a model with a DPM-Solver sampler and save PNGs + a grid"),
     "fid": ("fdistill.commands.fid", "FID / KID / precision-recall between image folders, statistics files or a model"),
+    "clipscore": ("fdistill.commands.clipscore", "CLIP score of an image folder or a text-to-image pipeline on prompts"),
     "plot": ("fdistill.commands.plot", "training curves (loss, metrics, LR) of a run directory as a PNG"),
     "completion": ("fdistill.commands.completion", "print a bash completion script: eval \"$(fdistill completion bash)\""),
     "push": ("fdistill.commands.push", "upload a run's export (model + model card) to the Hugging Face Hub"),
@@ -23,6 +24,7 @@ def usage() -> str:
     lines = ["usage: fdistill <command> [options]", "", "commands:"]
     width = max(map(len, COMMANDS))
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `fdistill <command> --help` for the options of one command."]
     return "\n".join(lines)
 

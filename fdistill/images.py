@@ -82,13 +82,18 @@ def fit_text(text: str, font: ImageFont.ImageFont, width: int) -> str:
     return text + "..."
 
 
+def image_filename(index: int) -> str:
+    """The file name of sample ``index`` in a sample folder: ``000000.png``, ``000001.png``, ..."""
+    return f"{index:06d}.png"
+
+
 def save_images(images: Tensor, directory: str | os.PathLike, start_index: int = 0) -> list[Path]:
-    """Write each image as ``directory/{start_index + i:06d}.png``; returns the paths."""
+    """Write each image as ``directory/image_filename(start_index + i)``; returns the paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for offset, image in enumerate(to_uint8(images)):
-        path = directory / f"{start_index + offset:06d}.png"
+        path = directory / image_filename(start_index + offset)
         to_pil(image).save(path)
         paths.append(path)
     return paths

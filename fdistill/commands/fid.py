@@ -4,11 +4,14 @@
     fdistill fid --gen samples.npz --ref real/ --kid --pr --out result.json
     fdistill fid --gen runs/student --steps 1 --num 10000 --ref cifar10/train/32
     fdistill fid --gen digits_samples/ --ref digits --features digits       # built-in, no download
+    fdistill fid --gen path/to/sd-pipeline --prompts captions.txt --guidance 5 --ref coco_val/   # COCO-style FID
 
 ``--gen``: image folder, npz of images, or a model directory / hub id (``fdistill.denoisers.load_denoiser``; one-step
 generators run their one- or few-step chain (``fdistill.samplers.generator_sample``); denoisers are sampled with ``fdistill.samplers``;
-class-conditional models get exactly balanced labels). ``--ref``: folder, npz of images or of statistics (mu,
-sigma), clean-fid name ``name/split/res``, or ``digits``. Prints the metrics and writes them as JSON with ``--out``.
+class-conditional models get exactly balanced labels; a text-to-image pipeline with ``--prompts`` is sampled by
+``fdistill sample``'s code, one image per prompt, batch by batch into the extractor). ``--ref``: folder, npz of
+images or of statistics (mu, sigma), clean-fid name ``name/split/res``, or ``digits``. Prints the metrics and writes
+them as JSON with ``--out``.
 
 Inputs are validated: float images in an npz need ``--float-range`` (checked against their values), non-finite
 images or statistics and unreadable files are errors naming the file; images of mixed sizes are resized one by one.
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from fdistill.commands import UsageError, bounded_int, one_line
+from fdistill.commands import UsageError, bounded_int, finite_float, one_line
+from fdistill.commands.sample import add_prompt_arguments
 from fdistill.evaluation.extractors import EXTRACTORS, build_feature_extractor
 from fdistill.evaluation.fid import SourceOptions, compute_metrics
 from fdistill.evaluation.preprocess import MODES
@@ -62,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=18, help="solver steps for a denoiser --gen")
     parser.add_argument("--schedule", default="karras", help="sigma schedule for a denoiser --gen")
     parser.add_argument("--seed", type=int, default=0)
+    add_prompt_arguments(parser)                        # a text-to-image --gen pipeline sampled on a prompt file
+    parser.add_argument("--guidance", type=finite_float, default=1.0,
+                        help="classifier-free guidance weight of a --prompts pipeline (1 = off)")
     parser.add_argument("--no-cache", action="store_true", help="do not read / write cached reference statistics")
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -118,7 +125,13 @@ def _write_json(path: Path, result: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    gen, num_classes = _gen_source(args)
+    if args.prompts is not None:
+        from fdistill.commands.sample import prompt_pipeline_batches
+
+        batches, args.num = prompt_pipeline_batches(args)
+        gen, num_classes = (images for images, _ in batches), None
+    else:
+        gen, num_classes = _gen_source(args)
     options = SourceOptions(args.batch_size, args.workers, args.device, not args.quiet, args.seed, num_classes,
                             float_range=args.float_range)
     extractor = build_feature_extractor(args.features, args.mode, inception_weights=args.inception_weights,

@@ -69,11 +69,14 @@ class ClipModel:
         return _ImageTower(self.model)
 
     @torch.no_grad()
+    def input_embeddings(self, pixels: Tensor) -> Tensor:
+        """Unit-norm embeddings [B, d] of CLIP input [B, 3, S, S] (``preprocess_uint8``'s output)."""
+        device = next(self.model.parameters()).device
+        return F.normalize(self.model.encode_image(pixels.to(device)).float(), dim=-1).cpu()
+
     def image_embeddings(self, images: Tensor) -> Tensor:
         """Unit-norm embeddings [B, d] of images [B, C, H, W] in [-1, 1]."""
-        device = next(self.model.parameters()).device
-        pixels = self.preprocess_uint8(quantize_to_uint8(images.cpu())).to(device)
-        return F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
+        return self.input_embeddings(self.preprocess_uint8(quantize_to_uint8(images.cpu())))
 
     @torch.no_grad()
     def text_embeddings(self, captions: list[str]) -> Tensor:
@@ -105,9 +108,12 @@ def clip_score(images: Tensor, captions: list[str], clip: ClipModel, batch_size:
     """Mean CLIP score 100 * max(cos, 0) of images [B, C, H, W] in [-1, 1] against their captions (len B)."""
     if len(captions) != images.shape[0]:
         raise ValueError(f"clip_score needs one caption per image: {images.shape[0]} images, {len(captions)} captions")
-    scores = []
-    for start in range(0, len(captions), batch_size):
-        image_embed = clip.image_embeddings(images[start:start + batch_size])
-        text_embed = clip.text_embeddings(captions[start:start + batch_size])
-        scores.append(100 * (image_embed * text_embed).sum(-1).clamp_min(0))
+    scores = [pair_scores(clip.image_embeddings(images[start:start + batch_size]),
+                          clip.text_embeddings(captions[start:start + batch_size]))
+              for start in range(0, len(captions), batch_size)]
     return float(torch.cat(scores).mean())
+
+
+def pair_scores(image_embeddings: Tensor, text_embeddings: Tensor) -> Tensor:
+    """CLIP scores [B] = 100 * max(cos, 0) of unit-norm image and text embeddings [B, d] (Hessel et al. Eq. 1)."""
+    return 100 * (image_embeddings * text_embeddings).sum(-1).clamp_min(0)

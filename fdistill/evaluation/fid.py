@@ -100,11 +100,24 @@ def source_batches(source, extractor: FeatureExtractor, num: int | None, options
     return tensor_batches(source, preprocess, num)
 
 
+def source_count(source, num: int | None) -> int | None:
+    """How many images ``source`` yields when known without reading them (the progress bar's total, for an ETA):
+    ``num``, else a folder's image count or a tensor's length; None otherwise."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        count = len(list_images(source))
+    elif isinstance(source, torch.Tensor):
+        count = len(source)
+    else:
+        return num
+    return count if num is None else min(num, count)
+
+
 def source_statistics(source, extractor: FeatureExtractor, num: int | None = None, collect: bool = False,
                       options: SourceOptions | None = None, description: str = "features") -> Statistics:
     options = options or SourceOptions()
     batches = source_batches(source, extractor, num, options)
-    extracted = extract(batches, extractor, options.device, collect, options.progress, num, description)
+    extracted = extract(batches, extractor, options.device, collect, options.progress, source_count(source, num),
+                        description)
     return Statistics.from_extracted(extracted)
 
 
