@@ -24,7 +24,6 @@ def usage() -> str:
     lines = ["usage: fdistill <command> [options]", "", "commands:"]
     width = max(map(len, COMMANDS))
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `fdistill <command> --help` for the options of one command."]
     return "\n".join(lines)
 
