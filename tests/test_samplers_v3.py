@@ -3,6 +3,7 @@ statistics on the exact Gaussian teacher of tests/test_samplers.py (where l, s, 
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from fdistill.samplers.reference import diffusers_sample
 from test_samplers import MEAN, SIGMA_MAX, SIGMA_MIN, STD, exact_flow, gaussian_denoiser, start_noise
 
 LAMBDAS = torch.linspace(-math.log(SIGMA_MAX), -math.log(SIGMA_MIN), 121, dtype=torch.float64)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compute_ems.py"  # independent of the cwd
 
 
 def taylor_dpmpp_multistep(x, sigma_list, max_order):
@@ -78,26 +81,25 @@ def test_noise_prediction_statistics_first_order_is_ddim():
     torch.testing.assert_close(out, sample(gaussian_denoiser, x, sigma_list, "dpm_solver_1"), rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("corrector, expected", [(False, (2.8, 5.0)), (True, (2.8, 5.5))])
-def test_convergence_order_on_exact_gaussian_flow(corrector, expected):
+def convergence_slope(steps: list[int], **options) -> tuple[float, list[float]]:
+    """Slope of log max-error vs log steps of dpm_solver_v3 on the exact Gaussian flow (log-SNR steps), and the errors."""
     x = start_noise()
     target = exact_flow(x, SIGMA_MAX, SIGMA_MIN)
-    steps = [16, 32, 64]
     errors = [(sample(gaussian_denoiser, x, sigmas("logsnr", n, SIGMA_MIN, SIGMA_MAX, append_zero=False),
-                      "dpm_solver_v3", corrector=corrector) - target).abs().max().item() for n in steps]
-    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+                      "dpm_solver_v3", **options) - target).abs().max().item() for n in steps]
+    return -np.polyfit(np.log(steps), np.log(errors), 1)[0], errors
+
+
+@pytest.mark.parametrize("corrector, expected", [(False, (2.8, 5.0)), (True, (2.8, 5.5))])
+def test_convergence_order_on_exact_gaussian_flow(corrector, expected):
+    slope, errors = convergence_slope([16, 32, 64], corrector=corrector)
     assert expected[0] <= slope <= expected[1], (slope, errors)
 
 
 def test_pseudo_order_corrector_is_only_second_order():
     """The pseudo-order corrector (the authors' default) estimates g'(lambda_s) by the chord to lambda_t: O(h) off,
     so it converges at order 2, which is why the full-order corrector is the default here."""
-    x = start_noise()
-    target = exact_flow(x, SIGMA_MAX, SIGMA_MIN)
-    steps = [32, 64, 128]
-    errors = [(sample(gaussian_denoiser, x, sigmas("logsnr", n, SIGMA_MIN, SIGMA_MAX, append_zero=False),
-                      "dpm_solver_v3", corrector_pseudo=True) - target).abs().max().item() for n in steps]
-    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    slope, errors = convergence_slope([32, 64, 128], corrector_pseudo=True)
     assert 1.5 <= slope <= 2.5, (slope, errors)
 
 
@@ -187,11 +189,11 @@ def test_statistics_validation_and_range_errors():
 
 def test_compute_ems_script_writes_a_loadable_file(tmp_path):
     out = tmp_path / "mild.safetensors"
-    result = subprocess.run([sys.executable, "scripts/compute_ems.py", "--teacher", "mixture_mild", "--num-samples",
+    result = subprocess.run([sys.executable, str(SCRIPT), "--teacher", "mixture_mild", "--num-samples",
                              "32", "--grid", "21", "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     stats = ModelStatistics.load(out)
     assert stats.l.shape == (21, 16) and torch.isfinite(stats.b).all()
-    bad = subprocess.run([sys.executable, "scripts/compute_ems.py", "--teacher", "nope", "--out", str(out)],
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--teacher", "nope", "--out", str(out)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "nope" in bad.stderr
