@@ -18,88 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from fdistill.data import gaussian_mixture
+from fdistill.benchmarks.fdistill_2d import summarise, train_2d
 from fdistill.losses.fdistill import DIVERGENCES
-from fdistill.methods.fdistill import FDistillConfig, build
-from fdistill.training import Trainer
-from fdistill.training.config import TrainConfig
-
-COVERAGE_SHARE = 0.2      # a mode is covered when it holds >= 20 % of its true share of the samples
-
-
-def method_config(divergence: str, lr: float = 1e-3) -> FDistillConfig:
-    """The 2-D recipe (also conf/experiment/gmm_fdistill.yaml): loguniform sigma in [0.01, 5], MLP networks."""
-    network = {"_target_": "fdistill.networks.MLPDenoiser", "dim": 2, "hidden": 64, "depth": 2, "sigma_data": 1.0}
-    return FDistillConfig(divergence=divergence, lr=lr, gan_weight=1e-2, student_update_freq=2,
-                          sigma_distribution="loguniform", sigma_min=0.01, sigma_max=5.0, generator_sigma=5.0,
-                          sigma_data=1.0, head_width=64, network=network)
-
-
-def mode_metrics(samples: torch.Tensor, means: torch.Tensor, weights: torch.Tensor, std: float) -> dict[str, float]:
-    """Coverage, TV of the nearest-mode histogram to the true weights, and precision (within 3 std of a mode)."""
-    distances = torch.cdist(samples.double(), means.double())                       # [N, K]
-    nearest = distances.argmin(1)
-    histogram = torch.bincount(nearest, minlength=len(means)).double() / len(samples)
-    covered = int((histogram >= COVERAGE_SHARE * weights).sum())
-    precision = float((distances.min(1).values <= 3 * std).double().mean())
-    return {"modes_covered": covered, "tv": float(0.5 * (histogram - weights).abs().sum()), "precision": precision,
-            "histogram": histogram.tolist()}
-
-
-def run_steps(method, data, steps: int, batch_size: int, seed: int = 0,
-              after_step: Callable[[int], None] | None = None) -> float:
-    """``steps`` optimisation steps of the real trainer (no checkpoints or exports); returns the seconds taken by the
-    steps (not by ``after_step(steps_done)``, called after every step, e.g. for evaluations during training)."""
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(method, data, TrainConfig(steps=steps, batch_size=batch_size, seed=seed, run_dir=run_dir,
-                                                    device="cpu", progress=False, export=False))
-        batches = data.loader(batch_size, seed=seed)
-        seconds = 0.0
-        for step in range(steps):
-            started = time.perf_counter()
-            trainer.train_step(step, next(batches))
-            seconds += time.perf_counter() - started
-            if after_step is not None:
-                after_step(step + 1)
-        return seconds
-
-
-def train_2d(divergence: str, seed: int, steps: int, batch_size: int = 256, num_eval: int = 4000,
-             eval_every: int = 0):
-    """Train one student; returns (method, metrics dict). With ``eval_every`` > 0 the metrics also hold
-    ``trajectory``: [step, modes covered, TV, precision] every ``eval_every`` steps (same evaluation noise)."""
-    torch.manual_seed(seed)
-    data = gaussian_mixture(preset="ring8", dim=2, num_samples=20000, seed=seed)
-    method = build(method_config(divergence), None, data)
-    teacher = data.extras["denoiser"]
-
-    def evaluate() -> dict[str, float]:
-        samples = method.generate(num_eval, torch.Generator().manual_seed(1000 + seed))
-        return mode_metrics(samples, teacher.means, teacher.weights, float(teacher.stds[0, 0]))
-
-    trajectory = []
-
-    def record(step: int) -> None:
-        if eval_every and step % eval_every == 0:
-            m = evaluate()
-            trajectory.append([step, m["modes_covered"], round(m["tv"], 4), round(m["precision"], 4)])
-
-    seconds = run_steps(method, data, steps, batch_size, seed, after_step=record)
-    return method, {**evaluate(), "seconds": seconds, **({"trajectory": trajectory} if eval_every else {})}
-
-
-def summarise(runs: list[dict]) -> dict[str, float]:
-    """Means over seeds, the fewest modes covered and the largest TV."""
-    keys = ("modes_covered", "tv", "precision", "seconds")
-    means = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
-    return means | {"min_modes_covered": min(r["modes_covered"] for r in runs), "max_tv": max(r["tv"] for r in runs)}
 
 
 def previous_results(out: Path, steps: int, seeds: list[int], eval_every: int) -> dict:

@@ -17,28 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fdistill_2d import run_steps  # noqa: E402
-
-from fdistill.commands.distill import balanced_digit_metrics, teacher_samples  # noqa: E402
-from fdistill.config import build_run, compose, validate  # noqa: E402
-from fdistill.methods.base import StepContext  # noqa: E402
+from fdistill.benchmarks.fdistill_2d import run_steps
+from fdistill.benchmarks.fdistill_digits import build_method, recipe_steps
+from fdistill.commands.distill import balanced_digit_metrics, teacher_samples
+from fdistill.methods.base import StepContext
 
 NUM_EVAL = 2000
-def build_method(divergence: str, extra: list[str]):
-    spec = validate(compose(["experiment=digits_fdistill", f"method.divergence={divergence}", *extra]))
-    run = build_run(spec, with_loggers=False)
-    return run.method, run.data, spec.train.batch_size
-
-
-def recipe_steps(extra: list[str]) -> int:
-    """train.steps of the digits_fdistill recipe (with the command line's overrides)."""
-    return validate(compose(["experiment=digits_fdistill", *extra])).train.steps
 
 
 def count_evaluations(method, data, batch_size: int) -> dict[str, dict[str, int]]:

@@ -1,11 +1,7 @@
 """The 2-D benchmark / notebook functions: exact mode metrics, and a short run that learns the ring."""
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from bench_fdistill_2d import mode_metrics, train_2d  # noqa: E402
+from fdistill.benchmarks.fdistill_2d import mode_metrics, train_2d
 
 
 def test_mode_metrics_are_exact_on_constructed_samples():

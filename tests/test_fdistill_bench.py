@@ -1,17 +1,17 @@
 """The f-distill benchmark scripts' own logic: trajectories during training, seed summaries, the within-class spread
 of the digits benchmark, and argument errors."""
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench_fdistill_2d  # noqa: E402
-from bench_fdistill_2d import summarise, train_2d  # noqa: E402
-from bench_fdistill_digits import recipe_steps  # noqa: E402
+from fdistill.benchmarks.fdistill_2d import summarise, train_2d
+from fdistill.benchmarks.fdistill_digits import recipe_steps
+from fdistill.commands.distill import within_class_spread
 
-from fdistill.commands.distill import within_class_spread  # noqa: E402
+SCRIPT_2D = Path(__file__).resolve().parents[1] / "scripts" / "bench_fdistill_2d.py"
 
 
 def test_train_2d_records_a_trajectory_at_every_eval_step():
@@ -35,7 +35,7 @@ def test_summarise_reports_means_and_the_worst_seed():
 def test_2d_benchmark_rejects_an_unknown_divergence(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(sys, "argv", ["bench", "--divergences", "rkl,tv", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit) as error:
-        bench_fdistill_2d.main()
+        runpy.run_path(str(SCRIPT_2D), run_name="__main__")
     assert error.value.code == 2
     assert "'tv'" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
 
