@@ -33,7 +33,6 @@ from fdistill.evaluation.prompts import DEFAULT_CAPTION_COLUMN
 from fdistill.pipelines import decode_latents
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SCHEDULES = ("karras", "logsnr", "time_uniform")
 MAX_NUM = 10_000_000             # images are written batch by batch: the bound only catches typos (1e12)
 DEFAULT_NUM = 64                 # images without --prompts
 GRID_MAX = 64                    # the preview grid shows the first images only
@@ -227,7 +226,7 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fdistill.samplers import SOLVERS
+    from fdistill.samplers import SIGMA_SCHEDULES, SOLVERS
 
     parser = argparse.ArgumentParser(prog="fdistill sample", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -239,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampler (None: the most accurate one for --steps, fdistill.samplers.recommended_solver)")
     parser.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=None,
                         help="solver steps (default 1 for one-step generators, 20 otherwise)")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="karras", help="noise-level spacing")
+    parser.add_argument("--schedule", choices=list(SIGMA_SCHEDULES), default="karras", help="noise-level spacing")
     parser.add_argument("--sigma-min", type=float, default=None, help="smallest noise level (default: the model's)")
     parser.add_argument("--sigma-max", type=float, default=None, help="largest noise level (default: the model's)")
     parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance weight (1 = off)")

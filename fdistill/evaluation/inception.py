@@ -26,6 +26,8 @@ from typing import BinaryIO
 import torch
 from torch import Tensor, nn
 
+from ..hashing import file_sha256
+
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 # SHA-256 of the file at INCEPTION_URL, as k-diffusion pins it (k_diffusion/evaluation.py) for the same URL.
@@ -38,15 +40,6 @@ _CHUNK = 1 << 20
 def cache_dir() -> Path:
     """fdistill's cache folder: ``$FDISTILL_CACHE`` or ``~/.cache/fdistill``."""
     return Path(os.environ.get("FDISTILL_CACHE", Path.home() / ".cache" / "fdistill"))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _install(stream: BinaryIO, destination: Path, sha256: str | None, origin: str) -> Path:

@@ -17,17 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..hashing import file_sha256
+
 MANIFEST = "manifest.json"
 FORMAT = 1
-CHUNK = 1 << 24  # bytes read at a time while hashing (16 MiB)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def config_sha256(config: dict[str, Any]) -> str:
@@ -38,7 +31,7 @@ def config_sha256(config: dict[str, Any]) -> str:
 def write_manifest(directory: Path, step: int, config: dict[str, Any] | None) -> None:
     """Hash every file in ``directory`` and write ``manifest.json`` there (via a temporary file, fsync'ed, renamed:
     the manifest itself is never half written)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(directory.iterdir()) if p.is_file()}
     manifest = {"format": FORMAT, "step": step, "files": files, "config": config,
                 "config_sha256": None if config is None else config_sha256(config)}
@@ -73,6 +66,6 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> str | None:
         size = path.stat().st_size
         if size != expected["bytes"]:
             return f"{name} has {size} bytes, the manifest {expected['bytes']} (truncated or overwritten)"
-        if sha256_file(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{name} does not match its SHA-256 in {MANIFEST} (corrupted)"
     return None
