@@ -41,15 +41,15 @@ def test_chain_inputs_follow_the_recursion_for_each_samples_step():
 def test_training_sample_has_gradient_only_through_its_last_step():
     method = build(FDistillConfig(network=MLP, generator_sigmas=SIGMAS), None, points_data())
     item = method.prepare_step("student", [next(points_data().loader(8))], StepContext(0))[0]
-    assert item["renoise"].shape == (2, 8, 2) and set(item["generator_step"].tolist()) <= {0, 1, 2}
-    item["generator_step"] = torch.tensor([2] * 8)
+    assert item.renoise.shape == (2, 8, 2) and set(item.generator_step.tolist()) <= {0, 1, 2}
+    item.generator_step = torch.tensor([2] * 8)
     student = method.networks["student"]
     method.generated(item).square().sum().backward()
     via_method = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
     with torch.no_grad():                               # the first two steps of the chain, by hand
-        x2 = student(5.0 * item["z"], torch.full((8,), 5.0)) + 1.0 * item["renoise"][0]
-        x3 = student(x2, torch.full((8,), 1.0)) + 0.2 * item["renoise"][1]
+        x2 = student(5.0 * item.z, torch.full((8,), 5.0)) + 1.0 * item.renoise[0]
+        x3 = student(x2, torch.full((8,), 1.0)) + 0.2 * item.renoise[1]
     student(x3, torch.full((8,), 0.2)).square().sum().backward()
     for got, expected in zip(via_method, (p.grad for p in student.parameters())):
         torch.testing.assert_close(got, expected)
@@ -88,7 +88,7 @@ def test_few_step_text_to_image_pipeline_reproduces_the_chain(tmp_path):
     with pytest.raises(ValueError, match="timesteps"):
         build(FDistillConfig(generator_sigmas=[14.0, 1.6]), components, data)
     method = build(FDistillConfig(generator_sigmas=[14.61465, 1.61289]), components, data).eval()
-    assert method.generator_timesteps() == [999, 499]
+    assert method.domain.timesteps(method.generator_sigmas) == [999, 499]
     method.export(str(tmp_path / "model"))
     info = json.loads((tmp_path / "model" / "fdistill.json").read_text())
     assert info["diffusers_timesteps"] == [999, 499]

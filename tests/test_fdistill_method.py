@@ -1,6 +1,7 @@
 """f-distill method: exact gradients against analytic teachers / students, global normalisation statistics,
 phases, frozen teacher, ratio-bin state."""
 import copy
+import dataclasses
 import math
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from fdistill.data.base import DataSource, TensorDictDataset
 from fdistill.denoisers import GaussianMixtureDenoiser
 from fdistill.losses.fdistill import f_divergence_weight
 from fdistill.methods.base import StepContext
-from fdistill.methods.fdistill import FDistill, FDistillConfig, build
+from fdistill.methods.fdistill import FDistill, FDistillConfig, PixelDomain, build
 from fdistill.networks import MLPDenoiser
 from fdistill.training import Trainer
 from fdistill.training.config import TrainConfig
@@ -50,15 +51,15 @@ def exact_method(divergence, num_bins=0, batch=64, **overrides):
     points = fake.sample(batch, torch.Generator().manual_seed(3))
     config = FDistillConfig(divergence=divergence, num_ratio_bins=num_bins, gan_weight=0.0, sigma_distribution="loguniform",
                             sigma_min=0.05, sigma_max=3.0, **overrides)
-    method = FDistill(config, teacher, Particles(points), fake, sample_shape=(2,))
+    method = FDistill(config, teacher, Particles(points), fake, PixelDomain((2,)))
     method.discriminator_logit = lambda x_t, sigma, cond=None: teacher.log_density(x_t, sigma) - fake.log_density(x_t, sigma)
     return method, teacher, fake
 
 
 def by_hand_dmd2(method, teacher, fake, item):
     x = method.networks["student"].points.detach()
-    x_t = x + item["sigma"][:, None] * item["eps"]
-    x0_teacher, x0_fake = teacher(x_t, item["sigma"]), fake(x_t, item["sigma"])
+    x_t = x + item.sigma[:, None] * item.eps
+    x0_teacher, x0_fake = teacher(x_t, item.sigma), fake(x_t, item.sigma)
     normaliser = (x - x0_teacher).abs().mean(1, keepdim=True) + method.config.normaliser_eps
     return (x0_fake - x0_teacher) / normaliser, x_t
 
@@ -73,7 +74,7 @@ def student_grad(method, item):
 def test_rkl_student_gradient_equals_dmd2_by_hand():
     method, teacher, fake = exact_method("rkl")
     (item,) = method.prepare_step("student", [{"x": torch.zeros(64, 2)}], StepContext(step=0))
-    assert "weight" not in item                                   # rkl needs no density ratio
+    assert item.weight is None                                  # rkl needs no density ratio
     g, _ = by_hand_dmd2(method, teacher, fake, item)
     assert torch.allclose(student_grad(method, item), g / (64 * 2), atol=1e-7)
 
@@ -83,11 +84,11 @@ def test_exact_ratio_weights_and_gradient(divergence):
     method, teacher, fake = exact_method(divergence)
     (item,) = method.prepare_step("student", [{"x": torch.zeros(64, 2)}], StepContext(step=0))
     g, x_t = by_hand_dmd2(method, teacher, fake, item)
-    log_ratio = (teacher.log_density(x_t, item["sigma"]) - fake.log_density(x_t, item["sigma"])).clamp(-10, 10)
+    log_ratio = (teacher.log_density(x_t, item.sigma) - fake.log_density(x_t, item.sigma)).clamp(-10, 10)
     h = f_divergence_weight(log_ratio.exp().clamp(0.1, 20.0), divergence)
     expected_weight = h / h.mean()
-    assert torch.allclose(item["weight"], expected_weight, rtol=1e-5)
-    assert abs(float(item["weight"].mean()) - 1.0) < 1e-6
+    assert torch.allclose(item.weight, expected_weight, rtol=1e-5)
+    assert abs(float(item.weight.mean()) - 1.0) < 1e-6
     assert torch.allclose(student_grad(method, item), expected_weight[:, None] * g / (64 * 2), atol=1e-7)
 
 
@@ -95,14 +96,14 @@ def test_ratio_is_normalised_per_quantile_bin():
     method, teacher, fake = exact_method("js", num_bins=4)
     (item,) = method.prepare_step("student", [{"x": torch.zeros(64, 2)}], StepContext(step=0))
     _, x_t = by_hand_dmd2(method, teacher, fake, item)
-    r = (teacher.log_density(x_t, item["sigma"]) - fake.log_density(x_t, item["sigma"])).clamp(-10, 10).exp().clamp(0.1, 20)
-    bins = (item["u"] * 4).long()
+    r = (teacher.log_density(x_t, item.sigma) - fake.log_density(x_t, item.sigma)).clamp(-10, 10).exp().clamp(0.1, 20)
+    bins = (item.u * 4).long()
     bin_means = torch.stack([r[bins == b].mean() for b in range(4)])
     h = f_divergence_weight(r / bin_means[bins], "js")
-    assert torch.allclose(item["weight"], h / h.mean(), rtol=1e-5)
-    assert torch.allclose(method.ratio_bin_means.float(), bin_means, rtol=1e-5)
+    assert torch.allclose(item.weight, h / h.mean(), rtol=1e-5)
+    assert torch.allclose(method.ratio.bin_means.float(), bin_means, rtol=1e-5)
     # loguniform sigma: the quantile u is exactly the normalised log sigma
-    assert torch.allclose(item["u"], (item["sigma"].log() - torch.tensor(0.05).log()) / (torch.tensor(3.0).log() - torch.tensor(0.05).log()), atol=1e-5)
+    assert torch.allclose(item.u, (item.sigma.log() - torch.tensor(0.05).log()) / (torch.tensor(3.0).log() - torch.tensor(0.05).log()), atol=1e-5)
 
 
 def run_processes(methods, logits, quantiles, training=True):
@@ -145,8 +146,8 @@ def test_statistics_equal_for_1x4_and_2x2_micro_batches():
         pair = run_processes([two_a, two_b], [list(chunks_l[:2]), list(chunks_l[2:])], [list(chunks_q[:2]), list(chunks_q[2:])])
         assert torch.allclose(single, torch.cat(pair), rtol=1e-6)
         assert abs(float(single.mean()) - 1.0) < 1e-6
-    assert torch.allclose(one.ratio_bin_means, two_a.ratio_bin_means) and torch.equal(two_a.ratio_bin_means, two_b.ratio_bin_means)
-    assert not torch.allclose(one.ratio_bin_means, torch.ones(10))
+    assert torch.allclose(one.ratio.bin_means, two_a.ratio.bin_means) and torch.equal(two_a.ratio.bin_means, two_b.ratio.bin_means)
+    assert not torch.allclose(one.ratio.bin_means, torch.ones(10))
 
 
 def test_sparse_bins_over_8_processes_equal_one_process_on_the_global_batch():
@@ -162,7 +163,7 @@ def test_sparse_bins_over_8_processes_equal_one_process_on_the_global_batch():
     assert ((counts > 0) & (counts < 8)).sum() >= 8                       # the sparse case the test is about
     torch.testing.assert_close(torch.cat(split), single, rtol=1e-6, atol=1e-7)
     for method in processes:
-        torch.testing.assert_close(method.ratio_bin_means, base.ratio_bin_means, rtol=1e-12, atol=0)
+        torch.testing.assert_close(method.ratio.bin_means, base.ratio.bin_means, rtol=1e-12, atol=0)
 
 
 def test_two_cpu_processes_give_the_ratio_bin_means_of_one(tmp_path):
@@ -187,14 +188,14 @@ def test_validation_never_updates_bins_and_bins_are_state():
     method, _, _ = exact_method("kl", num_bins=10, ratio_ema=0.5)
     logits, quantiles = [torch.randn(32)], [torch.rand(32)]
     method.normalized_weights(logits, quantiles, StepContext(step=0, training=False))
-    assert torch.equal(method.ratio_bin_means, torch.ones(10)) and not method.ratio_bins_seen.any()
+    assert torch.equal(method.ratio.bin_means, torch.ones(10)) and not method.ratio.bins_seen.any()
     method.normalized_weights(logits, quantiles, StepContext(step=0))
-    stored = method.ratio_bin_means.clone()
+    stored = method.ratio.bin_means.clone()
     assert not torch.equal(stored, torch.ones(10))
     state = method.checkpoint_state_dict()
-    assert torch.equal(state["ratio_bin_means"], stored) and "ratio_bins_seen" in state
+    assert torch.equal(state["ratio.bin_means"], stored) and "ratio.bins_seen" in state
     assert not any(key.startswith("frozen.") for key in state)
-    assert torch.equal(copy.deepcopy(method).ratio_bin_means, stored)   # EMA snapshots are deep copies
+    assert torch.equal(copy.deepcopy(method).ratio.bin_means, stored)   # EMA snapshots are deep copies
 
 
 def test_unknown_divergence_and_bad_fields_fail_with_allowed_values():
@@ -249,8 +250,8 @@ def test_phases_train_only_their_networks_and_teacher_stays_frozen(features, tmp
         assert math.isfinite(logs["loss"])
     assert not changed(method.frozen["teacher"], teacher_before)
     assert "student/weight_max" in logs and "student/ratio_mean" in logs and "critic/fake_score" not in logs
-    assert not torch.equal(method.ratio_bin_means, torch.ones(10))
-    assert torch.equal(trainer.ema.state_dict(0.9)["ratio_bin_means"], method.ratio_bin_means)
+    assert not torch.equal(method.ratio.bin_means, torch.ones(10))
+    assert torch.equal(trainer.ema.state_dict(0.9)["ratio.bin_means"], method.ratio.bin_means)
 
 
 def test_build_from_analytic_teacher_needs_a_network_spec_and_generates():
@@ -287,6 +288,6 @@ def test_one_micro_batch_student_step_reuses_the_weighting_forward():
     kept = student_gradient(item)
     assert calls == {"student": 1, "head": 1}
     assert all(p.grad is None for net in ("fake_score", "discriminator") for p in method.networks[net].parameters())
-    recomputed = student_gradient({k: v for k, v in item.items() if k not in ("generated", "student_logit")})
+    recomputed = student_gradient(dataclasses.replace(item, generated=None, student_logit=None))
     assert calls == {"student": 2, "head": 2}
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kept, recomputed))

@@ -9,7 +9,8 @@ from fdistill.data.base import DataSource, TensorDictDataset
 from fdistill.denoisers import DiffusersDenoiser, GaussianMixtureDenoiser
 from fdistill.losses.denoising import time_uniform_sigmas
 from fdistill.methods.base import StepContext
-from fdistill.methods.fdistill import FAKE_SCORE_WEIGHTINGS, FDistill, FDistillConfig
+from fdistill.losses.denoising import LOSS_WEIGHTS
+from fdistill.methods.fdistill import FDistill, FDistillConfig, PixelDomain
 from fdistill.networks import MLPDenoiser
 from fdistill.pipelines import tiny_sd_components
 
@@ -60,7 +61,7 @@ def test_the_method_draws_time_uniform_sigmas_of_its_sd_teacher():
     components = tiny_sd_components("sd15", image_size=8)
     teacher = DiffusersDenoiser(components.unet, components.scheduler)
     config = FDistillConfig(sigma_distribution="time_uniform", t_min=0.2, t_max=0.6, gan_weight=0.0, divergence="rkl")
-    method = FDistill(config, teacher, MLPDenoiser(2), MLPDenoiser(2), sample_shape=(2,))
+    method = FDistill(config, teacher, MLPDenoiser(2), MLPDenoiser(2), PixelDomain((2,)))
     u = torch.rand(4000, generator=torch.Generator().manual_seed(1))
     index = timesteps_of(method.sample_sigma(u), teacher.train_sigmas)
     assert int(index.min()) == 200 and int(index.max()) == 599
@@ -68,7 +69,7 @@ def test_the_method_draws_time_uniform_sigmas_of_its_sd_teacher():
     assert "teacher_sigmas" not in method.state_dict()                       # derived from the teacher, not state
     analytic = GaussianMixtureDenoiser(torch.zeros(1, 2), torch.ones(1), torch.ones(1))
     with pytest.raises(ValueError, match="time_uniform needs a teacher with discrete VP timesteps"):
-        FDistill(config, analytic, MLPDenoiser(2), MLPDenoiser(2), sample_shape=(2,))
+        FDistill(config, analytic, MLPDenoiser(2), MLPDenoiser(2), PixelDomain((2,)))
     with pytest.raises(ValueError, match="method.t_min / t_max"):
         FDistillConfig(t_min=0.5, t_max=0.5)
 
@@ -82,10 +83,10 @@ def test_each_fake_score_weighting_equals_its_loss():
     x_t = x0 + sigma[:, None, None, None] * eps
     x0_hat = x_t - sigma[:, None, None, None] * eps_hat
     x0_mse = (x0_hat - x0).pow(2).flatten(1).mean(1)
-    torch.testing.assert_close(FAKE_SCORE_WEIGHTINGS["epsilon"](sigma, 0.5) * x0_mse,
+    torch.testing.assert_close(LOSS_WEIGHTS["epsilon"](sigma, 0.5) * x0_mse,
                                (eps_hat - eps).pow(2).flatten(1).mean(1))
-    torch.testing.assert_close(FAKE_SCORE_WEIGHTINGS["x0"](sigma, 0.5) * x0_mse, x0_mse)
-    torch.testing.assert_close(FAKE_SCORE_WEIGHTINGS["edm"](sigma, 0.5), (sigma ** 2 + 0.25) / (0.5 * sigma) ** 2)
+    torch.testing.assert_close(LOSS_WEIGHTS["x0"](sigma, 0.5) * x0_mse, x0_mse)
+    torch.testing.assert_close(LOSS_WEIGHTS["edm"](sigma, 0.5), (sigma ** 2 + 0.25) / (0.5 * sigma) ** 2)
 
 
 @pytest.mark.parametrize("weighting", ["edm", "x0", "epsilon"])
@@ -94,15 +95,15 @@ def test_the_critic_phase_uses_the_configured_weighting(weighting):
                                       torch.tensor([0.5, 0.5]))
     config = FDistillConfig(divergence="rkl", gan_weight=0.0, fake_score_weighting=weighting, sigma_distribution="loguniform",
                             sigma_min=0.05, sigma_max=5.0)
-    method = FDistill(config, teacher, MLPDenoiser(2), MLPDenoiser(2), sample_shape=(2,))
+    method = FDistill(config, teacher, MLPDenoiser(2), MLPDenoiser(2), PixelDomain((2,)))
     data = DataSource(TensorDictDataset(x=torch.randn(8, 2)), (2,))
     torch.manual_seed(0)
     item = method.prepare_step("critic", [next(data.loader(8))], StepContext(step=0))[0]
     _, logs = method.loss("critic", item, StepContext(step=0))
     with torch.no_grad():
         x = method.generated(item)
-        x_t = x + item["sigma"][:, None] * item["eps"]
-        mse = (method.networks["fake_score"](x_t, item["sigma"]) - x).pow(2).mean(1)
-    expected = {"edm": (item["sigma"] ** 2 + 0.25) / (0.5 * item["sigma"]) ** 2, "x0": 1.0,
-                "epsilon": item["sigma"] ** -2}[weighting]
+        x_t = x + item.sigma[:, None] * item.eps
+        mse = (method.networks["fake_score"](x_t, item.sigma) - x).pow(2).mean(1)
+    expected = {"edm": (item.sigma ** 2 + 0.25) / (0.5 * item.sigma) ** 2, "x0": 1.0,
+                "epsilon": item.sigma ** -2}[weighting]
     assert logs["critic/fake_score"] == pytest.approx(float((expected * mse).mean()), rel=1e-5)

@@ -32,7 +32,7 @@ def test_recipes_train_two_steps_and_export_a_one_step_diffusers_pipeline(experi
     spec = validate(compose([f"experiment={experiment}", *SHRINK, f"model.kind={kind}", f"train.run_dir={tmp_path}"]))
     run = build_run(spec, with_loggers=False)
     method = run.method
-    assert type(method).__name__ == "TextToImageFDistill" and method.kind == kind
+    assert type(method.domain).__name__ == "TextToImageDomain" and method.domain.kind == kind
     trained = {name: _snapshot(net) for name, net in method.networks.items()}
     frozen = {name: _snapshot(net) for name, net in method.frozen.items()}
     trainer = Trainer(method, run.data, spec.train)
@@ -109,7 +109,7 @@ def test_real_samples_are_vae_latents_and_the_discriminator_reads_them():
     method, components = _tiny_method()
     batch = next(captioned_shapes(8, resolution=8).loader(4))
     items = method.prepare_step("critic", [batch], StepContext(0))
-    torch.testing.assert_close(items[0]["x_real"], encode_latents(components.vae, batch["x"]))
+    torch.testing.assert_close(items[0].x_real, encode_latents(components.vae, batch["x"]))
     loss, logs = method.loss("critic", items[0], StepContext(0))
     loss.backward()
     head = method.networks["discriminator"].head

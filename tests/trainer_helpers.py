@@ -172,14 +172,14 @@ def ratio_bin_weights(out_dir: Path) -> None:
     holding its contiguous share; writes this process's weights and the bin means to ``OUT_DIR/ratio_rank<k>.pt``."""
     import copy
 
-    from fdistill.methods.fdistill import FDistill, FDistillConfig
+    from fdistill.methods.fdistill import FDistill, FDistillConfig, PixelDomain
     from fdistill.networks import MLPDenoiser
     from fdistill.training import Trainer, TrainConfig
 
     torch.manual_seed(0)
     teacher = MLPDenoiser(dim=2, hidden=8, depth=1)
     method = FDistill(FDistillConfig(divergence="kl", num_ratio_bins=16), teacher, copy.deepcopy(teacher),
-                      copy.deepcopy(teacher), sample_shape=(2,))
+                      copy.deepcopy(teacher), PixelDomain((2,)))
     trainer = Trainer(method, ring_data(), TrainConfig(steps=1, batch_size=16, device="cpu", progress=False,
                                                        run_dir=str(out_dir / "run")))
     generator = torch.Generator().manual_seed(7)
@@ -188,7 +188,7 @@ def ratio_bin_weights(out_dir: Path) -> None:
     weights, _ = method.normalized_weights([logits.chunk(world)[rank]], [quantiles.chunk(world)[rank]],
                                            trainer.context(step=0, num_micro=1))
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"weights": weights[0], "bin_means": method.ratio_bin_means.clone(), "num_processes": world},
+    torch.save({"weights": weights[0], "bin_means": method.ratio.bin_means.clone(), "num_processes": world},
                out_dir / f"ratio_rank{rank}.pt")
 def hold_lock_until_stdin_closes(run_dir: str) -> None:
     from fdistill.training.run_lock import RunLock

@@ -7,6 +7,7 @@ sqrt(1 + sigma^2) / sigma. So a loss never needs to know a Diffusers timestep or
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -51,6 +52,30 @@ def table_sigmas(num: int, table: Tensor, generator: torch.Generator | None = No
     returns [num] on the table's device."""
     index = torch.randint(len(table), (num,), generator=generator, device=table.device)
     return table[index].float()
+
+
+# Quantile samplers: u ~ U[0, 1) -> sigma, monotone increasing (u is the CDF value of sigma under the distribution),
+# so binning u bins noise levels by quantile (f-distill's per-noise-level ratio normalisation).
+
+def karras_uniform_sigmas(u: Tensor, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """sigma^(1/rho) uniform between sigma_min^(1/rho) and sigma_max^(1/rho): a uniform position on the EDM
+    sampling schedule (Karras et al. 2022, Eq. 5), as DMD2 draws timesteps uniformly. u [B] -> sigma [B]."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (lo + u * (hi - lo)) ** rho
+
+
+def loguniform_sigmas(u: Tensor, sigma_min: float, sigma_max: float) -> Tensor:
+    """log sigma uniform on [log sigma_min, log sigma_max]. u [B] -> sigma [B]."""
+    return torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min)))
+
+
+def truncated_lognormal_sigmas(u: Tensor, p_mean: float, p_std: float, sigma_min: float, sigma_max: float) -> Tensor:
+    """EDM's training distribution ln(sigma) ~ N(P_mean, P_std^2) (Sec. 5, Table 1) truncated to [sigma_min,
+    sigma_max], by inverse CDF: sigma = exp(Phi^-1(Phi(a) + u (Phi(b) - Phi(a)))) with a, b = ln sigma_min,
+    ln sigma_max and Phi the CDF of N(P_mean, P_std^2). u [B] -> sigma [B] in u's dtype."""
+    normal = torch.distributions.Normal(torch.tensor(p_mean, dtype=u.dtype), torch.tensor(p_std, dtype=u.dtype))
+    lo, hi = (normal.cdf(torch.tensor(math.log(s), dtype=u.dtype)) for s in (sigma_min, sigma_max))
+    return normal.icdf((lo + u * (hi - lo)).clamp(1e-7, 1 - 1e-7)).exp()
 
 
 def time_uniform_sigmas(u: Tensor, table: Tensor, t_min: float = 0.001, t_max: float = 0.999) -> Tensor:

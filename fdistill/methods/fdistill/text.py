@@ -1,8 +1,7 @@
 """f-distill of Stable Diffusion 1.5 / SDXL into a one-step text-to-image generator (Xu, Nie & Vahdat 2025, the
 text-to-image experiments; DMD2 (Yin et al. 2024) with ``divergence=rkl``).
 
-Everything of ``fdistill.methods.fdistill.FDistill`` carries over; this subclass works in the VAE's latent space and
-conditions on prompts:
+The method is ``FDistill`` with a ``TextToImageDomain``: it works in the VAE's latent space and conditions on prompts:
 - teacher: the pipeline's UNet as a ``DiffusersDenoiser`` (in ``model.torch_dtype`` when one is set), with the
   encoded empty prompt as its null condition: classifier-free guidance (``method.guidance_scale``) on the teacher
   only; student and fake score are float32 copies of the UNet and see the conditional pass.
@@ -23,92 +22,98 @@ import copy
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..denoisers import DiffusersDenoiser
-from ..denoisers.io import save_denoiser
-from ..pipelines import (SDComponents, build_pipeline, decode_latents, encode_latents, few_step_scheduler,
-                         one_step_scheduler, text_conditioning)
-from .fdistill import FDistill, FDistillConfig
+from ...denoisers import DiffusersDenoiser
+from ...denoisers.io import save_denoiser
+from ...pipelines import (SDComponents, build_pipeline, decode_latents, encode_latents, few_step_scheduler,
+                          one_step_scheduler, text_conditioning)
+from .config import FDistillConfig
+from .method import FDistill
 
 
-class TextToImageFDistill(FDistill):
-    """f-distill of a Stable Diffusion UNet (see the module docstring). Built by ``build_text_to_image``.
+class TextToImageDomain:
+    """Stable Diffusion latents conditioned on prompts (see the module docstring); the one place f-distill uses
+    ``fdistill.pipelines``. Built by ``build_text_to_image``.
 
     Args:
-        config: FDistillConfig.
-        components: the Stable Diffusion parts (their VAE and text encoders become frozen members).
-        teacher, student, fake_score: DiffusersDenoiser wrappers of the teacher UNet and its two trained copies.
+        components: the Stable Diffusion parts (their VAE and text encoders become frozen members of the method).
+        schedule: the UNet's DDPM schedule in sigma units (``DiffusersDenoiser.schedule``).
+        sample_shape: [C, h, w] of one latent.
         image_size: (H, W) in pixels of the generated images.
         prompts: prompts of ``generate`` when no condition is given (cycled).
     """
 
-    def __init__(self, config: FDistillConfig, components: SDComponents, teacher: DiffusersDenoiser,
-                 student: DiffusersDenoiser, fake_score: DiffusersDenoiser, image_size: tuple[int, int],
-                 prompts: list[str]):
-        super().__init__(config, teacher, student, fake_score, tuple(teacher.sample_shape), num_classes=0)
-        self.set_generator_chain(config.generator_sigmas or [config.generator_sigma or teacher.sigma_max], vp_input=True)
+    vp_input = True
+    num_classes = 0
+
+    def __init__(self, components: SDComponents, schedule: Any, sample_shape: tuple[int, ...],
+                 image_size: tuple[int, int], prompts: list[str]):
+        self.components = components
+        self.schedule = schedule
+        self.sample_shape = tuple(sample_shape)
         self.image_size = tuple(image_size)
         self.prompts = list(prompts)
-        self.kind = components.kind
-        self.tokenizers = (components.tokenizer, components.tokenizer_2)
-        self.scheduler = components.scheduler
-        for name, module in {"vae": components.vae, **components.text_encoders()}.items():
-            self.frozen[name] = module.requires_grad_(False).eval()
 
-    def components(self) -> SDComponents:
-        """The Stable Diffusion parts with the student's UNet."""
-        return SDComponents(unet=self.networks["student"].net, vae=self.frozen["vae"],
-                            text_encoder=self.frozen["text_encoder"], tokenizer=self.tokenizers[0],
-                            scheduler=self.scheduler, text_encoder_2=self.frozen["text_encoder_2"]
-                            if "text_encoder_2" in self.frozen else None, tokenizer_2=self.tokenizers[1])
+    @property
+    def kind(self) -> str:
+        return self.components.kind
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.components.vae, **self.components.text_encoders()}
+
+    def default_generator_sigma(self, config: FDistillConfig, teacher: nn.Module) -> float:
+        """The teacher's largest sigma (t = T - 1): the student's VP input is then the pipelines' x_T = z."""
+        return teacher.sigma_max
 
     def condition_of(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """UNet conditioning of the batch's captions."""
-        return text_conditioning(self.components(), batch["caption"], self.image_size)
+        return text_conditioning(self.components, batch["caption"], self.image_size)
 
     def real_samples(self, batch: dict[str, Any], device: torch.device) -> Tensor | None:
         """Latents [B, C, h, w] of the batch's images (posterior mean), None for prompt-only batches."""
-        return encode_latents(self.frozen["vae"], batch["x"].to(device)) if "x" in batch else None
+        return encode_latents(self.components.vae, batch["x"].to(device)) if "x" in batch else None
 
-    @torch.no_grad()
-    def generate(self, num: int, generator: torch.Generator | None = None, cond: Any = None) -> Tensor:
-        """``num`` one-step images [num, 3, H, W] in [-1, 1] for the prompts ``cond`` (list of str), by default
-        the configured prompts in turn."""
+    def generation_condition(self, num: int, cond: Any, device: torch.device) -> dict[str, Any]:
+        """UNet conditioning of the prompts ``cond`` (list of str), by default the configured prompts in turn."""
         prompts = list(cond) if cond is not None else [self.prompts[i % len(self.prompts)] for i in range(num)]
-        z, renoise = self.generator_noise(num, generator)
-        latents = self.student_sample(z, text_conditioning(self.components(), prompts[:num], self.image_size), renoise)
-        return decode_latents(self.frozen["vae"], latents)
+        return text_conditioning(self.components, prompts[:num], self.image_size)
 
-    def generator_timesteps(self) -> list[int]:
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images [B, 3, H, W] in [-1, 1]."""
+        return decode_latents(self.components.vae, latents)
+
+    def timesteps(self, sigmas: tuple[float, ...]) -> list[int]:
         """The integer UNet timesteps of the generator's noise levels (t = T - 1 for the default one step)."""
-        return integer_timesteps(self.frozen["teacher"], self.generator_sigmas)
+        return integer_timesteps(self.schedule, sigmas)
 
-    def export(self, directory: str) -> None:
+    def export(self, student: DiffusersDenoiser, directory: str, generator_sigmas: tuple[float, ...],
+               noise_scale: float) -> None:
         """Save the student as a Diffusers pipeline plus fdistill.json (kind generator). One step:
         ``StableDiffusionPipeline.from_pretrained(directory)(prompt, num_inference_steps=1, guidance_scale=1.0)``
         (SDXL: ``StableDiffusionXLPipeline``; a DDIM scheduler). Few steps: an LCM scheduler, called with
         ``timesteps=<fdistill.json "diffusers_timesteps">``. ``fdistill sample --model directory --prompt ...``
         runs either. Guidance is distilled into the student: sample it without CFG."""
-        one_step = len(self.generator_sigmas) == 1
-        scheduler = (one_step_scheduler if one_step else few_step_scheduler)(self.scheduler)
-        pipeline = build_pipeline(self.components(), scheduler=scheduler)
-        timesteps = self.generator_timesteps()
+        one_step = len(generator_sigmas) == 1
+        scheduler = (one_step_scheduler if one_step else few_step_scheduler)(self.components.scheduler)
+        pipeline = build_pipeline(self.components, unet=student.net, scheduler=scheduler)
+        timesteps = self.timesteps(generator_sigmas)
         call = ("pipe(prompt, num_inference_steps=1, guidance_scale=1.0)" if one_step else
                 f"pipe(prompt, timesteps={timesteps}, guidance_scale=1.0)")
-        save_denoiser(self.networks["student"], directory, kind="generator", generator_sigmas=self.generator_sigmas,
-                      generator_noise_scale=self.generator_noise_scale, pipeline=pipeline,
+        save_denoiser(student, directory, kind="generator", generator_sigmas=generator_sigmas,
+                      generator_noise_scale=noise_scale, pipeline=pipeline,
                       extra_info={"diffusers_timesteps": timesteps, "diffusers_call": call})
 
 
-def integer_timesteps(teacher: DiffusersDenoiser, sigmas: tuple[float, ...]) -> list[int]:
-    """UNet timesteps of ``sigmas`` under the teacher's DDPM schedule; ValueError (listing the grid sigmas of the
-    nearest timesteps) unless every sigma is a grid sigma: Diffusers pipelines only take integer timesteps."""
-    device = teacher.schedule.log_sigmas.device
-    fractional = teacher.schedule.timestep(torch.tensor(sigmas, dtype=torch.float64, device=device)).double().cpu()
+def integer_timesteps(schedule: Any, sigmas: tuple[float, ...]) -> list[int]:
+    """UNet timesteps of ``sigmas`` under a DDPM ``schedule`` (``DiffusersDenoiser.schedule``); ValueError (listing
+    the grid sigmas of the nearest timesteps) unless every sigma is a grid sigma: Diffusers pipelines only take
+    integer timesteps."""
+    device = schedule.log_sigmas.device
+    fractional = schedule.timestep(torch.tensor(sigmas, dtype=torch.float64, device=device)).double().cpu()
     nearest = fractional.round()
     if (fractional - nearest).abs().max() > 1e-3:
-        grid = [round(float(s), 5) for s in teacher.schedule.sigma_at(nearest.long())]
+        grid = [round(float(s), 5) for s in schedule.sigma_at(nearest.long())]
         raise ValueError(f"method.generator_sigmas={list(sigmas)} are not noise levels of the UNet's timesteps; the "
                          f"nearest are timesteps {nearest.long().tolist()}: method.generator_sigmas={grid}")
     return nearest.long().tolist()
@@ -150,7 +155,7 @@ def default_prompts(config: FDistillConfig, data: Any) -> list[str]:
     return list(dict.fromkeys(captions))[:16] or ["a photo"]
 
 
-def build_text_to_image(config: FDistillConfig, components: SDComponents, data: Any) -> TextToImageFDistill:
+def build_text_to_image(config: FDistillConfig, components: SDComponents, data: Any) -> FDistill:
     """The method for Stable Diffusion ``components`` (``fdistill.pipelines``) and captioned / prompt data."""
     image_size = model_image_size(components)
     check_text_to_image_data(config, data, image_size)
@@ -165,7 +170,8 @@ def build_text_to_image(config: FDistillConfig, components: SDComponents, data: 
                                 dtype=None if frozen_dtype == torch.float32 else frozen_dtype)
     student, fake_score = (DiffusersDenoiser(net, components.scheduler, null_cond=null_cond)
                            for net in (student_net, fake_net))
-    method = TextToImageFDistill(config, components, teacher, student, fake_score, image_size,
-                                 default_prompts(config, data))
-    method.generator_timesteps()      # fail at start-up, not at export, on sigmas off the timestep grid
+    domain = TextToImageDomain(components, teacher.schedule, tuple(teacher.sample_shape), image_size,
+                               default_prompts(config, data))
+    method = FDistill(config, teacher, student, fake_score, domain)
+    domain.timesteps(method.generator_sigmas)     # fail at start-up, not at export, on sigmas off the timestep grid
     return method
