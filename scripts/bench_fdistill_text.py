@@ -4,7 +4,7 @@ one-step generator.
 1. A tiny SD is built from config; its VAE is trained briefly (reconstruction) and its UNet is pre-trained as a
    text-conditional denoiser on "a <colour> <shape>" images (10 % empty captions, so classifier-free guidance works).
 2. The teacher is sampled with DPM-Solver++ 2M (20 steps, CFG ``--guidance``); each divergence distils a copy of
-   it into a one-step generator with the text-to-image method (``fdistill.methods.fdistill_text``, the same code as
+   it into a one-step generator with the text-to-image method (``fdistill.methods.fdistill.text``, the same code as
    the SD1.5 / SDXL recipes), with the fdistill Trainer.
 3. Reported for the teacher and each student, on fixed prompts (every caption x ``--per-prompt`` seeds): colour
    accuracy (share of images whose dominant colour is the caption's colour; the data has 1.0, a random generator

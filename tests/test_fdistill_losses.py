@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fdistill.losses.fdistill import (DIVERGENCES, binned_sums, density_ratio, discriminator_loss, dmd_gradient,
-                                      f_divergence_weight, fake_score_loss, fdistill_generator_loss, generator_gan_loss,
-                                      noise_level_bins)
+                                      f_divergence_weight, fdistill_generator_loss, generator_gan_loss, noise_level_bins)
+from fdistill.losses.denoising import weighted_denoising_loss
 
 # The generator functions f of each divergence (convex, f(1) = 0 up to affine terms, which do not change f'').
 GENERATORS = {
@@ -98,7 +98,10 @@ def test_discriminator_optimum_is_the_log_density_ratio():
     assert torch.allclose(generator_gan_loss(torch.tensor([0.0])), torch.tensor([math.log(2.0)]))
 
 
-def test_fake_score_loss_is_weighted_element_mean():
+def test_fake_score_loss_is_the_weighted_element_mean():
+    """The fake score's loss (losses.denoising): lambda(sigma) * mean over elements of (D - x0)^2, per sample."""
     x0_pred, x0 = torch.ones(2, 4), torch.zeros(2, 4)
     x0_pred[1] *= 2
-    assert fake_score_loss(x0_pred, x0, torch.tensor([3.0, 0.5])).tolist() == [3.0, 2.0]
+    sigma = torch.tensor([0.5, 2.0])
+    assert weighted_denoising_loss(x0_pred, x0, sigma, "x0").tolist() == [1.0, 4.0]
+    assert weighted_denoising_loss(x0_pred, x0, sigma, "epsilon").tolist() == [4.0, 1.0]      # sigma^-2

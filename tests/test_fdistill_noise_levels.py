@@ -7,7 +7,8 @@ import torch
 
 from fdistill.data.base import DataSource, TensorDictDataset
 from fdistill.denoisers import DiffusersDenoiser, GaussianMixtureDenoiser
-from fdistill.losses.denoising import time_uniform_sigmas
+from fdistill.losses.denoising import (karras_uniform_sigmas, loguniform_sigmas, time_uniform_sigmas,
+                                       truncated_lognormal_sigmas)
 from fdistill.methods.base import StepContext
 from fdistill.losses.denoising import LOSS_WEIGHTS
 from fdistill.methods.fdistill import FDistill, FDistillConfig, PixelDomain
@@ -107,3 +108,16 @@ def test_the_critic_phase_uses_the_configured_weighting(weighting):
     expected = {"edm": (item.sigma ** 2 + 0.25) / (0.5 * item.sigma) ** 2, "x0": 1.0,
                 "epsilon": item.sigma ** -2}[weighting]
     assert logs["critic/fake_score"] == pytest.approx(float((expected * mse).mean()), rel=1e-5)
+
+
+def test_quantile_samplers_are_the_inverse_cdfs_of_their_distributions():
+    """sigma(u) for u on a grid: each sampler's CDF, written out here, maps sigma back to u."""
+    u = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    sigma = truncated_lognormal_sigmas(u, -1.2, 1.2, 0.02, 80.0)
+    normal = torch.distributions.Normal(torch.tensor(-1.2, dtype=torch.float64), torch.tensor(1.2, dtype=torch.float64))
+    lo, hi = normal.cdf(torch.tensor(math.log(0.02), dtype=torch.float64)), normal.cdf(torch.tensor(math.log(80.0), dtype=torch.float64))
+    torch.testing.assert_close((normal.cdf(sigma.log()) - lo) / (hi - lo), u)
+    assert float(sigma.min()) > 0.02 and float(sigma.max()) < 80.0
+    torch.testing.assert_close(loguniform_sigmas(u, 0.05, 3.0).log(), math.log(0.05) + u * math.log(3.0 / 0.05))
+    root = karras_uniform_sigmas(u, 0.002, 80.0, 7.0) ** (1 / 7)
+    torch.testing.assert_close((root - 0.002 ** (1 / 7)) / (80.0 ** (1 / 7) - 0.002 ** (1 / 7)), u)

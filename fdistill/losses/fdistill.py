@@ -124,18 +124,8 @@ def discriminator_loss(real_logit: Tensor, fake_logit: Tensor) -> Tensor:
     return F.softplus(fake_logit.float()) + F.softplus(-real_logit.float())
 
 
-def fake_score_loss(x0_pred: Tensor, x0: Tensor, loss_weight: Tensor) -> Tensor:
-    """Denoising loss of the fake score on (detached) student samples: lambda(sigma) * mean_elements (D - x0)^2.
-
-    Args: x0_pred [B, ...] fake-score prediction, x0 [B, ...] clean student samples, loss_weight [B] lambda(sigma).
-    Returns: [B] float32 (EDM Eq. 2 per sample, mean over elements).
-    """
-    err = (x0_pred.float() - x0.detach().float()).pow(2).flatten(1).mean(1)
-    return loss_weight.float() * err
-
-
 __all__ = [
     "F_DIVERGENCE_WEIGHTS", "DIVERGENCES", "check_divergence", "f_divergence_weight", "density_ratio",
     "noise_level_bins", "binned_sums", "dmd_gradient", "fdistill_generator_loss", "generator_gan_loss",
-    "discriminator_loss", "fake_score_loss",
+    "discriminator_loss",
 ]
