@@ -115,7 +115,7 @@ def test_quantile_samplers_are_the_inverse_cdfs_of_their_distributions():
     u = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
     sigma = truncated_lognormal_sigmas(u, -1.2, 1.2, 0.02, 80.0)
     normal = torch.distributions.Normal(torch.tensor(-1.2, dtype=torch.float64), torch.tensor(1.2, dtype=torch.float64))
-    lo, hi = normal.cdf(torch.tensor(math.log(0.02), dtype=torch.float64)), normal.cdf(torch.tensor(math.log(80.0), dtype=torch.float64))
+    lo, hi = (normal.cdf(torch.tensor(math.log(s), dtype=torch.float64)) for s in (0.02, 80.0))
     torch.testing.assert_close((normal.cdf(sigma.log()) - lo) / (hi - lo), u)
     assert float(sigma.min()) > 0.02 and float(sigma.max()) < 80.0
     torch.testing.assert_close(loguniform_sigmas(u, 0.05, 3.0).log(), math.log(0.05) + u * math.log(3.0 / 0.05))

@@ -66,7 +66,8 @@ def test_evaluation_does_not_update_and_state_dict_round_trips():
     assert set(state) == {"bin_means", "bins_seen"}
     restored = RatioNormaliser(num_bins=4, ema=0.5)
     restored.load_state_dict(state)
-    assert torch.equal(restored.bin_means, normaliser.bin_means) and torch.equal(restored.bins_seen, normaliser.bins_seen)
+    assert torch.equal(restored.bin_means, normaliser.bin_means)
+    assert torch.equal(restored.bins_seen, normaliser.bins_seen)
     step = ([torch.tensor([4.0, 0.2])], [torch.tensor([0.05, 0.6])])
     for got, want in zip(restored(*step, one_process), normaliser(*step, one_process)):
         assert torch.equal(got, want)

@@ -11,16 +11,19 @@ Networks:
   when that network has no ``features`` (analytic teachers) the head gets its own small feature net on (x, sigma).
 
 Modules: ``config`` (FDistillConfig), ``heads`` (discriminator), ``ratio`` (global per-noise-level ratio
-normalisation), ``method`` (FDistill: phases, draws, losses), ``domain`` (data space, ``build``), ``text``
-(Stable Diffusion teachers: latent space, prompts, Diffusers pipeline export; ``build`` picks it for SDComponents).
+normalisation), ``method`` (FDistill: phases, draws, losses), ``domain`` (what FDistill asks of the data; data
+space), ``text`` (Stable Diffusion teachers: latent space, prompts, Diffusers pipeline export), ``build`` (picks the
+domain).
 """
 from .config import FDistillConfig
-from .domain import PixelDomain, build, instantiate_network, teacher_from
+from .build import build, instantiate_network, teacher_from
+from .domain import Domain, PixelDomain
 from .heads import Discriminator, DiscriminatorHead, NoisyInputFeatures
 from .method import FDistill, PreparedBatch
 from .ratio import RatioNormaliser
 
 Config = FDistillConfig
 
-__all__ = ["Config", "Discriminator", "DiscriminatorHead", "FDistill", "FDistillConfig", "NoisyInputFeatures",
-           "PixelDomain", "PreparedBatch", "RatioNormaliser", "build", "instantiate_network", "teacher_from"]
+__all__ = ["Config", "Discriminator", "DiscriminatorHead", "Domain", "FDistill", "FDistillConfig",
+           "NoisyInputFeatures", "PixelDomain", "PreparedBatch", "RatioNormaliser", "build", "instantiate_network",
+           "teacher_from"]

@@ -72,7 +72,10 @@ def build_discriminator(feature_source: nn.Module, sample_shape: tuple[int, ...]
     probe_sigma = torch.ones(1, device=probe_x.device)
     with torch.no_grad():
         probe_cond = torch.zeros(1, dtype=torch.long, device=probe_x.device) if num_classes else None
-        feats = backbone(probe_x, probe_sigma) if backbone is not None else feature_source.features(probe_x, probe_sigma, probe_cond)
+        if backbone is not None:
+            feats = backbone(probe_x, probe_sigma)
+        else:
+            feats = feature_source.features(probe_x, probe_sigma, probe_cond)
     return Discriminator(DiscriminatorHead(tuple(feats.shape[1:]), width, num_classes), backbone)
 
 

@@ -26,6 +26,7 @@ from ...samplers.sampling import generator_inputs, generator_sample
 from ...training.config import require
 from ..base import Method, Phase, StepContext
 from .config import TIME_UNIFORM, FDistillConfig
+from .domain import Domain
 from .heads import build_discriminator, class_labels
 from .ratio import RatioNormaliser, mean_one_weights
 
@@ -81,12 +82,12 @@ class FDistill(Method):
         teacher: frozen denoiser.
         student: denoiser network used as the one- or few-step generator (trained).
         fake_score: denoiser network (trained in the critic phase).
-        domain: the data-dependent parts (``PixelDomain`` or ``TextToImageDomain``): its ``sample_shape``,
-            ``num_classes``, conditions, real samples, decoding, export; its ``frozen_modules`` become frozen members.
+        domain: the data-dependent parts (``domain.Domain``: ``PixelDomain`` or ``text.TextToImageDomain``); its
+            ``frozen_modules`` become frozen members.
     """
 
     def __init__(self, config: FDistillConfig, teacher: nn.Module, student: nn.Module, fake_score: nn.Module,
-                 domain: Any):
+                 domain: Domain):
         super().__init__()
         self.config = config
         self.domain = domain
