@@ -2,6 +2,7 @@
 
 Per step (see ``fdistill/methods/base.py`` for the contract):
     phase = method.phase_at(step)
+    method.callbacks(): on_phase_end of phases whose last_step was the previous step, on_step_start (run_step_callbacks)
     this process's slice of the global batch -> micro-batches -> method.prepare_step (no grad unless it enables it)
     per micro-batch: loss = method.loss(...);  backward(loss / num_micro)        (autocast when mixed precision)
     all-reduce (mean) the gradients of the phase's parameters across processes    (one flat collective)
@@ -37,7 +38,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..images import labelled_grid
-from ..methods.base import Method, Phase, StepContext
+from ..methods.base import Method, Phase, StepContext, run_step_callbacks
 from .checkpoint import CheckpointError, discard, load_checkpoint, remove_leftovers, save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
@@ -317,6 +318,7 @@ class Trainer:
         ctx = self.context(step, len(micro))
         seed_all(stream_seed(self.config.seed, step, PREPARE_STREAM + self.accelerator.process_index))
         with torch.no_grad(), self.autocast():
+            run_step_callbacks(self.method, phase_name, ctx)
             items = self.method.prepare_step(phase_name, micro, ctx)
         totals: dict[str, float] = {}
         loss_sum = torch.zeros((), device=self.accelerator.device)
