@@ -253,7 +253,8 @@ class DDO(Method, StepCallback):
 
     def _advance_round(self) -> None:
         """Round boundary: the best snapshot (or the final target without evaluator) becomes the new reference and
-        the target's starting point (the next ``on_step_start`` draws the new round's fake pool); the best score resets."""
+        the target's starting point (the next ``on_step_start`` draws the new round's fake pool); the best score
+        resets."""
         source = self.frozen["best"] if self.evaluate is not None else self.networks["model"]
         state = copy.deepcopy(source.state_dict())
         self.frozen["reference"].load_state_dict(state)
