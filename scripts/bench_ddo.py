@@ -29,7 +29,7 @@ import torch
 from fdistill.data import digits, gaussian_mixture
 from fdistill.evaluation.digits import digits_class_histogram, digits_fd
 from fdistill.methods import denoising
-from fdistill.methods.base import StepContext
+from fdistill.methods.base import StepContext, run_step_callbacks
 from fdistill.methods.ddo import DDO, DDOConfig, build as build_ddo, class_balanced_labels, sample_with
 from fdistill.networks import MLPDenoiser, tiny_unet
 from fdistill.training.config import SamplerConfig, TrainConfig
@@ -99,8 +99,8 @@ def run_rounds(method: DDO, data, setting: dict, run_dir: Path, metrics) -> list
         if r == setting["rounds"] - 1:
             method.finish()
         else:   # close the round as the next step would: end-of-round evaluation and reference swap
-            method.prepare_step(method.phase_at((r + 1) * setting["steps_per_round"]),
-                                [], StepContext(step=(r + 1) * setting["steps_per_round"]))
+            next_step = (r + 1) * setting["steps_per_round"]
+            run_step_callbacks(method, method.phase_at(next_step), StepContext(step=next_step))
         chosen = method.networks["model"] if r == setting["rounds"] - 1 else method.frozen["reference"]
         rows.append({"round": r + 1, **metrics(chosen), "seconds": time.perf_counter() - started})
     return rows

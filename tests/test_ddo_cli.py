@@ -63,6 +63,39 @@ def test_digits_ddo_rounds_and_resume_match_an_uninterrupted_run(base_model, tmp
             assert torch.equal(x, y), key
 
 
+def test_run_killed_in_round_2_resumes_to_the_round_summary_of_an_uninterrupted_run(tmp_path, capsys):
+    """Two rounds of two steps, evaluated every step: a run that loses its last checkpoint (killed after step 3 of
+    4, inside round 2) resumes in round 2 with that round's best-snapshot bookkeeping and ends with the same
+    per-round table and exported model."""
+    shrink = [o for o in SHRINK if not o.startswith("method.steps_per_round=")]
+    overrides = ["experiment=gmm_ddo", "model=mlp", "~model.path_or_hub_id", "model.hidden=16", "data.num_samples=64",
+                 "method.generation_batch=16", "method.steps_per_round=2", "method.eval_every=1", *shrink,
+                 "train.steps=4"]
+
+    def fit_in(run_dir):
+        spec = validate(compose([*overrides, f"train.run_dir={run_dir}"]))
+        run = build_run(spec, with_loggers=False)
+        Trainer(run.method, run.data, spec.train).fit()
+        return json.loads((run_dir / "ddo_rounds.json").read_text())
+
+    straight = fit_in(tmp_path / "straight")
+    assert [row["round"] for row in straight["rounds"]] == [0, 1]
+    assert all(None not in row.values() for row in straight["rounds"])
+    fit_in(tmp_path / "killed")
+    for lost in ("checkpoints/step_000004", "model"):                    # killed before step 4 was saved
+        shutil.rmtree(tmp_path / "killed" / lost)
+    (tmp_path / "killed" / "ddo_rounds.json").unlink()
+    capsys.readouterr()
+    resumed = fit_in(tmp_path / "killed")
+    assert "resuming from step 3" in capsys.readouterr().err
+    assert resumed["evaluator"] == straight["evaluator"] == "raw_frechet"
+    for row, expected in zip(resumed["rounds"], straight["rounds"], strict=True):
+        assert row == pytest.approx(expected, rel=1e-6), (row, expected)
+    weights = "model/unet/diffusion_pytorch_model.safetensors"
+    exported, expected = load_file(tmp_path / "killed" / weights), load_file(tmp_path / "straight" / weights)
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+
+
 def test_train_steps_must_cover_the_rounds_exactly():
     from fdistill.config import ConfigError
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from fdistill.methods.base import StepContext
+from fdistill.methods.base import StepContext, run_step_callbacks
 from fdistill.methods.ddo import DDO, DDOConfig, build, class_balanced_labels
 from fdistill.networks import MLPDenoiser
 
@@ -30,7 +30,8 @@ def tiny_denoiser(num_classes=None):
 
 
 class TinyTrainer:
-    """The trainer's step as documented in fdistill/methods/base.py: one optimizer per phase."""
+    """The trainer's step as documented in fdistill/methods/base.py: the method's callbacks, then one optimizer per
+    phase."""
 
     def __init__(self, method):
         self.method = method
@@ -40,6 +41,7 @@ class TinyTrainer:
 
     def step(self, step, batch):
         phase = self.method.phase_at(step)
+        run_step_callbacks(self.method, phase, StepContext(step=step))
         prepared = self.method.prepare_step(phase, [batch], StepContext(step=step))
         optimizer = self.optimizers[phase]
         optimizer.zero_grad()
@@ -124,7 +126,7 @@ def test_round_boundary_swaps_reference_regenerates_fakes_and_resets_optimizer()
         assert same_state(pretrained, method.frozen["reference"].state_dict())   # bit-identical within the round
     pool_round_0 = method._pool[0].clone()
     assert len(trainer.optimizers["round_0"].state) > 0 and len(trainer.optimizers["round_1"].state) == 0
-    method.prepare_step(method.phase_at(4), [real_batch()], StepContext(step=4))
+    run_step_callbacks(method, method.phase_at(4), StepContext(step=4))          # before step 4: round 0 ends
     assert int(method.round_index) == 1 and method.phase_at(4) == "round_1"
     assert same_state(snapshots[2], method.frozen["reference"].state_dict())     # the best snapshot (step 2)
     assert same_state(snapshots[2], method.networks["model"].state_dict())       # is also the new starting point
@@ -149,8 +151,8 @@ def test_checkpoint_holds_the_replaced_reference_and_resume_continues_the_round(
     resumed.load_state_dict(checkpoint, strict=False)
     assert int(resumed.round_index) == 1
     assert same_state(method.frozen["reference"].state_dict(), resumed.frozen["reference"].state_dict())
-    resumed.prepare_step(resumed.phase_at(3), [real_batch()], StepContext(step=3))
-    method.prepare_step(method.phase_at(3), [real_batch()], StepContext(step=3))
+    run_step_callbacks(resumed, resumed.phase_at(3), StepContext(step=3))
+    run_step_callbacks(method, method.phase_at(3), StepContext(step=3))
     assert int(resumed.round_index) == 1                                   # no second swap on resume
     torch.testing.assert_close(resumed._pool[0], method._pool[0], rtol=1e-5, atol=1e-6)   # the same round-1 fakes
 

@@ -63,7 +63,7 @@ def test_estimate_counts_the_recipes_real_networks_without_building_them():
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
 def test_optimizer_state_bytes_match_the_optimizers_state(optimizer):
-    from fdistill.training.trainer import build_optimizer
+    from fdistill.training.optimization import build_optimizer
     from fdistill.methods.base import Phase
 
     params = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(6, 5), (4, 3, 2, 2), (7,)]]

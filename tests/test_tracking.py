@@ -16,7 +16,7 @@ from fdistill.images import labelled_grid, fit_text
 from fdistill.training import Trackers, Trainer, TrainConfig
 from fdistill.training.logging import flat_hparams, phase_scalars
 from fdistill.training.plots import curves, wants_log_scale, write_curves
-from fdistill.training.trainer import build_lr_scheduler, warmup_factor
+from fdistill.training.optimization import build_lr_scheduler, warmup_factor
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_DIGITS = ["experiment=digits_teacher", "model=tiny_unet", "model.num_classes=10", "train.steps=2",
@@ -199,7 +199,7 @@ def test_schedule_settings_are_checked():
 def test_grid_condition_cycles_classes_or_prompts_and_captions_them():
     from types import SimpleNamespace
 
-    from fdistill.training.trainer import grid_condition
+    from fdistill.training.outputs import grid_condition
 
     classes, labels = grid_condition(SimpleNamespace(num_classes=3), 5, torch.device("cpu"))
     assert classes.tolist() == [0, 1, 2, 0, 1] and labels == ["0", "1", "2", "0", "1"]

@@ -2,6 +2,7 @@
 2-process gradients equal 1-process ones, frozen weights never move, NaN stops the run, EMA / logs / sample grids."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -269,3 +270,50 @@ def test_mixed_precision_steps_stay_finite_and_train(tmp_path, precision):
     assert sum(not torch.equal(before[k], v) for k, v in after.items()) == len(list(method.parameters()))
     skipped = 1 if precision == "fp16" else 0                           # 65536 x this loss overflows fp16 once
     assert trainer.ema.num_updates == 3 - skipped and trainer.schedulers["model"].last_epoch == 3 - skipped
+
+
+def test_step_callbacks_run_before_each_step_and_again_after_a_resume(tmp_path):
+    """``Method.callbacks``: ``on_phase_end`` once a phase's ``last_step`` is done (before the next step), then
+    ``on_step_start``; a run resumed from the checkpoint written before a phase end makes that call again."""
+    from fdistill.methods.base import Phase, StepCallback
+
+    events = []
+
+    class Recorder(StepCallback):
+        def on_phase_end(self, phase, ctx):
+            events.append(("end", phase.name, ctx.step))
+
+        def on_step_start(self, phase, ctx):
+            events.append(("start", phase, ctx.step))
+
+    class TwoPhases(Method):
+        def __init__(self):
+            super().__init__()
+            self.networks["net"] = nn.Linear(2, 2)
+            self.recorder = Recorder()
+
+        def phases(self):
+            return [Phase("a", ("net",), lr=1e-2, last_step=1), Phase("b", ("net",), lr=1e-2)]
+
+        def phase_at(self, step):
+            return "a" if step < 2 else "b"
+
+        def callbacks(self):
+            return [self.recorder]
+
+        def loss(self, phase, item, ctx):
+            loss = self.networks["net"](item["x"]).pow(2).mean()
+            return loss, {}
+
+    def fit():
+        config = TrainConfig(steps=4, batch_size=8, device="cpu", progress=False, export=False, checkpoint_every=1,
+                             keep_last=4, ema_decays=[], sample_every=0, run_dir=str(tmp_path))
+        Trainer(TwoPhases(), gaussian_mixture(preset="ring8", num_samples=64), config).fit()
+
+    fit()
+    assert events == [("start", "a", 0), ("start", "a", 1), ("end", "a", 2), ("start", "b", 2), ("start", "b", 3)]
+    for step in (3, 4):
+        shutil.rmtree(tmp_path / "checkpoints" / f"step_{step:06d}")
+    events.clear()
+    fit()                                                 # resumes at step 2: phase a's end has not been recorded
+    assert events == [("end", "a", 2), ("start", "b", 2), ("start", "b", 3)]

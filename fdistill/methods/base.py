@@ -16,6 +16,7 @@ Layout of a method (an ``nn.Module``):
 
 One optimisation step of the trainer:
     phase = method.phase_at(step)
+    run_step_callbacks(method, phase, ctx)                       # the method's callbacks: ended phases, step start
     prepared = method.prepare_step(phase, micro_batches, ctx)   # optional no-grad pre-pass over the global step
     for item in prepared:                                        # one per micro-batch
         loss, logs = method.loss(phase, item, ctx)               # scalar, mean over the micro-batch
@@ -125,6 +126,20 @@ class StepContext:
     training: bool = True
 
 
+class StepCallback:
+    """Work between optimisation steps that a method declares (``Method.callbacks``) and the trainer runs on every
+    process before each training step (``run_step_callbacks``), e.g. DDO's self-play rounds. Both hooks run under
+    no_grad, outside the step's random stream, and may use the collectives of ``ctx`` (every process calls them in
+    the same order). Default: nothing."""
+
+    def on_phase_end(self, phase: Phase, ctx: StepContext) -> None:
+        """``phase``'s ``last_step`` is done and step ``ctx.step`` (= last_step + 1) is about to run. A phase that
+        ends with the run ends in ``Method.export`` instead (no step follows it)."""
+
+    def on_step_start(self, phase: str, ctx: StepContext) -> None:
+        """Training step ``ctx.step`` of ``phase`` is about to run (after the ``on_phase_end`` calls due)."""
+
+
 class Method(nn.Module):
     """Base class of the objectives (composition: a method holds networks, it does not inherit from another method)."""
 
@@ -140,6 +155,10 @@ class Method(nn.Module):
     def phase_at(self, step: int) -> str:
         """Name of the phase that runs at global step ``step``; default: the first (and only) phase."""
         return self.phases()[0].name
+
+    def callbacks(self) -> list[StepCallback]:
+        """The callbacks the trainer runs between steps (``run_step_callbacks``); default: none."""
+        return []
 
     def prepare_step(self, phase: str, micro_batches: list[dict[str, Any]], ctx: StepContext) -> list[Any]:
         """Optional pre-pass over all micro-batches of a step (e.g. global normalisation statistics that need the
@@ -183,3 +202,21 @@ class Method(nn.Module):
         trainable = [n for n, p in self.frozen.named_parameters() if p.requires_grad]
         if trainable:
             raise RuntimeError(f"frozen networks have trainable parameters: {trainable[:5]}")
+
+
+def run_step_callbacks(method: Method, phase: str, ctx: StepContext) -> None:
+    """Run ``method.callbacks()`` before training step ``ctx.step`` of ``phase``: ``on_phase_end`` of every phase
+    whose ``last_step`` is ``ctx.step - 1``, then ``on_step_start``. The random state is forked (restored
+    afterwards), so the callbacks' draws (lazily built evaluators, samplers) never shift the step's own: a run
+    resumed at ``ctx.step`` draws what an uninterrupted one draws. A checkpoint written after step ``ctx.step - 1``
+    precedes these calls, so a resumed run makes them again."""
+    callbacks = method.callbacks()
+    if not callbacks:
+        return
+    ended = [p for p in method.phases() if p.last_step is not None and p.last_step == ctx.step - 1]
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        for ended_phase in ended:
+            for callback in callbacks:
+                callback.on_phase_end(ended_phase, ctx)
+        for callback in callbacks:
+            callback.on_step_start(phase, ctx)

@@ -5,15 +5,17 @@ fakes sampled from the reference (1:1) through the implicit discriminator beta *
 (``fdistill.losses.ddo``). Fakes come from a pool drawn with fdistill's samplers at the start of each round
 (``fake_pool_size``) or online (``fake_pool_size=0``); for class-conditional models their labels are class-balanced.
 
-Self-play rounds (``rounds=K``, ``steps_per_round=S``) live inside the method, so the one trainer runs them unchanged:
+Self-play rounds (``rounds=K``, ``steps_per_round=S``) are phases plus the method's step callbacks
+(``Method.callbacks``, ``fdistill.methods.base.StepCallback``), which the one trainer runs between steps:
 - round r covers global steps [r S, (r + 1) S) and trains in its own Phase ``round_r``: the trainer builds one
   optimizer per phase, so every round starts with a fresh optimizer (its state is allocated on its first step), and
   frees it after the round's last step (``Phase.last_step``): one round's moments live at a time, on the device and
   in checkpoints;
-- the target is evaluated (``evaluator``, lower is better) at the round start, every ``eval_every`` steps and at the
-  round end; the best snapshot is kept (the round's start counts, so a round never makes things worse);
-- at a round boundary the best snapshot becomes the new reference AND the target's starting point, and the fake
-  pool is regenerated from it;
+- ``on_step_start``: the target is evaluated (``evaluator``, lower is better) at the round start and every
+  ``eval_every`` steps; the best snapshot is kept (the round's start counts, so a round never makes things worse);
+  the fake pool is drawn from the reference when the round is new;
+- ``on_phase_end`` (round boundary): the final target is evaluated (the round's end score), then the best snapshot
+  becomes the new reference AND the target's starting point;
 - once replaced, the reference (and the best snapshot) are part of ``checkpoint_state_dict``, and the round counter
   and per-round history are buffers: a killed run resumes into the right round with the right reference.
 The last round ends with ``finish()`` (called by ``export``): final evaluation, the per-round table printed and
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 
 from ..losses.ddo import ddo_log_ratio, ddo_loss, likelihood_mode
 from ..samplers.config import SamplerConfig, as_sampler_config
-from .base import Method, Phase, StepContext, optimizer_checks, raise_first_failure
+from .base import Method, Phase, StepCallback, StepContext, optimizer_checks, raise_first_failure
 from .denoising import drop_labels
 
 Evaluate = Callable[[Tensor], float]
@@ -176,7 +178,7 @@ def sample_with(denoiser: nn.Module, num: int, sample_shape: tuple[int, ...], sa
     return samples.clamp(-1, 1) if len(sample_shape) == 3 else samples
 
 
-class DDO(Method):
+class DDO(Method, StepCallback):
     """DDO fine-tuning of ``networks["model"]`` against ``frozen["reference"]`` (see the module docstring).
 
     Args:
@@ -251,7 +253,8 @@ class DDO(Method):
 
     def _advance_round(self) -> None:
         """Round boundary: the best snapshot (or the final target without evaluator) becomes the new reference and
-        the target's starting point; the fake pool is regenerated lazily; the best score resets."""
+        the target's starting point (the next ``on_step_start`` draws the new round's fake pool); the best score
+        resets."""
         source = self.frozen["best"] if self.evaluate is not None else self.networks["model"]
         state = copy.deepcopy(source.state_dict())
         self.frozen["reference"].load_state_dict(state)
@@ -268,17 +271,27 @@ class DDO(Method):
         offset = step - self._round_start(int(self.round_index))
         return offset == 0 or (self.config.eval_every > 0 and offset % self.config.eval_every == 0)
 
-    def _sync_round(self, step: int, all_reduce_mean: Callable[[Tensor], Tensor] | None = None) -> None:
-        """Bring the round state up to ``step``: close finished rounds, evaluate when due, refresh the pool."""
-        while self.round_at(step) > int(self.round_index):
-            self._end_round_evaluation(step, all_reduce_mean)
-            self._advance_round()
-        if self._due_for_evaluation(step) and self._last_eval_step != step:
-            self._evaluate_target(step, all_reduce_mean)
-            self._last_eval_step = step
-        if self._pool_round != int(self.round_index) and self.config.fake_pool_size > 0:
-            self._pool = self._generate_fakes(self.config.fake_pool_size, self.config.seed + int(self.round_index))
-            self._pool_round = int(self.round_index)
+    def callbacks(self) -> list[StepCallback]:
+        """The rounds: this method's own ``on_phase_end`` / ``on_step_start``."""
+        return [self]
+
+    def on_phase_end(self, phase: Phase, ctx: StepContext) -> None:
+        """Round boundary, before the next round's first step ``ctx.step``: score the final target (the round's end
+        score), then the best snapshot becomes the new reference and starting point (``_advance_round``). A round
+        closed already is left alone, so running a step's callbacks twice is harmless."""
+        if phase.name != f"round_{int(self.round_index)}":
+            return
+        self._end_round_evaluation(ctx.step, ctx.all_reduce_mean)
+        self._advance_round()
+
+    def on_step_start(self, phase: str, ctx: StepContext) -> None:
+        """Evaluate the target when due (round start, every ``eval_every`` steps; once per step); draw a new round's
+        fake pool."""
+        if self._due_for_evaluation(ctx.step) and self._last_eval_step != ctx.step:
+            self._evaluate_target(ctx.step, ctx.all_reduce_mean)
+            self._last_eval_step = ctx.step
+        self._refresh_pool()
+        self._next_step = ctx.step + 1
 
     def finish(self) -> dict[str, Any]:
         """End of training: evaluate the final target, load the best snapshot into it, print the per-round table and
@@ -310,10 +323,17 @@ class DDO(Method):
                         self.config.generation_batch)
         return x, labels
 
+    def _refresh_pool(self) -> None:
+        """Draw the fake pool of the current round (seed + round) unless it is drawn already (or fakes are online)."""
+        if self._pool_round != int(self.round_index) and self.config.fake_pool_size > 0:
+            self._pool = self._generate_fakes(self.config.fake_pool_size, self.config.seed + int(self.round_index))
+            self._pool_round = int(self.round_index)
+
     def _fake_batch(self, num: int, device: torch.device) -> dict[str, Tensor]:
         if self.config.fake_pool_size == 0:
             x, labels = self._generate_fakes(num)
         else:
+            self._refresh_pool()     # drawn already by on_step_start in training; lazily for direct use
             pool_x, pool_labels = self._pool
             index = torch.randint(len(pool_x), (num,))
             x, labels = pool_x[index], None if pool_labels is None else pool_labels[index]
@@ -323,17 +343,8 @@ class DDO(Method):
         return batch
 
     def prepare_step(self, phase: str, micro_batches: list[dict[str, Any]], ctx: StepContext) -> list[Any]:
-        """Advance rounds / evaluate when due (training steps only), then pair every micro-batch with as many fakes
-        as it has real samples (1:1)."""
-        if ctx.training:
-            # evaluation / pool generation must not shift the step's random stream (lazily built evaluators
-            # initialise weights from it), or a resumed run would draw other fakes than an uninterrupted one
-            with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-                self._sync_round(ctx.step, ctx.all_reduce_mean)
-            self._next_step = ctx.step + 1
-        elif self._pool is None and self.config.fake_pool_size > 0:
-            self._pool = self._generate_fakes(self.config.fake_pool_size, self.config.seed + int(self.round_index))
-            self._pool_round = int(self.round_index)
+        """Pair every micro-batch with as many fakes as it has real samples (1:1); the rounds advance in the
+        callbacks (``on_phase_end``, ``on_step_start``), which the trainer runs before this."""
         return [{**batch, **self._fake_batch(batch["x"].shape[0], batch["x"].device)} for batch in micro_batches]
 
     # ----------------------------------------------------------------------------------------------- loss

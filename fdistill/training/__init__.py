@@ -1,4 +1,5 @@
-"""The one training loop (accelerate), EMA, atomic checkpoints and logging; see ``trainer.py``."""
+"""The one training loop (accelerate), EMA, atomic checkpoints and logging: ``trainer.py`` (the loop), ``run_state.py``
+(checkpoints, resume), ``outputs.py`` (samples, evaluation, export, reports), ``optimization.py``, ``batches.py``."""
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import SamplerConfig, TrainConfig
 from .ema import EMA

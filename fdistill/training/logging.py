@@ -16,6 +16,7 @@ import json
 import math
 import os
 import secrets
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,8 @@ def _readable(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def notice(message: str) -> None:
+    """A line for the person running the job (stderr: stdout may carry results)."""
+    print(f"fdistill: {message}", file=sys.stderr, flush=True)
