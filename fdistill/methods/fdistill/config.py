@@ -6,7 +6,7 @@ from typing import Any
 
 from ...losses.denoising import LOSS_WEIGHTS
 from ...losses.fdistill import DIVERGENCES
-from ...training.config import require
+from ...validation import require
 
 # Noise-level distributions of the distribution-matching, fake-score and discriminator terms (quantile samplers of
 # ``losses.denoising``); 'time_uniform' is for VP teachers with discrete timesteps.

@@ -23,7 +23,7 @@ from ...losses.denoising import (karras_uniform_sigmas, loguniform_sigmas, time_
 from ...losses.fdistill import (density_ratio, discriminator_loss, f_divergence_weight, fdistill_generator_loss,
                                 generator_gan_loss)
 from ...samplers.sampling import generator_inputs, generator_sample
-from ...training.config import require
+from ...validation import require
 from ..base import Method, Phase, StepContext
 from .config import TIME_UNIFORM, FDistillConfig
 from .domain import Domain
