@@ -11,7 +11,7 @@ from fdistill.losses.denoising import time_uniform_sigmas
 from fdistill.methods.base import StepContext
 from fdistill.methods.fdistill import FAKE_SCORE_WEIGHTINGS, FDistill, FDistillConfig
 from fdistill.networks import MLPDenoiser
-from fdistill.pipelines import tiny_sd_components
+from fdistill.tiny_sd import tiny_sd_components
 
 T_MIN, T_MAX = 0.001, 0.999
 
