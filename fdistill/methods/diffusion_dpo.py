@@ -175,7 +175,7 @@ class DiffusionDPO(Method):
         for name, module in self.sd.frozen_modules().items():
             self.frozen[name] = module.requires_grad_(False).eval()
         unet = components.unet
-        self.sd.denoiser(unet)              # fails now, naming it, on a scheduler prediction_type it does not know
+        self._denoisers = {"model": self.sd.denoiser(unet)}   # fails now on a prediction_type it does not know
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if config.finetune == "lora":
@@ -223,9 +223,8 @@ class DiffusionDPO(Method):
         if "latents_w" in item:
             return {"latents_w": item["latents_w"], "latents_l": item["latents_l"],
                     "cond": self.sd.conditioning_from_tensors(item)}
-        from_data = self.config.sdxl_micro_conditioning == "data"
-        return {"latents_w": self.sd.encode(item["x_w"], self.config.vae_sample),
-                "latents_l": self.sd.encode(item["x_l"], self.config.vae_sample),
+        from_data, sample = self.config.sdxl_micro_conditioning == "data", self.config.vae_sample
+        return {"latents_w": self.sd.encode(item["x_w"], sample), "latents_l": self.sd.encode(item["x_l"], sample),
                 "cond": self.text_conditioning(item["caption"], item if from_data else None)}
 
     # ------------------------------------------------------------------------------------- loss
@@ -242,7 +241,7 @@ class DiffusionDPO(Method):
         needs_pairs = OBJECTIVES[self.config.objective][1] if pairs is None else pairs
         latents = torch.cat([latents_w, encoded["latents_l"]]) if needs_pairs else latents_w
         batch, device, repeats = latents_w.shape[0], latents_w.device, latents.shape[0] // latents_w.shape[0]
-        model = self.sd.denoiser(self.networks["unet"])
+        model = self._training_denoiser("model", self.networks["unet"])
         sigma = table_sigmas(batch, model.train_sigmas.cpu(), generator).to(device).repeat(repeats)
         noise = torch.randn(latents_w.shape, generator=generator).to(device).repeat(repeats, 1, 1, 1)
         noisy, cond = noisy_sample(latents, sigma, noise), _repeat(encoded["cond"], repeats)
@@ -254,8 +253,16 @@ class DiffusionDPO(Method):
         if not needs_pairs:
             return {"model_w": errors}
         with torch.no_grad(), self.reference_unet() as reference:
-            ref = errors_of(self.sd.denoiser(reference))
+            ref = errors_of(self._training_denoiser("reference", reference))
         return {"model_w": errors[:batch], "model_l": errors[batch:], "ref_w": ref[:batch], "ref_l": ref[batch:]}
+
+    def _training_denoiser(self, role: str, net: nn.Module) -> nn.Module:
+        """``sd.denoiser(net)``, kept while ``role`` ('model' / 'reference') is played by the same network on the
+        same device: building one walks the network's modules, and FSDP may swap in a gathered copy of the UNet."""
+        denoiser = self._denoisers.get(role)
+        if denoiser is None or denoiser.net is not net or denoiser.train_sigmas.device != next(net.parameters()).device:
+            denoiser = self._denoisers[role] = self.sd.denoiser(net)
+        return denoiser
 
     def loss(self, phase: str, item: dict[str, Any], ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         errors = self.errors(self.encode_batch(item))
