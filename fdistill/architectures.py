@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .pipelines import SDComponents, as_torch_dtype, tiny_clip_tokenizer
+from .pipelines import SDComponents, as_torch_dtype
+from .tiny_sd import tiny_clip_tokenizer
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (859,520,964 parameters)
 SD15_UNET: dict[str, Any] = dict(

@@ -1,5 +1,6 @@
-"""Stable Diffusion 1.5 / SDXL components: load them from a hub id or a local directory, build tiny ones from
-config for tests and CPU benchmarks, encode prompts into the UNet's conditioning, rebuild a Diffusers pipeline.
+"""Stable Diffusion 1.5 / SDXL components: load them from a hub id or a local directory, encode prompts into the
+UNet's conditioning, rebuild a Diffusers pipeline; ``StableDiffusionComponent`` offers these jobs to a method as one
+object (``fdistill.latent_component``). Tiny models built from config: ``fdistill.tiny_sd``.
 
 The components follow the Diffusers pipeline layout (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
 ``scheduler/`` and, for SDXL, ``text_encoder_2/`` + ``tokenizer_2/``), so a directory written by
@@ -56,7 +57,7 @@ class SDComponents:
         return encoders
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
     if kind not in SD_KINDS:
         raise ValueError(f"Stable Diffusion kind {kind!r} not in {SD_KINDS}")
 
@@ -91,7 +92,7 @@ def load_sd_components(pretrained: str, kind: str = "sd15", revision: str | None
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    _check_kind(kind)
+    check_kind(kind)
     common = {"revision": revision, "variant": variant}
     frozen = dict(common, torch_dtype=as_torch_dtype(torch_dtype))
     parts = dict(
@@ -108,99 +109,6 @@ def load_sd_components(pretrained: str, kind: str = "sd15", revision: str | None
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision)
     local = Path(pretrained).exists()       # a directory is recorded absolute: a LoRA export loads from anywhere
     return SDComponents(**parts, source=str(Path(pretrained).resolve()) if local else str(pretrained))
-
-
-# ----------------------------------------------------------------------------------------------- tiny models
-
-TINY_WORDS = ("a", "an", "the", "of", "on", "red", "green", "blue", "yellow", "square", "circle", "cross",
-              "shape", "background", "image", "photo", "dark", "light")
-
-
-def _word_merges(word: str) -> list[tuple[str, str]]:
-    """BPE merges that assemble ``word`` left to right into the single token ``word</w>``."""
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
-    merges, current = [], pieces[0]
-    for piece in pieces[1:]:
-        merges.append((current, piece))
-        current += piece
-    return merges
-
-
-def tiny_clip_tokenizer(words: tuple[str, ...] = TINY_WORDS, model_max_length: int = 16):
-    """A CLIP BPE tokenizer built offline: lower-case letters and digits, plus whole-word tokens for ``words``.
-
-    Unknown characters are dropped by the CLIP pre-tokenizer; captions are padded / truncated to
-    ``model_max_length`` tokens (bos + text + eos).
-    """
-    from transformers import CLIPTokenizer
-
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
-    tokens = chars + [c + "</w>" for c in chars]
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        for left, right in _word_merges(word):
-            if (left, right) not in merges:
-                merges.append((left, right))
-                tokens.append(left + right)
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-
-
-def _tiny_text_encoder(tokenizer, hidden_size: int, with_projection: bool, projection_dim: int = 32):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-
-
-def tiny_sd_components(kind: str = "sd15", image_size: int = 16, unet_channels: tuple[int, ...] = (16, 32),
-                       vae_channels: tuple[int, ...] = (16,), text_hidden_size: int = 32,
-                       seed: int = 0) -> SDComponents:
-    """A randomly initialised Stable Diffusion built from config (no download), for tests and CPU benchmarks.
-
-    The UNet has one cross-attention level per entry of ``unet_channels`` after the first; a one-level VAE
-    (``vae_channels`` of length 1) keeps latents at image resolution (vae_scale_factor 1). SDXL adds a second
-    (projected) text encoder and the "text_time" added conditioning with 6 time ids.
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    _check_kind(kind)
-    torch.manual_seed(seed)
-    tokenizer = tiny_clip_tokenizer()
-    levels = len(unet_channels)
-    groups = min(8, unet_channels[0])
-    unet_kwargs: dict[str, Any] = dict(
-        sample_size=image_size // 2 ** (len(vae_channels) - 1), in_channels=4, out_channels=4,
-        block_out_channels=tuple(unet_channels), layers_per_block=1, norm_num_groups=groups,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-        cross_attention_dim=text_hidden_size, attention_head_dim=4,
-    )
-    parts: dict[str, Any] = dict(tokenizer=tokenizer,
-                                 text_encoder=_tiny_text_encoder(tokenizer, text_hidden_size, False))
-    if kind == "sdxl":
-        parts["tokenizer_2"] = tiny_clip_tokenizer()
-        parts["text_encoder_2"] = _tiny_text_encoder(tokenizer, text_hidden_size, True, projection_dim=32)
-        unet_kwargs.update(cross_attention_dim=2 * text_hidden_size, addition_embed_type="text_time",
-                           addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32)
-    parts["unet"] = UNet2DConditionModel(**unet_kwargs)
-    parts["vae"] = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels),
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), norm_num_groups=min(8, vae_channels[0]),
-        layers_per_block=1, sample_size=image_size,
-    )
-    parts["scheduler"] = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                       beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
-                                       steps_offset=1, clip_sample=False)
-    return SDComponents(**parts)
 
 
 # ------------------------------------------------------------------------------------------ conditioning
@@ -235,6 +143,18 @@ def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int]
     """SDXL micro-conditioning [B, 6]: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample."""
     row = torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
     return row.expand(batch_size, 6).clone()
+
+
+def sdxl_time_ids_of_batch(item: dict[str, Any], image_size: tuple[int, int]) -> Tensor:
+    """[B, 6] SDXL micro-conditioning from a batch's "original_size" and "crop_top_left" ([B, 2] each) and the
+    training resolution (target size); batches without them use original = target, crop = (0, 0)."""
+    batch = len(item["caption"])
+    target = torch.tensor(image_size, dtype=torch.float32).expand(batch, 2)
+    original = item.get("original_size")
+    original = target if original is None else original.float().cpu()
+    crop = item.get("crop_top_left")
+    crop = torch.zeros(batch, 2) if crop is None else crop.float().cpu()
+    return torch.cat([original, crop, target], dim=1)
 
 
 @torch.no_grad()
@@ -320,3 +240,82 @@ def save_components(components: SDComponents, directory: str) -> None:
     """Write the components as a Diffusers pipeline directory (loadable with ``from_pretrained(directory)``)."""
     build_pipeline(components).save_pretrained(directory)
 
+
+
+# ------------------------------------------------------------------------------------------ the component
+
+class StableDiffusionComponent:
+    """The ``fdistill.latent_component.LatentDiffusionComponent`` of Stable Diffusion 1.5 / SDXL: the pipeline parts
+    (``SDComponents``) and the image size; each method is this module's function of the same job.
+
+    Args:
+        parts: the pipeline parts; ``parts.unet`` is the base UNet (its config gives the latent channels).
+        image_size: (H, W) in pixels.
+    """
+
+    def __init__(self, parts: SDComponents, image_size: tuple[int, int]):
+        self.parts = parts
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.kind, self.scheduler, self.source = parts.kind, parts.scheduler, parts.source
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.parts.vae, **self.parts.text_encoders()}
+
+    def conditioning(self, captions: list[str], batch: dict[str, Any] | None = None) -> dict[str, Any]:
+        """UNet keyword arguments; SDXL time ids: ``[res, res, 0, 0, res, res]`` without ``batch`` (the released
+        Diffusion-DPO code), the batch's "original_size" / "crop_top_left" with it (``sdxl_time_ids_of_batch``)."""
+        from_data = self.kind == "sdxl" and batch is not None
+        time_ids = sdxl_time_ids_of_batch(batch, self.image_size) if from_data else None
+        return text_conditioning(self.parts, captions, self.image_size, time_ids)
+
+    def conditioning_tensors(self, cond: dict[str, Any]) -> dict[str, Tensor]:
+        tensors = {"prompt_embeds": cond["encoder_hidden_states"]}
+        if "added_cond_kwargs" in cond:
+            tensors.update(pooled_prompt_embeds=cond["added_cond_kwargs"]["text_embeds"],
+                           time_ids=cond["added_cond_kwargs"]["time_ids"])
+        return tensors
+
+    def conditioning_from_tensors(self, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        return unet_conditioning(tensors["prompt_embeds"], tensors.get("pooled_prompt_embeds"), tensors.get("time_ids"))
+
+    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
+        return encode_latents(self.parts.vae, images, sample)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return decode_latents(self.parts.vae, latents)
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        factor = self.parts.vae_scale_factor
+        return (batch, self.parts.unet.config.in_channels, self.image_size[0] // factor, self.image_size[1] // factor)
+
+    def denoiser(self, net: nn.Module) -> nn.Module:
+        return self._denoiser(net, null_cond=None)
+
+    def sampling_denoiser(self, net: nn.Module, guidance: float = 1.0) -> nn.Module:
+        from .denoisers import ClassifierFreeGuidance
+
+        denoiser = self._denoiser(net, null_cond=self.conditioning([""]))
+        return denoiser if guidance == 1.0 else ClassifierFreeGuidance(denoiser, guidance, denoiser.uncond)
+
+    def _denoiser(self, net: nn.Module, null_cond: Any):
+        from .denoisers import DiffusersDenoiser
+
+        denoiser = DiffusersDenoiser(net, self.scheduler, null_cond=null_cond)
+        denoiser.schedule.to(next(net.parameters()).device)       # the sigma -> timestep table runs beside the net
+        return denoiser
+
+    def pipeline(self, net: nn.Module | None = None, scheduler: Any = None):
+        return build_pipeline(self.parts, net, scheduler)
+
+    def save_pipeline(self, directory: str | Path, net: nn.Module | None = None, scheduler: Any = None) -> None:
+        self.pipeline(net, scheduler).save_pretrained(str(directory))
+
+    def save_lora(self, directory: str | Path, net: nn.Module) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(net))
+        # the adapter config travels as metadata: without it Diffusers loads with alpha = rank (wrong scale)
+        metadata = net.peft_config["default"].to_dict()
+        type(self.pipeline(net)).save_lora_weights(str(directory), unet_lora_layers=layers, safe_serialization=True,
+                                                   unet_lora_adapter_metadata=metadata)

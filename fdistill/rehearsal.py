@@ -312,7 +312,7 @@ class BareDPOLoop:
 
     def step(self, batch: dict[str, Any]) -> float:
         vae, text_encoder = self.method.frozen["vae"], self.method.frozen["text_encoder"]
-        tokenizer, scheduler, beta = self.method.tokenizers[0], self.method.scheduler, self.method.config.beta
+        tokenizer, scheduler, beta = self.method.sd.parts.tokenizer, self.method.sd.scheduler, self.method.config.beta
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else nullcontext())
         with autocast:

@@ -36,9 +36,10 @@ import torch
 from fdistill.data.base import DataSource
 from fdistill.data.preference import all_images_as_winners, shape_preferences
 from fdistill.methods.base import StepContext
-from fdistill.methods.diffusion_dpo import (DiffusionDPOConfig, build, held_out_preference_metrics,
-                                            reward_of_samples, save_side_by_side)
-from fdistill.pipelines import SDComponents, tiny_sd_components
+from fdistill.methods.diffusion_dpo import DiffusionDPOConfig, build
+from fdistill.methods.dpo_eval import held_out_preference_metrics, reward_of_samples, save_side_by_side
+from fdistill.pipelines import SDComponents
+from fdistill.tiny_sd import tiny_sd_components
 from fdistill.training.config import SamplerConfig, TrainConfig
 from fdistill.training.trainer import Trainer
 

@@ -32,9 +32,10 @@ import torch
 from bench_dpo import IMAGE_SIZE, pretrain_vae, train
 from fdistill.data import captioned_shapes
 from fdistill.data.preference import caption_colour_accuracy, shape_colour_reward, shape_preferences
-from fdistill.methods.diffusion_dpo import DiffusionDPOConfig, build as build_sft, save_side_by_side
+from fdistill.methods.diffusion_dpo import DiffusionDPOConfig, build as build_sft
+from fdistill.methods.dpo_eval import save_side_by_side
 from fdistill.methods.fdistill import FDistillConfig, build
-from fdistill.pipelines import tiny_sd_components
+from fdistill.tiny_sd import tiny_sd_components
 from fdistill.training.config import SamplerConfig
 
 

@@ -26,7 +26,7 @@ from tempfile import TemporaryDirectory
 
 def write_prompts(path: Path, num: int) -> None:
     """``num`` distinct-ish prompts from the tiny tokenizer's vocabulary (colour x shape x noun, cycled)."""
-    from fdistill.pipelines import TINY_WORDS
+    from fdistill.tiny_sd import TINY_WORDS
 
     colours, shapes = TINY_WORDS[5:9], TINY_WORDS[9:13]
     nouns = ("image", "photo", "background")
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fdistill.pipelines import save_components, tiny_sd_components
+    from fdistill.pipelines import save_components
+    from fdistill.tiny_sd import tiny_sd_components
 
     rows = []
     with TemporaryDirectory() as tmp:

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from fdistill.evaluation.rewards import SCORERS, build_scorer, win_rate
-from fdistill.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig, sample_rewards, save_side_by_side
+from fdistill.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
+from fdistill.methods.dpo_eval import sample_rewards, save_side_by_side
 from fdistill.pipelines import SDComponents, build_pipeline, load_sd_components
 from fdistill.training.config import SamplerConfig
 

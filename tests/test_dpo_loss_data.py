@@ -7,7 +7,7 @@ import torch
 
 from fdistill.data.preference import (COLOURS, SHAPES, pickapic, shape_colour_reward, shape_preferences)
 from fdistill.losses import diffusion_dpo_loss, dpo_logits, implicit_reward_accuracy, per_sample_mse, sft_loss
-from fdistill.pipelines import TINY_WORDS, tiny_clip_tokenizer
+from fdistill.tiny_sd import TINY_WORDS, tiny_clip_tokenizer
 
 
 # ------------------------------------------------------------------------------------------------ loss

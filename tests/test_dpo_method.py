@@ -9,9 +9,11 @@ import torch
 from fdistill.data.preference import all_images_as_winners, shape_preferences
 from fdistill.losses import diffusion_dpo_loss
 from fdistill.methods.base import StepContext
-from fdistill.methods.diffusion_dpo import (DiffusionDPO, DiffusionDPOConfig, build, cached_dataset,
-                                           held_out_preference_metrics)
-from fdistill.pipelines import build_pipeline, encode_prompts, tiny_sd_components
+from fdistill.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig, build
+from fdistill.methods.dpo_cache import cached_dataset
+from fdistill.methods.dpo_eval import held_out_preference_metrics
+from fdistill.pipelines import build_pipeline, encode_prompts
+from fdistill.tiny_sd import tiny_sd_components
 from fdistill.training.config import SamplerConfig
 
 SAMPLER = SamplerConfig(steps=2, guidance=1.0)
@@ -131,7 +133,7 @@ def test_sdxl_conditioning_reaches_the_unet(micro_conditioning, original_and_cro
     added = seen[0]["added_cond_kwargs"]
     expected_ids = torch.tensor([[*original_and_crop, SIZE, SIZE]]).float().expand(8, 6)          # winners then losers
     torch.testing.assert_close(added["time_ids"], expected_ids)
-    components = method._components()
+    components = method.sd.parts
     prompt_embeds, pooled = encode_prompts(components, batch["caption"])
     torch.testing.assert_close(added["text_embeds"], torch.cat([pooled, pooled]))
     torch.testing.assert_close(seen[0]["encoder_hidden_states"], torch.cat([prompt_embeds, prompt_embeds]))
@@ -164,7 +166,7 @@ def test_export_loads_in_a_diffusers_pipeline(tmp_path, finetune):
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, **cond).sample, method.networks["unet"](x, t, **cond).sample,
                                    rtol=1e-5, atol=1e-5)
-    tuned_pipe = build_pipeline(method._components())
+    tuned_pipe = method.sd.pipeline(method.networks["unet"])
     images = [p("a red square", num_inference_steps=2, height=SIZE, width=SIZE, guidance_scale=1.0, output_type="pt",
                 generator=torch.Generator().manual_seed(0)).images for p in (pipe, tuned_pipe)]
     torch.testing.assert_close(images[0], images[1], rtol=1e-4, atol=1e-4)

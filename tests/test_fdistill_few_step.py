@@ -9,7 +9,7 @@ from fdistill.data import captioned_shapes
 from fdistill.denoisers import load_denoiser
 from fdistill.methods.base import StepContext
 from fdistill.methods.fdistill import FDistillConfig, build
-from fdistill.pipelines import tiny_sd_components
+from fdistill.tiny_sd import tiny_sd_components
 from fdistill.samplers import generator_inputs, generator_sample
 from test_fdistill_method import points_data
 

@@ -13,7 +13,7 @@ from fdistill.methods.base import StepContext
 from fdistill.losses.denoising import LOSS_WEIGHTS
 from fdistill.methods.fdistill import FDistill, FDistillConfig, PixelDomain
 from fdistill.networks import MLPDenoiser
-from fdistill.pipelines import tiny_sd_components
+from fdistill.tiny_sd import tiny_sd_components
 
 T_MIN, T_MAX = 0.001, 0.999
 

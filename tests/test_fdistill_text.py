@@ -10,7 +10,8 @@ from fdistill.data import captioned_shapes, hf_images, prompt_file
 from fdistill.denoisers import load_denoiser
 from fdistill.methods.base import StepContext
 from fdistill.methods.fdistill import FDistillConfig, build
-from fdistill.pipelines import encode_latents, encode_prompts, tiny_sd_components
+from fdistill.pipelines import encode_latents, encode_prompts
+from fdistill.tiny_sd import tiny_sd_components
 from fdistill.training import Trainer
 
 SHRINK = ["model=tiny_sd", "data=captioned_shapes", "data.num_images=16", "data.resolution=16", "train.steps=2", "train.batch_size=4",

@@ -9,7 +9,7 @@ from fdistill.data.preference import shape_preferences
 from fdistill.denoisers.edm import EDMPrecond
 from fdistill.methods import ddo, diffusion_dpo, fdistill
 from fdistill.networks import build_unet
-from fdistill.pipelines import tiny_sd_components
+from fdistill.tiny_sd import tiny_sd_components
 from fdistill.training import Trainer, TrainConfig
 from fdistill.training.config import SamplerConfig
 

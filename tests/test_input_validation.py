@@ -333,7 +333,7 @@ def test_corrupt_or_missing_model_files_are_named(tmp_path, capsys):
 
 
 def test_dpo_latent_cache_refuses_pickled_objects(tmp_path):
-    from fdistill.methods.diffusion_dpo import cached_dataset
+    from fdistill.methods.dpo_cache import cached_dataset
 
     class Payload:
         def __reduce__(self):

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from fdistill.evaluation.clip import clip_preprocess, clip_score, load_clip
 from fdistill.evaluation.preprocess import quantize_to_uint8
 from fdistill.evaluation.rewards import SCORERS, build_scorer, resolve_weights_file, win_rate
-from fdistill.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig, sample_rewards
-from fdistill.pipelines import save_components, tiny_clip_tokenizer, tiny_sd_components
+from fdistill.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOConfig
+from fdistill.methods.dpo_eval import sample_rewards
+from fdistill.pipelines import save_components
+from fdistill.tiny_sd import tiny_clip_tokenizer, tiny_sd_components
 from fdistill.training.config import SamplerConfig
 
 SAMPLER = SamplerConfig(solver="dpmpp_2m", steps=2, guidance=1.0)

@@ -72,7 +72,8 @@ def test_point_model_writes_samples_npy(tmp_path):
 
 
 def test_text_pipeline_with_prompt_and_guidance(tmp_path):
-    from fdistill.pipelines import save_components, tiny_sd_components
+    from fdistill.pipelines import save_components
+    from fdistill.tiny_sd import tiny_sd_components
 
     save_components(tiny_sd_components("sd15", image_size=8), str(tmp_path / "sd"))
     assert sample("--model", str(tmp_path / "sd"), "--num", "2", "--steps", "2", "--prompt", "a red square",

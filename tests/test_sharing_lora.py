@@ -7,7 +7,8 @@ import torch
 from fdistill.data.preference import shape_preferences
 from fdistill.denoisers import load_denoiser
 from fdistill.methods.diffusion_dpo import DiffusionDPOConfig, build
-from fdistill.pipelines import load_sd_components, save_components, tiny_sd_components
+from fdistill.pipelines import load_sd_components, save_components
+from fdistill.tiny_sd import tiny_sd_components
 from fdistill.training.config import SamplerConfig
 
 SIZE = 8

@@ -19,7 +19,8 @@ PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
-    from fdistill.pipelines import save_components, tiny_sd_components
+    from fdistill.pipelines import save_components
+    from fdistill.tiny_sd import tiny_sd_components
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("pipelines") / "sd"

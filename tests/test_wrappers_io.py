@@ -84,7 +84,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_diffusers_pipeline_directory(tmp_path):
-    from fdistill.pipelines import save_components, tiny_sd_components
+    from fdistill.pipelines import save_components
+    from fdistill.tiny_sd import tiny_sd_components
 
     components = tiny_sd_components("sd15")
     save_components(components, str(tmp_path / "sd"))

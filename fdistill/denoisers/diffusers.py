@@ -59,6 +59,11 @@ X0_FROM_PREDICTION: dict[str, Callable[..., Tensor]] = {
     "sample": _x0_from_sample,
 }
 
+# prediction_type -> the ``fdistill.losses.denoising`` weighting under which the x0 loss equals the network's own
+# regression loss on its raw output: ||eps_hat - eps||^2 = ||x0_hat - x0||^2 / sigma^2, ||v_hat - v||^2 =
+# ||x0_hat - x0||^2 (1 + sigma^2) / sigma^2 (both in the VP form x_t), sample: the x0 loss itself.
+NATIVE_LOSS_WEIGHTING: dict[str, str] = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "x0"}
+
 
 class VPSchedule(nn.Module):
     """sigma(t) of a discrete VP schedule and its inverse (fractional t by interpolation in log sigma).
@@ -201,6 +206,10 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
             encoder_hidden_states [1, L, D], or for SDXL a dict with [1, ...] tensors); class models use the null
             class ``num_classes``.
 
+    Attributes:
+        loss_weighting: the ``fdistill.losses.denoising.weighted_denoising_loss`` weighting that reproduces the
+            network's training loss on its ``prediction_type`` (``NATIVE_LOSS_WEIGHTING``).
+
     Forward: x [B, C, H, W] = x0 + sigma eps, sigma [B] -> x0 [B, C, H, W] (float32; float64 if x is float64).
     If the network predicts a learned variance too (out_channels = 2 * in_channels, DiT / IF), the second half of
     its channels is dropped.
@@ -215,6 +224,7 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
         if self.prediction_type not in X0_FROM_PREDICTION:
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} not supported; "
                              f"allowed: {sorted(X0_FROM_PREDICTION)}")
+        self.loss_weighting = NATIVE_LOSS_WEIGHTING[self.prediction_type]
         self.scheduler_config = dict(config)
         self.net = net if dtype is None else net.to(dtype)
         disable_implicit_label_dropout(net)
