@@ -26,41 +26,39 @@ from torch import Tensor, nn
 
 from ...denoisers import DiffusersDenoiser
 from ...denoisers.io import save_denoiser
-from ...pipelines import (SDComponents, build_pipeline, decode_latents, encode_latents, few_step_scheduler,
-                          one_step_scheduler, text_conditioning)
+from ...latent_component import LatentDiffusionComponent
+from ...pipelines import SDComponents, StableDiffusionComponent, few_step_scheduler, one_step_scheduler
 from .config import FDistillConfig
 from .method import FDistill
 
 
 class TextToImageDomain:
-    """Stable Diffusion latents conditioned on prompts (see the module docstring); the one place f-distill uses
-    ``fdistill.pipelines``. Built by ``build_text_to_image``.
+    """Stable Diffusion latents conditioned on prompts (see the module docstring). It holds the latent component
+    (``fdistill.latent_component``) that Diffusion-DPO holds too; built by ``build_text_to_image``.
 
     Args:
-        components: the Stable Diffusion parts (their VAE and text encoders become frozen members of the method).
+        sd: the latent component (its VAE and text encoders become frozen members of the method).
         schedule: the UNet's DDPM schedule in sigma units (``DiffusersDenoiser.schedule``).
         sample_shape: [C, h, w] of one latent.
-        image_size: (H, W) in pixels of the generated images.
         prompts: prompts of ``generate`` when no condition is given (cycled).
     """
 
     vp_input = True
     num_classes = 0
 
-    def __init__(self, components: SDComponents, schedule: Any, sample_shape: tuple[int, ...],
-                 image_size: tuple[int, int], prompts: list[str]):
-        self.components = components
+    def __init__(self, sd: LatentDiffusionComponent, schedule: Any, sample_shape: tuple[int, ...],
+                 prompts: list[str]):
+        self.sd = sd
         self.schedule = schedule
         self.sample_shape = tuple(sample_shape)
-        self.image_size = tuple(image_size)
         self.prompts = list(prompts)
 
     @property
     def kind(self) -> str:
-        return self.components.kind
+        return self.sd.kind
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        return {"vae": self.components.vae, **self.components.text_encoders()}
+        return self.sd.frozen_modules()
 
     def default_generator_sigma(self, config: FDistillConfig, teacher: nn.Module) -> float:
         """The teacher's largest sigma (t = T - 1): the student's VP input is then the pipelines' x_T = z."""
@@ -68,20 +66,20 @@ class TextToImageDomain:
 
     def condition_of(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """UNet conditioning of the batch's captions."""
-        return text_conditioning(self.components, batch["caption"], self.image_size)
+        return self.sd.conditioning(batch["caption"])
 
     def real_samples(self, batch: dict[str, Any], device: torch.device) -> Tensor | None:
         """Latents [B, C, h, w] of the batch's images (posterior mean), None for prompt-only batches."""
-        return encode_latents(self.components.vae, batch["x"].to(device)) if "x" in batch else None
+        return self.sd.encode(batch["x"].to(device)) if "x" in batch else None
 
     def generation_condition(self, num: int, cond: Any, device: torch.device) -> dict[str, Any]:
         """UNet conditioning of the prompts ``cond`` (list of str), by default the configured prompts in turn."""
         prompts = list(cond) if cond is not None else [self.prompts[i % len(self.prompts)] for i in range(num)]
-        return text_conditioning(self.components, prompts[:num], self.image_size)
+        return self.sd.conditioning(prompts[:num])
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images [B, 3, H, W] in [-1, 1]."""
-        return decode_latents(self.components.vae, latents)
+        return self.sd.decode(latents)
 
     def timesteps(self, sigmas: tuple[float, ...]) -> list[int]:
         """The integer UNet timesteps of the generator's noise levels (t = T - 1 for the default one step)."""
@@ -95,8 +93,8 @@ class TextToImageDomain:
         ``timesteps=<fdistill.json "diffusers_timesteps">``. ``fdistill sample --model directory --prompt ...``
         runs either. Guidance is distilled into the student: sample it without CFG."""
         one_step = len(generator_sigmas) == 1
-        scheduler = (one_step_scheduler if one_step else few_step_scheduler)(self.components.scheduler)
-        pipeline = build_pipeline(self.components, unet=student.net, scheduler=scheduler)
+        scheduler = (one_step_scheduler if one_step else few_step_scheduler)(self.sd.scheduler)
+        pipeline = self.sd.pipeline(student.net, scheduler)
         timesteps = self.timesteps(generator_sigmas)
         call = ("pipe(prompt, num_inference_steps=1, guidance_scale=1.0)" if one_step else
                 f"pipe(prompt, timesteps={timesteps}, guidance_scale=1.0)")
@@ -159,7 +157,8 @@ def build_text_to_image(config: FDistillConfig, components: SDComponents, data: 
     """The method for Stable Diffusion ``components`` (``fdistill.pipelines``) and captioned / prompt data."""
     image_size = model_image_size(components)
     check_text_to_image_data(config, data, image_size)
-    null_cond = text_conditioning(components, [""], image_size)
+    sd = StableDiffusionComponent(components, image_size)
+    null_cond = sd.conditioning([""])
     unet = components.unet
     student_net, fake_net = copy.deepcopy(unet).float(), copy.deepcopy(unet).float()
     if config.gradient_checkpointing:
@@ -170,8 +169,7 @@ def build_text_to_image(config: FDistillConfig, components: SDComponents, data: 
                                 dtype=None if frozen_dtype == torch.float32 else frozen_dtype)
     student, fake_score = (DiffusersDenoiser(net, components.scheduler, null_cond=null_cond)
                            for net in (student_net, fake_net))
-    domain = TextToImageDomain(components, teacher.schedule, tuple(teacher.sample_shape), image_size,
-                               default_prompts(config, data))
+    domain = TextToImageDomain(sd, teacher.schedule, tuple(teacher.sample_shape), default_prompts(config, data))
     method = FDistill(config, teacher, student, fake_score, domain)
     domain.timesteps(method.generator_sigmas)     # fail at start-up, not at export, on sigmas off the timestep grid
     return method
