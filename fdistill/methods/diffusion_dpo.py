@@ -121,7 +121,7 @@ class DiffusionDPOConfig:
 
     def check_train(self, train) -> None:
         """Record the global batch (``train.batch_size``) that ``scale_lr`` multiplies ``lr`` by
-        (``fdistill.config.validate`` calls this with the TrainConfig)."""
+        (``fdistill.config.compose`` calls this with the TrainConfig)."""
         self._global_batch = int(train.batch_size)
 
     def optimizer_lr(self) -> float:
@@ -130,7 +130,7 @@ class DiffusionDPOConfig:
             return self.lr
         if self._global_batch is None:
             raise ValueError("method.scale_lr=true needs the global batch: call config.check_train(train_config) "
-                             "(fdistill.config.validate does)")
+                             "(fdistill.config.compose does)")
         return self.lr * self._global_batch
 
 
