@@ -15,19 +15,23 @@ Conventions (method engineers: follow these, they are all there is):
         - <name>_schema
         - _self_
       name: <name>
-      lr: ...
 
-  and Hydra rejects unknown keys; ``OmegaConf.to_object`` then runs ``__post_init__``.
+  followed only by values that differ from the dataclass's (interpolations such as ``${train.steps}``): the
+  dataclass holds every default, once. Hydra rejects unknown keys; ``compose`` then builds ``Config`` once, which
+  runs ``__post_init__`` (the one place a value is validated, with ``require``-style one-line messages).
 - ``_target_`` only at object boundaries: ``model`` (a network / denoiser / pipeline factory; an empty model group
   gives ``model=None``), ``data`` (a factory returning a ``fdistill.data.DataSource``), ``logger`` (a ``_partial_``
-  ``fdistill.training.logging.Trackers`` called with ``config``; empty = metrics.jsonl only) and ``eval`` (a factory
-  returning ``evaluate(generate_fn, step) -> dict[str, float]``; empty = none). Targets receive plain Python values.
+  ``fdistill.training.logging.Trackers`` called with ``config``; empty = metrics.jsonl only), ``eval`` (a factory
+  returning ``evaluate(generate_fn, step) -> dict[str, float]``; empty = none) and a method's ``network`` spec
+  (``fdistill.networks.instantiate_network``). Targets receive plain Python values.
 - ``sampler`` (``SamplerConfig``) is the multi-step sampler of sample grids. A method that samples with it declares a
   field ``sampler: SamplerConfig | None = None``; when it is null, the top-level ``sampler`` group is filled in.
 - Experiments (``conf/experiment/<name>.yaml``) start with ``# @package _global_``, select groups with
   ``defaults: [{override /method: ...}, ...]`` and set any key (``train.steps``, ``method.lr``, ...).
+- ``compose(overrides)`` returns the validated ``RunSpec``; ``build_run(spec)`` instantiates its objects.
 
-Only this module and ``fdistill.commands`` import omegaconf / hydra; library code receives dataclasses and objects.
+Only this module and ``fdistill.commands`` import omegaconf / hydra (and ``fdistill.networks.instantiate_network``,
+Hydra's ``instantiate`` for a method's ``network`` spec); library code receives dataclasses and objects.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from ..losses.dpo import diffusion_dpo_loss, dpo_logits, per_sample_mse, sft_los
 from ..pipelines import (SDComponents, build_pipeline, decode_latents, encode_latents, text_conditioning,
                          unet_conditioning)
 from ..samplers.config import SamplerConfig
-from .base import OPTIMIZERS, Method, Phase, StepContext
+from .base import Method, Phase, StepContext, optimizer_checks, raise_first_failure
 
 FINETUNE_MODES = ("full", "lora")
 MICRO_CONDITIONINGS = ("resolution", "data")
@@ -95,26 +95,17 @@ class DiffusionDPOConfig:
     sampler: SamplerConfig | None = None
 
     def __post_init__(self):
-        checks = [
+        checks = optimizer_checks(self) + [
             (self.objective in OBJECTIVES, f"method.objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}"),
             (self.beta > 0, f"method.beta must be > 0, got {self.beta}"),
             (self.finetune in FINETUNE_MODES, f"method.finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}"),
             (self.lora_rank >= 1, f"method.lora_rank must be >= 1, got {self.lora_rank}"),
             (self.lora_alpha > 0, f"method.lora_alpha must be > 0, got {self.lora_alpha}"),
             (len(self.lora_targets) > 0, "method.lora_targets must name at least one module"),
-            (self.lr > 0, f"method.lr must be > 0, got {self.lr}"),
-            (self.optimizer in OPTIMIZERS, f"method.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (self.weight_decay >= 0, f"method.weight_decay must be >= 0, got {self.weight_decay}"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-             f"method.betas must be two values in [0, 1), got {list(self.betas)}"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0,
-             f"method.max_grad_norm must be > 0 or null, got {self.max_grad_norm}"),
             (self.sdxl_micro_conditioning in MICRO_CONDITIONINGS, f"method.sdxl_micro_conditioning must be one of "
              f"{MICRO_CONDITIONINGS}, got {self.sdxl_micro_conditioning!r}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        raise_first_failure(checks)
         if isinstance(self.sampler, dict):  # built from plain Python rather than through Hydra
             self.sampler = SamplerConfig(**self.sampler)
         self._global_batch: int | None = None

@@ -10,18 +10,13 @@ from dataclasses import dataclass, field
 
 from ..denoisers.io import HUB_ID
 from ..samplers.config import SamplerConfig, as_sampler_config  # noqa: F401  (re-exported: the sampler: section)
+from ..validation import require
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # 'linear_warmup' is fdistill's own; the others are diffusers.optimization.get_scheduler's
 LR_SCHEDULERS = ("linear_warmup", "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                  "polynomial")
 RESUME_MODES = ("auto", "never", "force")
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise ValueError(message) unless condition holds (config validation; the message names the field)."""
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass
