@@ -15,22 +15,27 @@ Conventions (method engineers: follow these, they are all there is):
         - <name>_schema
         - _self_
       name: <name>
-      lr: ...
 
-  and Hydra rejects unknown keys; ``OmegaConf.to_object`` then runs ``__post_init__``.
+  followed only by values that differ from the dataclass's (interpolations such as ``${train.steps}``): the
+  dataclass holds every default, once. Hydra rejects unknown keys; ``compose`` then builds ``Config`` once, which
+  runs ``__post_init__`` (the one place a value is validated, with ``require``-style one-line messages).
 - ``_target_`` only at object boundaries: ``model`` (a network / denoiser / pipeline factory; an empty model group
   gives ``model=None``), ``data`` (a factory returning a ``fdistill.data.DataSource``), ``logger`` (a ``_partial_``
-  ``fdistill.training.logging.Trackers`` called with ``config``; empty = metrics.jsonl only) and ``eval`` (a factory
-  returning ``evaluate(generate_fn, step) -> dict[str, float]``; empty = none). Targets receive plain Python values.
+  ``fdistill.training.logging.Trackers`` called with ``config``; empty = metrics.jsonl only), ``eval`` (a factory
+  returning ``evaluate(generate_fn, step) -> dict[str, float]``; empty = none) and a method's ``network`` spec
+  (``fdistill.networks.instantiate_network``). Targets receive plain Python values.
 - ``sampler`` (``SamplerConfig``) is the multi-step sampler of sample grids. A method that samples with it declares a
   field ``sampler: SamplerConfig | None = None``; when it is null, the top-level ``sampler`` group is filled in.
 - Experiments (``conf/experiment/<name>.yaml``) start with ``# @package _global_``, select groups with
   ``defaults: [{override /method: ...}, ...]`` and set any key (``train.steps``, ``method.lr``, ...).
+- ``compose(overrides)`` returns the validated ``RunSpec``; ``build_run(spec)`` instantiates its objects.
 
-Only this module and ``fdistill.commands`` import omegaconf / hydra; library code receives dataclasses and objects.
+Only this module and ``fdistill.commands`` import omegaconf / hydra (and ``fdistill.networks.instantiate_network``,
+Hydra's ``instantiate`` for a method's ``network`` spec); library code receives dataclasses and objects.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -118,28 +123,45 @@ def one_line(error: BaseException) -> str:
     return " ".join(" ".join(messages).split())
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config",
-            return_hydra_config: bool = False) -> DictConfig:
-    """Compose ``conf/config.yaml`` with Hydra overrides (``experiment=digits_teacher train.steps=10``) and validate
-    every section; raises ConfigError with a one-line message naming the problem. ``return_hydra_config`` keeps
-    Hydra's own ``hydra`` section (``--cfg hydra``)."""
+def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config",
+                   return_hydra_config: bool = False) -> DictConfig:
+    """The composed DictConfig of ``conf/config.yaml`` with Hydra overrides, accelerate launch's settings applied;
+    not yet validated (``compose`` validates it). Raises ConfigError with a one-line message."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     register_schemas()
-    try:
+    with one_line_errors():
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides),
                                 return_hydra_config=return_hydra_config)
         apply_accelerate_launch(cfg, overrides, os.environ)
-        validate(cfg)
-    except (HydraException, OmegaConfBaseException, ValueError, TypeError) as error:
-        if isinstance(error, ConfigError):
-            raise
-        raise ConfigError(one_line(error)) from error
     return cfg
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config",
+            return_hydra_config: bool = False) -> RunSpec:
+    """The validated run spec of ``conf/config.yaml`` with Hydra overrides (``experiment=digits_teacher
+    train.steps=10``): every section is converted to its dataclass once, which runs its validation; raises
+    ConfigError with a one-line message naming the problem. ``return_hydra_config`` keeps Hydra's own ``hydra``
+    section in ``spec.cfg`` (``--cfg hydra``)."""
+    cfg = compose_config(overrides, config_name, return_hydra_config)
+    with one_line_errors():
+        return validate(cfg)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Re-raise Hydra's, OmegaConf's and the dataclasses' validation errors as ConfigError (one line)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError) as error:
+        raise ConfigError(one_line(error)) from error
 
 
 # what ``accelerate launch`` (its config file or flags) exports, and the train.* field each one means
@@ -156,7 +178,7 @@ def apply_accelerate_launch(cfg: DictConfig, overrides, environ) -> None:
     the command line); a differing explicit value raises ConfigError naming both. Accelerate exports
     mixed precision 'no' when nothing asked for it, so 'no' never overrides train.*.
     """
-    defaults = TrainConfig()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for variable, (name, kind) in ACCELERATE_LAUNCH_SETTINGS.items():
         wanted = environ.get(variable, "")
         if wanted in ("", "no"):
@@ -172,7 +194,7 @@ def apply_accelerate_launch(cfg: DictConfig, overrides, environ) -> None:
         if current == wanted:
             continue
         explicit = any(str(o).split("=", 1)[0].lstrip("+~") == f"train.{name}" for o in overrides)
-        if explicit or current != getattr(defaults, name):
+        if explicit or current != defaults[name]:
             raise ConfigError(f"accelerate launch asks {name}={wanted} ({variable}) but train.{name}={current}; make "
                               f"them agree (set train.{name}={wanted} or change the accelerate config)")
         cfg.train[name] = wanted
@@ -190,15 +212,13 @@ class RunSpec:
 
 
 def to_method_config(node: DictConfig, sampler: SamplerConfig) -> tuple[str, Any]:
-    """(method name, the module's ``Config`` instance) of the ``method`` section; runs ``__post_init__``.
-    A null ``sampler`` field is filled with the top-level sampler."""
-    name = node.get("name")
-    module = method_module(name)
-    schema_obj = OmegaConf.to_object(node)
-    values = {f.name: getattr(schema_obj, f.name) for f in dataclasses.fields(module.Config)}
-    if "sampler" in values and node.get("sampler") is None:  # __post_init__ may already have put a default there
+    """(method name, the module's ``Config`` instance) of the ``method`` section; its ``__post_init__`` (the
+    method's validation) runs once, here. A null ``sampler`` field is filled with the top-level sampler."""
+    values = OmegaConf.to_container(node, resolve=True)
+    name = values.pop("name")
+    if "sampler" in values and values["sampler"] is None:
         values["sampler"] = sampler
-    return name, module.Config(**values)
+    return name, method_module(name).Config(**values)
 
 
 def reject_unknown_keys(section: str, node: DictConfig, allowed: set[str]) -> None:
@@ -213,7 +233,8 @@ def field_names(cls: type) -> set[str]:
 
 
 def validate(cfg: DictConfig) -> RunSpec:
-    """Convert the schema'd sections to dataclasses (running their validation) and return them."""
+    """Convert the schema'd sections of a composed config to their dataclasses (running each one's validation,
+    once) and return them; ``compose`` calls this. Raises ValueError / OmegaConf errors naming the key."""
     reject_unknown_keys("train", cfg.train, field_names(TrainConfig))
     reject_unknown_keys("sampler", cfg.sampler, field_names(SamplerConfig))
     reject_unknown_keys("method", cfg.method, field_names(method_module(cfg.method.get("name")).Config) | {"name"})

@@ -1,12 +1,16 @@
 """Networks fdistill trains itself: small Diffusers ``UNet2DModel`` presets and an MLP for point data, all
 returned wrapped in EDM preconditioning (``fdistill.denoisers.EDMPrecond``, Karras et al. 2022 Eq. 7).
 
-These factories are the ``_target_`` of ``conf/model/*.yaml``. Class-conditional networks get
+These factories are the ``_target_`` of ``conf/model/*.yaml`` and of a method's ``network`` spec
+(``instantiate_network``). Class-conditional networks get
 ``num_class_embeds = num_classes + 1``: the extra row is the null class (label dropout, classifier-free guidance).
 The UNets are plain Diffusers models: ``save_denoiser`` writes them with ``save_pretrained`` and Diffusers loads
 them back with ``UNet2DModel.from_pretrained(dir, subfolder="unet")``.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from diffusers import ModelMixin, UNet2DModel
@@ -70,6 +74,21 @@ def imagenet64_unet(num_classes: int | None = 1000, sigma_data: float = 0.5, dro
     unet = build_unet(64, 3, (192, 384, 576, 768), layers_per_block=3, attention_levels=(1, 2, 3),
                       num_classes=num_classes, dropout=dropout)
     return EDMPrecond(unet, sigma_data=sigma_data, dtype=dtype)
+
+
+def instantiate_network(spec: Mapping[str, Any]) -> nn.Module:
+    """The network of a method's ``network`` spec, ``{"_target_": "package.module.callable", **kwargs}`` (e.g.
+    f-distill's student for an analytic teacher), built by Hydra's ``instantiate`` with plain-Python arguments, as
+    the ``model`` group is. A target that cannot be imported or called raises a one-line ValueError naming it."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(dict(spec), _convert_="all")
+    except InstantiationException as error:
+        reason = " ".join(str(error).split(", set env var HYDRA_FULL_ERROR")[0].split())  # Hydra's spans lines
+        raise ValueError(f"method.network._target_ {spec.get('_target_')!r} cannot be imported or called: "
+                         f"{reason}") from error
 
 
 class MLPNetwork(ModelMixin, ConfigMixin):

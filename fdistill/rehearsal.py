@@ -145,15 +145,16 @@ def compose_rehearsal(row: Rehearsal, steps: int, batch: int, device: str, resol
     """The validated RunSpec of a rehearsal: the recipe with its model and data groups replaced and shrunk."""
     from omegaconf import OmegaConf, open_dict
 
-    from .config import compose, validate
+    from .config import compose
 
-    cfg = compose([f"experiment={row.experiment}",
-                   *shrink_overrides(row, steps, batch, device, run_dir, compile_networks)])
+    spec = compose([f"experiment={row.experiment}",
+                    *shrink_overrides(row, steps, batch, device, run_dir, compile_networks)])
+    cfg = spec.cfg      # the model and data groups are not part of the validated sections
     recipe_model = OmegaConf.to_container(cfg.model) if cfg.get("model") else {}
     with open_dict(cfg):
         cfg.model = model_group(row, recipe_model, resolution, frozen_dtype)
         cfg.data = data_group(row, resolution, num=max(batch * steps, 8))
-    return validate(cfg)
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------- memory

@@ -94,7 +94,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from fdistill.config import compose
-    base = OmegaConf.to_container(compose(["experiment=digits_fdistill"])["method"], resolve=True)
+    base = OmegaConf.to_container(compose(["experiment=digits_fdistill"]).cfg.method, resolve=True)
     args.out.write_text(json.dumps({"benchmark": "fdistill_digits_sweep", "steps": args.steps,
                                     "recipe_method": {k: v for k, v in base.items() if k != "network"},
                                     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "

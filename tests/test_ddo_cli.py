@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fdistill.config import build_run, compose, validate
+from fdistill.config import build_run, compose
 from fdistill.denoisers import save_denoiser
 from fdistill.networks import tiny_unet
 from fdistill.training import Trainer
@@ -26,7 +26,7 @@ def base_model(tmp_path_factory):
 
 
 def fit(overrides, run_dir, steps):
-    spec = validate(compose([*overrides, *SHRINK, f"train.steps={steps}", f"train.run_dir={run_dir}"]))
+    spec = compose([*overrides, *SHRINK, f"train.steps={steps}", f"train.run_dir={run_dir}"])
     run = build_run(spec, with_loggers=False)
     Trainer(run.method, run.data, spec.train).fit()
     return run.method
@@ -103,4 +103,4 @@ def test_train_steps_must_cover_the_rounds_exactly():
     with pytest.raises(ConfigError, match=r"train.steps \(3\) must equal method.rounds \* method.steps_per_round = "
                                           r"2 \* 1 = 2"):
         compose([*overrides, "train.steps=3"])
-    assert validate(compose([*overrides, "train.steps=2"])).train.steps == 2
+    assert compose([*overrides, "train.steps=2"]).train.steps == 2

@@ -219,7 +219,7 @@ def test_config_validation_names_the_field():
 
 def test_train_command_runs_dpo_tiny(tmp_path):
     from fdistill.commands.train import main
-    from fdistill.config import compose, validate
+    from fdistill.config import compose
 
     run_dir = tmp_path / "run"
     overrides = ["experiment=dpo_tiny", "train.batch_size=4", "train.sample_every=0", "train.progress=false",
@@ -231,7 +231,7 @@ def test_train_command_runs_dpo_tiny(tmp_path):
     assert (run_dir / "model" / "pytorch_lora_weights.safetensors").is_file()
     assert "implicit_accuracy" in (run_dir / "metrics.jsonl").read_text()
     for name, beta, optimizer in (("dpo_sd15", 2000.0, "adamw"), ("dpo_sdxl", 5000.0, "adafactor")):
-        spec = validate(compose([f"experiment={name}"]))
+        spec = compose([f"experiment={name}"])
         assert (spec.method_config.beta, spec.method_config.optimizer) == (beta, optimizer)
         assert spec.train.batch_size == 2048 and spec.method_config.optimizer_lr() == pytest.approx(2.048e-5)
 
@@ -239,16 +239,16 @@ def test_train_command_runs_dpo_tiny(tmp_path):
 def test_scale_lr_multiplies_the_lr_by_the_global_batch_in_pairs():
     """The released code's --scale_lr: lr x gradient accumulation x per-device batch x processes = lr x the global
     batch (train.batch_size), whatever the split into processes and micro-batches."""
-    from fdistill.config import compose, validate
+    from fdistill.config import compose
 
     for processes_split in (["train.micro_batches=256"], ["train.micro_batches=8"]):
-        spec = validate(compose(["experiment=dpo_sd15", "train.batch_size=512", *processes_split]))
+        spec = compose(["experiment=dpo_sd15", "train.batch_size=512", *processes_split])
         assert spec.method_config.lr == 1e-8 and spec.method_config.scale_lr
         assert spec.method_config.optimizer_lr() == pytest.approx(1e-8 * 512)
     config = DiffusionDPOConfig(lr=1e-8, scale_lr=True)
     with pytest.raises(ValueError, match="scale_lr=true needs the global batch"):
         config.optimizer_lr()
-    config.check_train(validate(compose(["experiment=dpo_tiny", "train.batch_size=4"])).train)
+    config.check_train(compose(["experiment=dpo_tiny", "train.batch_size=4"]).train)
     method = DiffusionDPO(config, tiny_sd_components("sd15", image_size=SIZE), (SIZE, SIZE))
     assert method.phases()[0].lr == pytest.approx(4e-8)
     assert DiffusionDPOConfig(lr=1e-8).optimizer_lr() == 1e-8                 # default: lr is the optimizer's LR

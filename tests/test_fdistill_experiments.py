@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fdistill.config import ConfigError, build_run, compose, validate
+from fdistill.config import ConfigError, build_run, compose
 from fdistill.commands.distill import with_default_experiment
 from fdistill.denoisers import load_denoiser
 from fdistill.training import Trainer
@@ -14,7 +14,7 @@ SHRINK = ["train.steps=2", "train.batch_size=8", "train.device=cpu", "train.prog
 
 
 def run_two_steps(overrides, tmp_path):
-    spec = validate(compose([*overrides, *SHRINK, f"train.run_dir={tmp_path}"]))
+    spec = compose([*overrides, *SHRINK, f"train.run_dir={tmp_path}"])
     run = build_run(spec, with_loggers=False)
     before = {name: [p.detach().clone() for p in net.parameters()] for name, net in run.method.networks.items()}
     trainer = Trainer(run.method, run.data, spec.train)
@@ -53,10 +53,10 @@ def test_experiments_compose_and_train_two_steps(overrides, tmp_path):
 
 
 def test_recipes_carry_the_paper_settings():
-    cifar = validate(compose(["experiment=cifar10_fdistill"]))
+    cifar = compose(["experiment=cifar10_fdistill"])
     assert (cifar.method_config.divergence, cifar.method_config.lr, cifar.method_config.gan_weight) == ("kl", 1e-4, 1e-3)
     assert (cifar.train.batch_size, cifar.train.steps, cifar.train.ema_decays) == (2048, 100000, [0.9999, 0.99995, 0.9996])
-    imagenet = validate(compose(["experiment=imagenet64_fdistill"]))
+    imagenet = compose(["experiment=imagenet64_fdistill"])
     c = imagenet.method_config
     assert (c.divergence, c.lr, c.gan_weight, c.ratio_ema) == ("js", 2e-6, 3e-3, 0.5)
     assert (imagenet.train.batch_size, imagenet.train.steps) == (512, 600000)
@@ -77,7 +77,7 @@ def test_distill_defaults_to_the_digits_experiment():
 @pytest.mark.parametrize("name, lr, gan, cfg, freq, resolution", [("sd15_fdistill", 1e-5, 1e-3, 1.75, 10, 512),
                                                                  ("sdxl_fdistill", 5e-7, 5e-3, 8.0, 5, 1024)])
 def test_text_to_image_recipes_carry_the_paper_settings(name, lr, gan, cfg, freq, resolution):
-    spec = validate(compose([f"experiment={name}"]))
+    spec = compose([f"experiment={name}"])
     c = spec.method_config
     assert (c.divergence, c.lr, c.gan_weight, c.guidance_scale, c.student_update_freq) == ("js", lr, gan, cfg, freq)
     assert spec.train.mixed_precision == "bf16" and spec.cfg.model._target_ == "fdistill.pipelines.load_sd_components"

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fdistill.config import build_run, compose, validate
+from fdistill.config import build_run, compose
 from fdistill.data import captioned_shapes, hf_images, prompt_file
 from fdistill.denoisers import load_denoiser
 from fdistill.methods.base import StepContext
@@ -30,7 +30,7 @@ def _snapshot(module):
 
 @pytest.mark.parametrize("experiment, kind", [("sd15_fdistill", "sd15"), ("sdxl_fdistill", "sdxl")])
 def test_recipes_train_two_steps_and_export_a_one_step_diffusers_pipeline(experiment, kind, tmp_path):
-    spec = validate(compose([f"experiment={experiment}", *SHRINK, f"model.kind={kind}", f"train.run_dir={tmp_path}"]))
+    spec = compose([f"experiment={experiment}", *SHRINK, f"model.kind={kind}", f"train.run_dir={tmp_path}"])
     run = build_run(spec, with_loggers=False)
     method = run.method
     assert type(method.domain).__name__ == "TextToImageDomain" and method.domain.kind == kind

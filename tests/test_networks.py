@@ -122,3 +122,16 @@ def test_tiny_unet_learns_digits_a_little():
         value.backward()
         optimizer.step()
     assert loss().item() < 0.7 * before
+
+
+def test_instantiate_network_builds_the_target_with_hydra_and_names_a_bad_one():
+    from fdistill.networks import instantiate_network
+
+    net = instantiate_network({"_target_": "fdistill.networks.MLPDenoiser", "dim": 3, "hidden": 16, "depth": 1,
+                               "sigma_data": 1.0})
+    assert isinstance(net, MLPDenoiser) and net.sigma_data == 1.0
+    assert net(torch.zeros(4, 3), torch.ones(4)).shape == (4, 3)
+    with pytest.raises(ValueError, match=r"^method.network._target_ 'fdistill.networks.NoSuchNet' cannot be imported"):
+        instantiate_network({"_target_": "fdistill.networks.NoSuchNet"})
+    with pytest.raises(ValueError, match="'fdistill.networks.MLPDenoiser' cannot be imported or called: .*banana"):
+        instantiate_network({"_target_": "fdistill.networks.MLPDenoiser", "banana": 1})

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fdistill.config import build_run, compose, validate
+from fdistill.config import build_run, compose
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"
 PAPER_EXPERIMENTS = ("cifar10_fdistill", "imagenet64_fdistill", "sd15_fdistill", "sdxl_fdistill", "cifar10_ddo",
@@ -68,7 +68,7 @@ def test_every_paper_experiment_has_a_table_and_the_readme_links_it():
 
 @pytest.mark.parametrize("experiment", PAPER_EXPERIMENTS)
 def test_documented_values_are_what_the_experiment_composes_to(experiment):
-    spec = validate(compose([f"experiment={experiment}"]))
+    spec = compose([f"experiment={experiment}"])
     wrong = [(key, text, composed(spec, key)) for key, text in documented_values()[experiment]
              if not same(composed(spec, key), parse(text))]
     assert not wrong, f"docs/recipes.md disagrees with conf/experiment/{experiment}.yaml: {wrong}"
@@ -79,7 +79,7 @@ def test_sd_fdistill_recipes_draw_teacher_timesteps_uniformly_and_clip_only_the_
     """With a tiny SD in place of the real one: noise levels are the teacher's timesteps 1..998 (t in [0.001, 0.999]),
     the fake score's loss is the official one, and only the student phase clips its gradient."""
     shrink = ["model=tiny_sd", "data=captioned_shapes", "data.num_images=8", "data.resolution=16", "train.device=cpu"]
-    method = build_run(validate(compose([f"experiment={experiment}", *shrink])), with_loggers=False).method
+    method = build_run(compose([f"experiment={experiment}", *shrink]), with_loggers=False).method
     table = method.frozen["teacher"].train_sigmas
     sigmas = method.sample_sigma(torch.rand(5000, generator=torch.Generator().manual_seed(0))).double()
     timesteps = (table.log()[None, :] - sigmas.log()[:, None]).abs().argmin(1)
@@ -93,4 +93,4 @@ def test_sd_fdistill_recipes_draw_teacher_timesteps_uniformly_and_clip_only_the_
 @pytest.mark.parametrize("experiment", ["dpo_sd15", "dpo_sdxl"])
 def test_dpo_recipes_run_at_the_launchers_learning_rate(experiment):
     """lr 1e-8 per pair scaled by the global batch: 2.048e-5 at 2048 pairs, as the released launchers."""
-    assert validate(compose([f"experiment={experiment}"])).method_config.optimizer_lr() == pytest.approx(2.048e-5)
+    assert compose([f"experiment={experiment}"]).method_config.optimizer_lr() == pytest.approx(2.048e-5)

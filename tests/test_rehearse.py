@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DModel
 
 from fdistill import architectures
-from fdistill.config import compose, validate
+from fdistill.config import compose
 from fdistill.rehearsal import (GIB, REHEARSALS, Rehearsal, estimate_gib, format_table, optimizer_state_bytes,
                                 rehearse)
 
@@ -36,7 +36,7 @@ def test_cifar10_fdistill_recipe_trains_both_phases_and_counts_its_memory(tiny_a
     assert result.status == "ok"
     assert result.steps == [2, 3, 4] and result.phases == ["critic", "critic", "student"]   # student every 5th step
     assert len(result.step_seconds) == 3 and all(math.isfinite(loss) for loss in result.losses)
-    recipe = validate(compose(["experiment=cifar10_fdistill"])).train
+    recipe = compose(["experiment=cifar10_fdistill"]).train
     assert result.mixed_precision == recipe.mixed_precision == "no"   # fp32, as the official EDM-teacher configs
     assert result.frozen_params == unet_params                 # the teacher
     assert result.trained_params > 2 * unet_params             # student + fake score + discriminator head

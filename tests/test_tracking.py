@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFont
 
-from fdistill.config import build_run, compose, validate
+from fdistill.config import build_run, compose
 from fdistill.images import labelled_grid, fit_text
 from fdistill.training import Trackers, Trainer, TrainConfig
 from fdistill.training.logging import flat_hparams, phase_scalars
@@ -29,7 +29,7 @@ TINY_GMM_FDISTILL = ["experiment=gmm_fdistill", "method.network.hidden=16", "met
 
 def train(overrides: list[str], run_dir: Path) -> Trainer:
     """``fdistill train`` in-process: compose (the logger group included), build, fit."""
-    spec = validate(compose([*overrides, f"train.run_dir={run_dir}"]))
+    spec = compose([*overrides, f"train.run_dir={run_dir}"])
     run = build_run(spec)
     trainer = Trainer(run.method, run.data, spec.train, trackers=run.trackers)
     trainer.fit()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from accelerate.tracking import GeneralTracker
 from torch import nn
 
-from fdistill.config import build_run, compose, validate
+from fdistill.config import build_run, compose
 from fdistill.data import gaussian_mixture
 from fdistill.methods.base import Method
 from fdistill.training import (JsonlLogger, NonFiniteLossError, Trackers, Trainer, TrainConfig, latest_checkpoint,
@@ -66,7 +66,7 @@ def test_sigkilled_cli_run_resumes_to_the_bitwise_weights_of_an_uninterrupted_ru
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     resumed_weights = load_file(run_dir / "checkpoints" / "step_000008" / "model.safetensors")
 
-    spec = validate(compose([*common[:-1], f"train.run_dir={tmp_path / 'straight'}"]))
+    spec = compose([*common[:-1], f"train.run_dir={tmp_path / 'straight'}"])
     straight = build_run(spec, with_loggers=False)
     Trainer(straight.method, straight.data, spec.train).fit()
     expected = straight.method.checkpoint_state_dict()
@@ -229,7 +229,7 @@ def test_metrics_jsonl_and_sample_grid_png(tmp_path):
     overrides = ["experiment=digits_teacher", "model=tiny_unet", "model.num_classes=10", "train.steps=2",
                  "train.batch_size=4", "train.device=cpu", "train.progress=false", "train.sample_every=2",
                  "train.num_samples=4", "train.log_every=1", "sampler.steps=2", f"train.run_dir={tmp_path}"]
-    spec = validate(compose(overrides))
+    spec = compose(overrides)
     run = build_run(spec, with_loggers=False)
     Trainer(run.method, run.data, spec.train).fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

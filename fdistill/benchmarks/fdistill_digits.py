@@ -2,16 +2,16 @@
 with the divergence changed and extra Hydra overrides."""
 from __future__ import annotations
 
-from fdistill.config import build_run, compose, validate
+from fdistill.config import build_run, compose
 
 
 def build_method(divergence: str, extra: list[str]):
     """(method, data, batch size) of the digits_fdistill recipe with ``divergence`` and the overrides ``extra``."""
-    spec = validate(compose(["experiment=digits_fdistill", f"method.divergence={divergence}", *extra]))
+    spec = compose(["experiment=digits_fdistill", f"method.divergence={divergence}", *extra])
     run = build_run(spec, with_loggers=False)
     return run.method, run.data, spec.train.batch_size
 
 
 def recipe_steps(extra: list[str]) -> int:
     """train.steps of the digits_fdistill recipe (with the command line's overrides)."""
-    return validate(compose(["experiment=digits_fdistill", *extra])).train.steps
+    return compose(["experiment=digits_fdistill", *extra]).train.steps

@@ -211,7 +211,7 @@ def config_yaml(overrides: list[str], part: str, resolve: bool) -> str:
 
     if part != "job":   # Hydra's run dir is fdistill's train.run_dir: show the one that is used
         overrides = [*overrides, f"hydra.run.dir={compose(overrides).train.run_dir}"]
-    cfg = compose(overrides, return_hydra_config=part != "job")
+    cfg = compose(overrides, return_hydra_config=part != "job").cfg
     if part == "hydra":
         cfg = cfg.hydra
     return OmegaConf.to_yaml(cfg, resolve=resolve)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from ..config import GROUPS, ConfigError, build_run, compose, config_dir, save_config, validate
+from ..config import GROUPS, ConfigError, build_run, compose, config_dir, save_config
 
 USAGE = """usage: fdistill train [KEY=VALUE ...]   (Hydra overrides)
 
@@ -43,7 +43,7 @@ def run_training(prog: str, overrides: list[str], method_name: str | None = None
     from ..training import CheckpointError, NonFiniteLossError, ResumeConflict, RunDirLocked, Trainer
 
     try:
-        spec = validate(compose(overrides))
+        spec = compose(overrides)
         if method_name is not None and spec.method_name != method_name:
             raise ConfigError(f"fdistill {prog} runs method={method_name}, got method.name={spec.method_name!r}")
         run = build_run(spec)

@@ -141,7 +141,7 @@ class DDOConfig:
         self.sampler = as_sampler_config(self.sampler)
 
     def check_train(self, train) -> None:
-        """The run must be exactly the rounds (``fdistill.config.validate`` calls this with the TrainConfig)."""
+        """The run must be exactly the rounds (``fdistill.config.compose`` calls this with the TrainConfig)."""
         expected = self.rounds * self.steps_per_round
         if train.steps != expected:
             raise ValueError(f"train.steps ({train.steps}) must equal method.rounds * method.steps_per_round = "

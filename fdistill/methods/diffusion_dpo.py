@@ -30,7 +30,7 @@ from ..losses.denoising import noisy_sample, table_sigmas, weighted_denoising_lo
 from ..losses.dpo import diffusion_dpo_loss, dpo_logits, sft_loss
 from ..pipelines import SDComponents, StableDiffusionComponent
 from ..samplers.config import SamplerConfig
-from .base import OPTIMIZERS, Method, Phase, StepContext
+from .base import Method, Phase, StepContext, optimizer_checks, raise_first_failure
 from .dpo_cache import cached_dataset
 
 FINETUNE_MODES = ("full", "lora")
@@ -96,33 +96,24 @@ class DiffusionDPOConfig:
     sampler: SamplerConfig | None = None
 
     def __post_init__(self):
-        checks = [
+        checks = optimizer_checks(self) + [
             (self.objective in OBJECTIVES, f"method.objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}"),
             (self.beta > 0, f"method.beta must be > 0, got {self.beta}"),
             (self.finetune in FINETUNE_MODES, f"method.finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}"),
             (self.lora_rank >= 1, f"method.lora_rank must be >= 1, got {self.lora_rank}"),
             (self.lora_alpha > 0, f"method.lora_alpha must be > 0, got {self.lora_alpha}"),
             (len(self.lora_targets) > 0, "method.lora_targets must name at least one module"),
-            (self.lr > 0, f"method.lr must be > 0, got {self.lr}"),
-            (self.optimizer in OPTIMIZERS, f"method.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (self.weight_decay >= 0, f"method.weight_decay must be >= 0, got {self.weight_decay}"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-             f"method.betas must be two values in [0, 1), got {list(self.betas)}"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0,
-             f"method.max_grad_norm must be > 0 or null, got {self.max_grad_norm}"),
             (self.sdxl_micro_conditioning in MICRO_CONDITIONINGS, f"method.sdxl_micro_conditioning must be one of "
              f"{MICRO_CONDITIONINGS}, got {self.sdxl_micro_conditioning!r}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        raise_first_failure(checks)
         if isinstance(self.sampler, dict):  # built from plain Python rather than through Hydra
             self.sampler = SamplerConfig(**self.sampler)
         self._global_batch: int | None = None
 
     def check_train(self, train) -> None:
         """Record the global batch (``train.batch_size``) that ``scale_lr`` multiplies ``lr`` by
-        (``fdistill.config.validate`` calls this with the TrainConfig)."""
+        (``fdistill.config.compose`` calls this with the TrainConfig)."""
         self._global_batch = int(train.batch_size)
 
     def optimizer_lr(self) -> float:
@@ -131,7 +122,7 @@ class DiffusionDPOConfig:
             return self.lr
         if self._global_batch is None:
             raise ValueError("method.scale_lr=true needs the global batch: call config.check_train(train_config) "
-                             "(fdistill.config.validate does)")
+                             "(fdistill.config.compose does)")
         return self.lr * self._global_batch
 
 

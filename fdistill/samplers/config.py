@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..validation import require
 from .schedules import SIGMA_SCHEDULES, sigmas
 
 SCHEDULES = tuple(SIGMA_SCHEDULES)
@@ -36,17 +37,12 @@ class SamplerConfig:
     guidance: float = 1.0
 
     def __post_init__(self):
-        checks = [
-            (self.steps >= 1, f"sampler.steps must be >= 1, got {self.steps}"),
-            (self.schedule in SCHEDULES, f"sampler.schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
-            (self.sigma_min is None or self.sigma_min > 0, f"sampler.sigma_min must be > 0, got {self.sigma_min}"),
-            (self.sigma_max is None or self.sigma_max > (self.sigma_min or 0.0),
-             f"sampler.sigma_max must be > sigma_min, got {self.sigma_max}"),
-            (self.guidance >= 0, f"sampler.guidance must be >= 0, got {self.guidance}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        require(self.steps >= 1, f"sampler.steps must be >= 1, got {self.steps}")
+        require(self.schedule in SCHEDULES, f"sampler.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        require(self.sigma_min is None or self.sigma_min > 0, f"sampler.sigma_min must be > 0 or null, got {self.sigma_min}")
+        require(self.sigma_max is None or self.sigma_max > (self.sigma_min or 0.0),
+                f"sampler.sigma_max must be > sampler.sigma_min (and > 0) or null, got {self.sigma_max}")
+        require(self.guidance >= 0, f"sampler.guidance must be >= 0, got {self.guidance}")
 
 
 def as_sampler_config(sampler: SamplerConfig | dict | None) -> SamplerConfig:
