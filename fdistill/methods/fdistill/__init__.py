@@ -16,7 +16,7 @@ space), ``text`` (Stable Diffusion teachers: latent space, prompts, Diffusers pi
 domain).
 """
 from .config import FDistillConfig
-from .build import build, instantiate_network, teacher_from
+from .build import build, teacher_from
 from .domain import Domain, PixelDomain
 from .heads import Discriminator, DiscriminatorHead, NoisyInputFeatures
 from .method import FDistill, PreparedBatch
@@ -25,5 +25,5 @@ from .ratio import RatioNormaliser
 Config = FDistillConfig
 
 __all__ = ["Config", "Discriminator", "DiscriminatorHead", "Domain", "FDistill", "FDistillConfig",
-           "NoisyInputFeatures", "PixelDomain", "PreparedBatch", "RatioNormaliser", "build", "instantiate_network",
+           "NoisyInputFeatures", "PixelDomain", "PreparedBatch", "RatioNormaliser", "build",
            "teacher_from"]

@@ -4,26 +4,15 @@ method's ``Config``). Stable Diffusion components get ``text.build_text_to_image
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Any
 
 from torch import nn
 
 from ...denoisers import EmpiricalDenoiser
+from ...networks import instantiate_network
 from .config import FDistillConfig
 from .domain import PixelDomain
 from .method import FDistill
-
-
-def instantiate_network(spec: dict[str, Any]) -> nn.Module:
-    """Call ``spec["_target_"]`` ("package.module.callable") with the other keys as keyword arguments."""
-    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
-    module_name, _, attribute = str(spec["_target_"]).rpartition(".")
-    try:
-        target = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"method.network._target_ {spec['_target_']!r} cannot be imported: {error}") from error
-    return target(**kwargs)
 
 
 def teacher_from(model: Any, data: Any) -> nn.Module:
