@@ -48,7 +48,7 @@ def test_cifar10_fdistill_recipe_trains_both_phases_and_counts_its_memory(tiny_a
     assert analytic["ema"] >= 4 * unet_params                  # one EMA copy of the student (recipe: 0.9999)
     assert analytic["frozen"] >= 4 * unet_params
     assert result.analytic_gib == pytest.approx(sum(result.analytic.values()))
-    assert result.peak_gib >= result.resident_before_gib > 0 and result.runtime_gib > 0   # in-process: RSS of the suite
+    assert result.peak_gib >= result.resident_before_gib
     assert result.ratio == pytest.approx((result.peak_gib - result.runtime_gib) / result.analytic_gib)
     table = format_table([result])
     assert table.splitlines()[-1].startswith(f"| tiny_cifar10_fdistill | {result.trained_params:,} | ")
@@ -99,7 +99,9 @@ def test_sd15_dpo_full_recipe_with_the_bare_loop(monkeypatch):
                       frozen_dtype="bfloat16")
     assert result.status == "ok" and result.frozen_dtype == "bfloat16"
     assert (result.trained_params, result.frozen_params) == (unet, unet + others)   # UNet; reference + VAE + text
-    assert len(result.bare_step_cpu_seconds) == 2 and result.trainer_over_bare > 0
+    # two steps: the steady time is the second step's (the first allocates optimizer states)
+    assert len(result.bare_step_cpu_seconds) == 2
+    assert result.trainer_over_bare == pytest.approx(result.bare_step_cpu_seconds[1] / result.step_cpu_seconds[1])
 
 
 def test_sdxl_fdistill_recipe_runs_both_phases(monkeypatch):
