@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fdistill.benchmarks.fdistill_2d import summarise, train_2d
+from fdistill.benchmarks.fdistill_2d import parse_divergences, summarise, train_2d
 from fdistill.losses.fdistill import DIVERGENCES
 
 
@@ -50,10 +50,10 @@ def main() -> None:
                              "(finish an interrupted run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    divergences = DIVERGENCES if args.divergences == "all" else tuple(args.divergences.split(","))
-    for name in divergences:
-        if name not in DIVERGENCES:
-            parser.error(f"--divergences: unknown {name!r}; allowed: {', '.join(DIVERGENCES)} or all")
+    try:
+        divergences = parse_divergences(args.divergences)
+    except ValueError as error:
+        parser.error(f"--divergences: {error}")
     steps = args.steps or (1500 if args.quick else 6000)
     seeds = range(args.seeds or (1 if args.quick else 3))
     out = Path(args.out)

@@ -73,7 +73,7 @@ def test_run_killed_in_round_2_resumes_to_the_round_summary_of_an_uninterrupted_
                  "train.steps=4"]
 
     def fit_in(run_dir):
-        spec = validate(compose([*overrides, f"train.run_dir={run_dir}"]))
+        spec = compose([*overrides, f"train.run_dir={run_dir}"])
         run = build_run(spec, with_loggers=False)
         Trainer(run.method, run.data, spec.train).fit()
         return json.loads((run_dir / "ddo_rounds.json").read_text())

@@ -27,11 +27,11 @@ from fdistill.training import (CheckpointError, NonFiniteLossError, ResumeConfli
                                list_checkpoints)
 from fdistill.training import checkpoint as checkpoint_module
 
+from factories import probe_method, tiny_denoising_method
+from test_trainer import TINY_RING
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-sys.path.insert(0, str(TESTS))
-from test_trainer import TINY_RING  # noqa: E402
-from trainer_helpers import probe_method, tiny_denoising_method  # noqa: E402
 
 KILL_STEP = 3
 RUN = {"steps": 4, "batch_size": 8, "device": "cpu", "progress": False, "log_every": 1, "checkpoint_every": 1,

@@ -21,4 +21,4 @@ def test_short_2d_distillation_moves_samples_onto_the_ring():
     radius = method.generate(1000, torch.Generator().manual_seed(0)).norm(dim=1)
     # the generator starts at the origin (zero-initialised output layer); after 60 steps it reaches the ring
     assert 1.0 < float(radius.median()) < 3.0
-    assert metrics["modes_covered"] >= 2 and 0.0 <= metrics["tv"] <= 1.0
+    assert metrics["modes_covered"] >= 2

@@ -4,7 +4,6 @@ import copy
 import dataclasses
 import math
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -21,10 +20,10 @@ from fdistill.networks import MLPDenoiser
 from fdistill.training import Trainer
 from fdistill.training.config import TrainConfig
 
+from test_trainer import cpu_launch_env, free_port
+from trainer_helpers import ACCELERATE_LAUNCH, ratio_bin_weights
+
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from test_trainer import cpu_launch_env, free_port  # noqa: E402
-from trainer_helpers import ACCELERATE_LAUNCH, ratio_bin_weights  # noqa: E402
 
 TEACHER = dict(means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], stds=[0.4, 0.5, 0.3], weights=[0.6, 0.3, 0.1])
 STUDENT = dict(means=[[-1.5, 0.3], [2.2, -0.2], [0.3, 2.0]], stds=[0.6, 0.4, 0.5], weights=[0.2, 0.5, 0.3])

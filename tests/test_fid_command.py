@@ -103,7 +103,7 @@ def test_eval_config_builds_an_evaluator_with_balanced_labels_and_class_tv():
     evaluate = instantiate(config, _convert_="all")
     metrics = evaluate(generate, step=5)
     assert torch.bincount(torch.cat(seen), minlength=10).tolist() == [30] * 10
-    assert metrics["class_tv"] < 0.05 and 0 <= metrics["fd_digits"] < 20
+    assert metrics["class_tv"] < 0.05 and metrics["fd_digits"] < 20
 
 
 def test_fid_reads_a_sample_command_folder_without_its_preview_grid(tmp_path):

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from fdistill.training import Trainer, TrainConfig
 from fdistill.training.sharding import check_fsdp_support, fsdp_requested, shard_units
 
+from factories import tiny_denoising_method
+from test_trainer import cpu_launch_env, free_port
+from trainer_helpers import ACCELERATE_LAUNCH, fsdp_method, fsdp_run_config, fsdp_samples, ring_data
+
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from test_trainer import cpu_launch_env, free_port  # noqa: E402
-from trainer_helpers import (ACCELERATE_LAUNCH, fsdp_method, fsdp_run_config, fsdp_samples, ring_data,  # noqa: E402
-                             tiny_denoising_method)
 
 ACCELERATE_FSDP_CONFIG = """\
 compute_environment: LOCAL_MACHINE

@@ -1,12 +1,12 @@
-"""Reward scorers (fdistill.evaluation.rewards) on tiny random CLIP models, and scripts/eval_dpo.py end to end."""
-import importlib.util
+"""Reward scorers (fdistill.evaluation.rewards) on tiny random CLIP models, and the Diffusion-DPO reward evaluation
+(fdistill.benchmarks.dpo_eval, behind scripts/eval_dpo.py) end to end."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fdistill.benchmarks import dpo_eval
 from fdistill.evaluation.clip import clip_preprocess, clip_score, load_clip
 from fdistill.evaluation.preprocess import quantize_to_uint8
 from fdistill.evaluation.rewards import SCORERS, build_scorer, resolve_weights_file, win_rate
@@ -170,9 +170,8 @@ def test_weights_files_resolve_to_local_paths_or_hub_files(tmp_path, monkeypatch
 
 def test_registry_lists_the_four_scorers_and_eval_dpo_accepts_them():
     assert sorted(SCORERS) == ["aesthetic", "clip", "hpsv2", "pickscore"]
-    script = load_script()
     for name in SCORERS:
-        assert script.parse_args(["--base", "b", "--tuned", "t", "--prompts", "p", "--scorer", name]).scorer == name
+        assert dpo_eval.parse_args(["--base", "b", "--tuned", "t", "--prompts", "p", "--scorer", name]).scorer == name
 
 
 def test_scorer_errors_name_the_model_and_the_local_path_option(tmp_path):
@@ -196,13 +195,6 @@ def test_win_rate_counts_ties_as_half():
         win_rate(torch.zeros(3), torch.zeros(2))
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("eval_dpo", Path(__file__).parents[1] / "scripts" / "eval_dpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def lora_dpo_method(rank: int = 2):
     """A LoRA DiffusionDPO on the tiny SD with nonzero adapters (a stand-in for a trained run)."""
     method = DiffusionDPO(DiffusionDPOConfig(finetune="lora", lora_rank=rank, lora_alpha=8.0, sampler=SAMPLER),
@@ -215,7 +207,6 @@ def lora_dpo_method(rank: int = 2):
 
 
 def test_eval_dpo_script_scores_base_and_tuned_on_the_same_noise(tmp_path, pickscore_dir):
-    script = load_script()
     save_components(tiny_sd_components(image_size=8), str(tmp_path / "base"))
     method = lora_dpo_method()
     method.export(tmp_path / "lora")
@@ -223,9 +214,9 @@ def test_eval_dpo_script_scores_base_and_tuned_on_the_same_noise(tmp_path, picks
     common = ["--base", str(tmp_path / "base"), "--prompts", str(tmp_path / "prompts.txt"), "--scorer", "pickscore",
               "--scorer-model", str(pickscore_dir), "--scorer-processor", str(pickscore_dir), "--seeds", "1",
               "--steps", str(SAMPLER.steps), "--guidance", "1", "--device", "cpu"]
-    same = script.main(common + ["--tuned", str(tmp_path / "base"), "--out", str(tmp_path / "same")])
+    same = dpo_eval.main(common + ["--tuned", str(tmp_path / "base"), "--out", str(tmp_path / "same")])
     assert same["rewards_base"] == same["rewards_tuned"] and same["win_rate"] == 0.5   # identical model, same noise
-    script.main(common + ["--tuned", str(tmp_path / "lora"), "--out", str(tmp_path / "out")])
+    dpo_eval.main(common + ["--tuned", str(tmp_path / "lora"), "--out", str(tmp_path / "out")])
     written = json.loads((tmp_path / "out" / "eval_dpo.json").read_text())
     assert written["prompts"] == ["a red square", "the blue circle"] and written["seeds"] == 1
     base, tuned = torch.tensor(written["rewards_base"]), torch.tensor(written["rewards_tuned"])
@@ -242,13 +233,12 @@ def test_eval_dpo_script_scores_base_and_tuned_on_the_same_noise(tmp_path, picks
 def test_prompts_come_from_text_or_partiprompts_parquet(tmp_path):
     import pandas as pd
 
-    script = load_script()
     pd.DataFrame({"Prompt": ["a red square", "two dogs", "a city"], "Category": ["A", "B", "C"]}).to_parquet(
         tmp_path / "parti.parquet")
-    assert script.read_prompts(str(tmp_path / "parti.parquet"), limit=2) == ["a red square", "two dogs"]
+    assert dpo_eval.read_prompts(str(tmp_path / "parti.parquet"), limit=2) == ["a red square", "two dogs"]
     pd.DataFrame({"words": ["x"]}).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"bad\.parquet: no prompt column.*'Prompt'.*\['words'\]"):
-        script.read_prompts(str(tmp_path / "bad.parquet"))
+        dpo_eval.read_prompts(str(tmp_path / "bad.parquet"))
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="empty.txt: no prompts"):
-        script.read_prompts(str(tmp_path / "empty.txt"))
+        dpo_eval.read_prompts(str(tmp_path / "empty.txt"))

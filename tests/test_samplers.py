@@ -74,8 +74,8 @@ def test_dpmpp_3m_coefficients_are_the_exponential_taylor_integrals():
         kernel = np.exp(grid - h)
         expected = [np.trapezoid(kernel * grid ** n / math.factorial(n), grid) for n in range(3)]
         np.testing.assert_allclose(dpmpp_3m_coefficients(h), expected, rtol=1e-6, atol=1e-16)
-        brief_form = (-math.expm1(-h), (math.expm1(-h) / h + 1) * h, -((math.expm1(-h) + h) / h ** 2 - 0.5) * h ** 2)
-        np.testing.assert_allclose(dpmpp_3m_coefficients(h), brief_form, rtol=1e-9, atol=1e-18)
+        expanded_form = (-math.expm1(-h), (math.expm1(-h) / h + 1) * h, -((math.expm1(-h) + h) / h ** 2 - 0.5) * h ** 2)
+        np.testing.assert_allclose(dpmpp_3m_coefficients(h), expanded_form, rtol=1e-9, atol=1e-18)
 
 
 def test_gaussian_mixture_teacher_20_steps_dpmpp_2m_close_to_exact():

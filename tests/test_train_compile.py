@@ -3,7 +3,6 @@ parameter names (checkpoints and EMA unchanged)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,7 @@ import torch
 from fdistill.data import gaussian_mixture
 from fdistill.training import Trainer, TrainConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from trainer_helpers import tiny_denoising_method  # noqa: E402
+from factories import tiny_denoising_method
 
 
 def train(run_dir: Path, compile_networks: bool):

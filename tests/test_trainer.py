@@ -25,10 +25,11 @@ from fdistill.training import (JsonlLogger, NonFiniteLossError, Trackers, Traine
                                list_checkpoints, load_checkpoint, save_checkpoint)
 from fdistill.training.ema import ema_decay_at
 
+from factories import probe_method, tiny_denoising_method
+from trainer_helpers import ACCELERATE_LAUNCH, train_and_record
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-sys.path.insert(0, str(TESTS))
-from trainer_helpers import ACCELERATE_LAUNCH, probe_method, tiny_denoising_method, train_and_record  # noqa: E402
 
 TINY_RING = ["method=denoising", "model=mlp", "model.hidden=16", "model.depth=1", "data=gaussian_mixture",
              "data.num_samples=128", "train.batch_size=8", "train.device=cpu", "train.progress=false",

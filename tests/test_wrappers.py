@@ -6,35 +6,13 @@ import zlib
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel)
+from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel
+from factories import TEXT_DIM, tiny_dit, tiny_unet2d, tiny_unet2d_condition
 
 from fdistill.denoisers import ClassifierFreeGuidance, DiffusersDenoiser, VPSchedule
 from fdistill.samplers import sample
 
-TEXT_DIM, TOKENS = 8, 3
-
-
-def tiny_unet2d(out_channels: int = 2, num_class_embeds: int | None = None) -> UNet2DModel:
-    return UNet2DModel(sample_size=8, in_channels=2, out_channels=out_channels, layers_per_block=1,
-                       block_out_channels=(4, 8), norm_num_groups=2, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), attention_head_dim=4,
-                       num_class_embeds=num_class_embeds)
-
-
-def tiny_unet2d_condition(sdxl: bool = False) -> UNet2DConditionModel:
-    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
-                 projection_class_embeddings_input_dim=4 * 6 + TEXT_DIM) if sdxl else {}
-    return UNet2DConditionModel(sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
-                                block_out_channels=(4, 8), norm_num_groups=2,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=TEXT_DIM, attention_head_dim=2, **extra)
-
-
-def tiny_dit(learned_sigma: bool = True, num_classes: int = 5) -> DiTTransformer2DModel:
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=2,
-                                 out_channels=4 if learned_sigma else 2, num_layers=2, norm_num_groups=2,
-                                 sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes)
+TOKENS = 3
 
 
 def text_cond(batch: int, sdxl: bool = False):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate.tracking import GeneralTracker
-from torch import nn
+from factories import probe_method, tiny_denoising_method
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -55,47 +55,6 @@ def kill_at_step(config: dict, step: int):
     from fdistill.training import Trackers
 
     return Trackers(log_with=[KillAtStep(step)], config=config)
-
-
-def tiny_denoising_method(max_grad_norm: float | None = None, lr: float = 1e-2):
-    """A denoising method with a small EDM-preconditioned MLP (same weights in every process: seeded)."""
-    from fdistill.methods.denoising import Denoising, DenoisingConfig
-    from fdistill.networks import MLPDenoiser
-
-    torch.manual_seed(0)
-    network = MLPDenoiser(dim=2, hidden=16, depth=1)
-    torch.nn.init.normal_(network.net.output[-1].weight, std=0.1)  # non-zero output layer: every weight gets a gradient
-    return Denoising(DenoisingConfig(lr=lr, max_grad_norm=max_grad_norm), network, (2,))
-
-
-def probe_method(nan_at: int | None = None):
-    from fdistill.methods.base import Method, Phase
-
-    class Probe(Method):
-        """A student regressed onto a frozen teacher; its first layer is frozen inside the trained network (like a
-        LoRA base weight); from step ``nan_at`` on the loss is NaN."""
-
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.networks["student"] = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2))
-            self.networks["student"][0].requires_grad_(False)
-            self.frozen["teacher"] = nn.Linear(2, 2).requires_grad_(False)
-
-        def phases(self):
-            return [Phase("student", ("student",), lr=1e-2, weight_decay=0.5)]  # decay would move frozen weights
-
-        def loss(self, phase, item, ctx):
-            x = item["x"]
-            loss = (self.networks["student"](x) - self.frozen["teacher"](x)).pow(2).mean()
-            if nan_at is not None and ctx.step >= nan_at:
-                loss = loss * float("nan")
-            return loss, {"probe": 1.0}
-
-        def generate(self, num, generator=None, cond=None):
-            return self.networks["student"](torch.randn(num, 2, generator=generator))
-
-    return Probe()
 
 
 def ring_data():

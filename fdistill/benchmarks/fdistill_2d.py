@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from fdistill.data import gaussian_mixture
+from fdistill.losses.fdistill import DIVERGENCES
 from fdistill.methods.fdistill import FDistillConfig, build
 from fdistill.training import Trainer
 from fdistill.training.config import TrainConfig
@@ -86,3 +87,13 @@ def summarise(runs: list[dict]) -> dict[str, float]:
     keys = ("modes_covered", "tv", "precision", "seconds")
     means = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
     return means | {"min_modes_covered": min(r["modes_covered"] for r in runs), "max_tv": max(r["tv"] for r in runs)}
+
+
+def parse_divergences(text: str) -> tuple[str, ...]:
+    """``"rkl,kl,js"`` -> ("rkl", "kl", "js"); ``"all"`` -> every divergence; an unknown name is a ValueError that
+    names it and the allowed ones."""
+    names = DIVERGENCES if text == "all" else tuple(text.split(","))
+    unknown = [name for name in names if name not in DIVERGENCES]
+    if unknown:
+        raise ValueError(f"unknown {unknown[0]!r}; allowed: {', '.join(DIVERGENCES)} or all")
+    return names

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fdistill.commands import UsageError, bounded_int, finite_float, one_line
-from fdistill.commands.sample import MAX_BATCH, MAX_STEPS, add_prompt_arguments
+from fdistill.commands.sample_options import MAX_BATCH, add_prompt_arguments, add_sampler_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name, local-dir:PATH or hf-hub:ID")
     parser.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag or weights file")
     parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance weight (--gen)")
-    parser.add_argument("--solver", default=None, help="sampler for --gen (default: fdistill sample's)")
-    parser.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=None, help="solver steps for --gen")
-    parser.add_argument("--schedule", default="karras", help="sigma schedule for --gen")
+    add_sampler_arguments(parser, solver=None, steps=None, solver_help="sampler for --gen (default: fdistill sample's)",
+                          steps_help="solver steps for --gen")
     parser.add_argument("--seed", type=int, default=0, help="image i of --gen uses noise seeded by (seed, i)")
     parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=64)
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers reading --images")

@@ -28,15 +28,13 @@ from pathlib import Path
 import torch
 
 from fdistill.commands import UsageError, bounded_int, finite_float, one_line
-from fdistill.commands.sample import add_prompt_arguments
+from fdistill.commands.sample_options import MAX_BATCH, add_prompt_arguments, add_sampler_arguments
 from fdistill.evaluation.extractors import EXTRACTORS, build_feature_extractor
 from fdistill.evaluation.fid import SourceOptions, compute_metrics
 from fdistill.evaluation.preprocess import MODES
 from fdistill.evaluation.sources import FLOAT_RANGES, UnstatedRangeError
 
 MAX_IMAGES = 10_000_000          # statistics are streamed: the bound only catches typos (1e12)
-MAX_BATCH = 65_536
-MAX_STEPS = 1000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag or weights file")
     parser.add_argument("--kid", action="store_true", help="also compute KID (keeps features in memory)")
     parser.add_argument("--pr", action="store_true", help="also compute precision / recall (k = 3)")
-    parser.add_argument("--solver", default="dpmpp_2m", help="sampler for a denoiser --gen (fdistill.samplers)")
-    parser.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=18, help="solver steps for a denoiser --gen")
-    parser.add_argument("--schedule", default="karras", help="sigma schedule for a denoiser --gen")
+    add_sampler_arguments(parser, solver="dpmpp_2m", steps=18, solver_help="sampler for a denoiser --gen",
+                          steps_help="solver steps for a denoiser --gen")
     parser.add_argument("--seed", type=int, default=0)
     add_prompt_arguments(parser)                        # a text-to-image --gen pipeline sampled on a prompt file
     parser.add_argument("--guidance", type=finite_float, default=1.0,

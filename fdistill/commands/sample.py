@@ -15,120 +15,20 @@ noise during sampling, per batch: its images depend on the batch size.)
 from __future__ import annotations
 
 import argparse
-import functools
-import json
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fdistill.commands import UsageError, bounded_int, finite_float, one_line
-from fdistill.denoisers import ClassifierFreeGuidance
-from fdistill.evaluation.prompts import DEFAULT_CAPTION_COLUMN
-from fdistill.pipelines import decode_latents
+from fdistill.commands.sample_models import BUILTIN_MODELS, DTYPES, Model, guided, load_model
+from fdistill.commands.sample_options import (MAX_BATCH, MAX_NUM, add_prompt_arguments,
+                                              add_sampler_arguments)
+from fdistill.commands.sample_output import SampleWriter, launched_processes, require_finite
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MAX_NUM = 10_000_000             # images are written batch by batch: the bound only catches typos (1e12)
 DEFAULT_NUM = 64                 # images without --prompts
-GRID_MAX = 64                    # the preview grid shows the first images only
-MAX_STEPS = 1000                 # a training schedule's length; more steps only cost time
-MAX_BATCH = 65_536
-
-
-@dataclass
-class Model:
-    """A loaded model with what sampling needs besides the denoiser.
-
-    Attributes:
-        denoiser: D(x, sigma, cond) -> x0.
-        info: fdistill.denoisers.io.ModelInfo.
-        uncond: null condition for a condition (classifier-free guidance), None for unconditional models.
-        encode_prompts: captions -> the denoiser's cond (text models), else None.
-        decode: model samples -> images in [-1, 1] (a VAE for latent models, identity otherwise).
-    """
-
-    denoiser: nn.Module
-    info: Any
-    uncond: Callable[[Any], Any] | None = None
-    encode_prompts: Callable[[list[str]], Any] | None = None
-    decode: Callable[[Tensor], Tensor] = lambda x: x
-
-
-# ------------------------------------------------------------------------------------------------ models
-
-
-def digits_exact(dtype: torch.dtype, device: str) -> Model:
-    """The ideal denoiser of sklearn's 1,797 digits (8x8, labels): exact, offline, no file needed."""
-    from fdistill.data.builtin import digits_images
-    from fdistill.denoisers import EmpiricalDenoiser
-    from fdistill.denoisers.io import ModelInfo
-
-    images, labels = digits_images(8)
-    info = ModelInfo(sample_shape=(1, 8, 8), num_classes=10, conditioning="class", sigma_min=0.002, sigma_max=80.0,
-                     wrapper="analytic", source="digits-exact")
-    return Model(EmpiricalDenoiser(images, labels).to(device), info, uncond=lambda cond: None)
-
-
-BUILTIN_MODELS: dict[str, Callable[[torch.dtype, str], Model]] = {"digits-exact": digits_exact}
-
-
-def _prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, str]], image_size: int, device: str):
-    """captions -> UNet conditioning with the pipeline's CLIP text encoder(s) (fdistill.pipelines). The empty
-    prompt's encoding becomes the denoiser's null condition (classifier-free guidance)."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from fdistill.pipelines import SDComponents, encode_prompts, sdxl_time_ids, unet_conditioning
-
-    def part(cls, name):
-        loaded = cls.from_pretrained(components[name][0], subfolder=components[name][1])
-        return loaded.to(device).eval() if isinstance(loaded, nn.Module) else loaded
-    sdxl = "text_encoder_2" in components
-    parts = SDComponents(unet=None, vae=None, scheduler=None, tokenizer=part(CLIPTokenizer, "tokenizer"),
-                         text_encoder=part(CLIPTextModel, "text_encoder"),
-                         tokenizer_2=part(CLIPTokenizer, "tokenizer_2") if sdxl else None,
-                         text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2") if sdxl else None)
-
-    @torch.no_grad()
-    def encode(captions: list[str]) -> Any:
-        embeds, pooled = encode_prompts(parts, captions)
-        size = (image_size, image_size)
-        return unet_conditioning(embeds, pooled, sdxl_time_ids(size, (0, 0), size, len(captions)) if sdxl else None)
-
-    denoiser.null_cond = encode([""])
-    return encode
-
-
-def load_model(name: str, dtype: torch.dtype, device: str) -> Model:
-    """A built-in model by name, or a model directory / hub id (fdistill.denoisers.load_denoiser) with its VAE and
-    text encoders when it is a latent text-to-image pipeline."""
-    if name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[name](dtype, device)
-    from fdistill.denoisers import load_denoiser
-
-    try:
-        denoiser, info = load_denoiser(name, dtype=None if dtype == torch.float32 else dtype, device=device)
-    except FileNotFoundError as error:
-        raise UsageError(f"--model: {error}; give a model directory, a hub id or a built-in model: "
-                         f"{', '.join(BUILTIN_MODELS)}") from error
-    model = Model(denoiser, info, uncond=getattr(denoiser, "uncond", None))
-    image_size = info.sample_shape[-1]
-    if "vae" in info.components:
-        from diffusers import AutoencoderKL
-
-        root, subfolder = info.components["vae"]
-        vae = AutoencoderKL.from_pretrained(root, subfolder=subfolder).to(device).eval()
-        image_size *= 2 ** (len(vae.config.block_out_channels) - 1)
-        model.decode = functools.partial(decode_latents, vae)
-    if info.conditioning == "text":
-        if "text_encoder" not in info.components:
-            raise UsageError(f"--model {name}: a text-conditioned model needs its pipeline's text_encoder/tokenizer")
-        model.encode_prompts = _prompt_encoder(denoiser, info.components, image_size, device)
-    return model
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -204,41 +104,20 @@ def draw(model: Model, denoiser: nn.Module, args: argparse.Namespace, levels: Te
         return model.decode(x).float().cpu()
 
 
-def guided(model: Model, scale: float) -> nn.Module:
-    """The denoiser with classifier-free guidance of weight ``scale`` (1 = none)."""
-    if scale == 1.0:
-        return model.denoiser
-    if model.info.conditioning == "none":
-        raise UsageError("--guidance needs a conditional model (class labels or text); this model is unconditional")
-    return ClassifierFreeGuidance(model.denoiser, scale, uncond=model.uncond)
-
-
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
-    """--prompts, --caption-column, --per-prompt (shared with ``fdistill fid`` and ``fdistill clipscore``)."""
-    parser.add_argument("--prompts", default=None,
-                        help="prompt file, one image per prompt: .txt lines, .json/.jsonl strings or objects, .parquet")
-    parser.add_argument("--caption-column", default=DEFAULT_CAPTION_COLUMN,
-                        help="field / column holding the prompt in a .json, .jsonl or .parquet --prompts file")
-    parser.add_argument("--per-prompt", type=bounded_int(1, MAX_NUM), default=1, help="images per --prompts prompt")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from fdistill.samplers import SIGMA_SCHEDULES, SOLVERS
-
     parser = argparse.ArgumentParser(prog="fdistill sample", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True,
                         help=f"model directory, Diffusers pipeline / hub id, or built-in: {', '.join(BUILTIN_MODELS)}")
     parser.add_argument("--num", type=bounded_int(1, MAX_NUM), default=None,
                         help=f"number of images (default {DEFAULT_NUM}; with --prompts: prompts x --per-prompt)")
-    parser.add_argument("--solver", choices=list(SOLVERS), default=None,
-                        help="sampler (None: the most accurate one for --steps, fdistill.samplers.recommended_solver)")
-    parser.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=None,
-                        help="solver steps (default 1 for one-step generators, 20 otherwise)")
-    parser.add_argument("--schedule", choices=list(SIGMA_SCHEDULES), default="karras", help="noise-level spacing")
+    add_sampler_arguments(parser, solver=None, steps=None,
+                          solver_help="sampler (None: the most accurate one for --steps, "
+                                      "fdistill.samplers.recommended_solver)",
+                          steps_help="solver steps (default 1 for one-step generators, 20 otherwise)")
     parser.add_argument("--sigma-min", type=float, default=None, help="smallest noise level (default: the model's)")
     parser.add_argument("--sigma-max", type=float, default=None, help="largest noise level (default: the model's)")
     parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance weight (1 = off)")
@@ -297,64 +176,6 @@ def resolve_prompts(args: argparse.Namespace) -> None:
         raise UsageError(f"--prompts x --per-prompt = {args.num:,} images; allowed at most {MAX_NUM:,}")
 
 
-class SampleWriter:
-    """Writes images batch by batch as they are drawn, so memory does not depend on the number of images.
-
-    Images [B, C, H, W] with C in (1, 3) become ``{index:06d}.png``; at ``finish`` (main process, once every
-    process has written its share) the first ``GRID_MAX`` PNGs are read back into ``grid.png`` and, with prompts,
-    ``captions.jsonl`` maps each file to its prompt. Anything else (point data [B, D], latents of a model without
-    a VAE) fills ``samples.npy`` [num, ...] through a memory map (one process only).
-    """
-
-    def __init__(self, out: Path, num: int, num_processes: int = 1):
-        self.out, self.num, self.num_processes = out, num, num_processes
-        self.array = None
-        out.mkdir(parents=True, exist_ok=True)
-
-    def write(self, start: int, images: Tensor) -> None:
-        """Write images start .. start + len(images) - 1."""
-        from fdistill.images import save_images
-
-        if images.ndim == 4 and images.shape[1] in (1, 3):
-            save_images(images, self.out, start_index=start)
-            return
-        if self.num_processes > 1:
-            raise UsageError(f"samples of shape {tuple(images.shape[1:])} go to one samples.npy, written by one "
-                             "process: run without `accelerate launch`")
-        if self.array is None:
-            self.array = np.lib.format.open_memmap(self.out / "samples.npy", mode="w+", dtype=np.float32,
-                                                   shape=(self.num, *images.shape[1:]))
-        self.array[start:start + len(images)] = images.numpy()
-
-    def finish(self, prompts: list[str] | None) -> str:
-        """Flush samples.npy, or write grid.png (and captions.jsonl for ``prompts`` [num]); a summary line."""
-        from fdistill.evaluation.prompts import CAPTIONS_FILENAME
-        from fdistill.images import GRID_FILENAME, image_filename, load_images, save_grid
-
-        if self.array is not None:
-            self.array.flush()
-            return f"wrote {self.num} samples of shape {tuple(self.array.shape[1:])} to {self.out / 'samples.npy'}"
-        preview = torch.cat([load_images(self.out, image_filename(index)) for index in range(min(GRID_MAX, self.num))])
-        save_grid(preview, self.out / GRID_FILENAME, upscale=max(1, 128 // preview.shape[-1]))
-        if prompts is not None:
-            with open(self.out / CAPTIONS_FILENAME, "w", encoding="utf-8") as index:
-                index.writelines(json.dumps({"file": image_filename(i), "caption": prompt}) + "\n"
-                                 for i, prompt in enumerate(prompts))
-        return f"wrote {self.num} images and {GRID_FILENAME} to {self.out}"
-
-
-def require_finite(images: Tensor, start: int, args: argparse.Namespace) -> Tensor:
-    """``images`` (images start .. start + len - 1) when finite; else a FloatingPointError naming the settings
-    (NaN would otherwise be written as black images)."""
-    bad = ~torch.isfinite(images)
-    if bad.any():
-        raise FloatingPointError(
-            f"sampling produced {int(bad.sum())} non-finite values (NaN / inf) in images {start} .. "
-            f"{start + len(images) - 1} of --model {args.model} (--solver {args.solver}, --steps {args.steps}, "
-            f"--guidance {args.guidance}, --dtype {args.dtype}); images from {start} on not written")
-    return images
-
-
 def prepare(args: argparse.Namespace) -> tuple[Model, nn.Module, Tensor | None]:
     """Resolve --prompts / --num, load the model and check the options: (model, guided denoiser, noise levels)."""
     resolve_prompts(args)
@@ -398,27 +219,6 @@ def prompt_pipeline_batches(options: argparse.Namespace):
     batches = ((images, image_prompts(args, start, len(images)))
                for start, images in image_batches(model, denoiser, args, levels))
     return batches, args.num
-
-
-class _OneProcess:
-    """The process state of a run that was not launched with several processes."""
-    num_processes, process_index, is_main_process = 1, 0, True
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-
-def launched_processes(args: argparse.Namespace):
-    """accelerate's PartialState when started by ``accelerate launch`` / torchrun with several processes (then
-    ``args.device`` becomes this process's device), else a one-process stand-in; accelerate's state is a process
-    singleton, so it is not created when there is nothing to share (an in-process call keeps it untouched)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _OneProcess()
-    from accelerate import PartialState
-
-    state = PartialState(cpu=args.device == "cpu")
-    args.device = str(state.device)
-    return state
 
 
 def run(args: argparse.Namespace) -> str:
