@@ -22,10 +22,12 @@ def test_checker_finds_a_lazy_relative_cycle_and_a_violation(tmp_path):
         "samplers.b": "def f():\n    from fdistill.samplers import a\n    import fdistill.training.loop\n",
         "training.loop": "from fdistill.methods.m import M\n",
         "methods.m": "from ..samplers.a import f\nM = 1\n",
+        "methods.typed": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fdistill.training import loop\n",
     })
     graph = import_graph(package)
     assert graph["fdistill.samplers.a"] == {"fdistill.samplers.b"}
     assert graph["fdistill.samplers.b"] == {"fdistill.samplers.a", "fdistill.training.loop"}
+    assert graph["fdistill.methods.typed"] == set()            # an annotation-only import is not a dependency
     assert cycles(graph) == [["fdistill.methods.m", "fdistill.samplers.a", "fdistill.samplers.b",
                               "fdistill.training.loop"]]
     assert layer_violations(graph) == [("fdistill.samplers.b", "fdistill.training.loop")]

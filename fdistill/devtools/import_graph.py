@@ -1,7 +1,7 @@
 """The import graph of the ``fdistill`` package, read from the source with :mod:`ast` (nothing is imported).
 
 A node is a module (``fdistill.samplers.solvers``; a package is its ``__init__``). Every ``import`` statement counts,
-including the ones inside functions, because a lazy import still ties the two modules together. The layer rule is the
+including the ones inside functions, because a lazy import still ties the two modules together; imports under\n``if TYPE_CHECKING:`` (annotations only, never run) do not count. The layer rule is the
 map of docs/architecture.md: the denoiser protocol, samplers and losses sit below the methods, and the trainer and the
 commands sit above them.
 """
@@ -25,11 +25,27 @@ def module_files(root: Path = PACKAGE_ROOT) -> dict[str, Path]:
     return files
 
 
+def _is_type_checking_block(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): imports for annotations only, never run."""
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (getattr(test, "id", None) or getattr(test, "attr", None)) == "TYPE_CHECKING"
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` except the bodies of ``if TYPE_CHECKING:`` blocks (their ``else`` branch runs)."""
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        yield node
+        children = node.orelse if _is_type_checking_block(node) else ast.iter_child_nodes(node)
+        pending.extend(children)
+
+
 def imported_names(module: str, path: Path) -> set[str]:
     """Absolute dotted names that ``module`` imports (``from a import b`` gives ``a.b``; relative imports resolved)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
