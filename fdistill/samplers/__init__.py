@@ -10,7 +10,8 @@ from .schedules import SIGMA_SCHEDULES, karras_sigmas, logsnr_sigmas, sigmas, ti
 from .solvers import (dpm_solver_1, dpm_solver_2, dpm_solver_3, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s,
                       dpmpp_3m, dpmpp_3m_coefficients, dpmpp_3m_taylor, euler, heun, step_orders)
 from .unipc import unipc
-from .dpm_solver_v3 import ModelStatistics, compute_ems, dpm_solver_v3
+from .dpm_solver_v3 import dpm_solver_v3
+from .ems import ModelStatistics, compute_ems
 
 __all__ = [
     "SamplerConfig", "as_sampler_config", "noise_levels",
