@@ -68,6 +68,13 @@ class ModelStatistics:
             raise ValueError(f"ModelStatistics: l, s, b shapes differ: {tuple(self.l.shape)}, {tuple(self.s.shape)}, "
                              f"{tuple(self.b.shape)}")
 
+    def check_sample_shape(self, sample_shape: tuple[int, ...]) -> None:
+        """ValueError unless the statistics are shared by all elements ([K]) or per element of ``sample_shape``."""
+        element_shape = tuple(self.l.shape[1:])
+        if element_shape and element_shape != tuple(sample_shape):
+            raise ValueError(f"statistics per element of shape {element_shape} do not match the model's samples "
+                             f"{tuple(sample_shape)}; compute them for this model (scripts/compute_ems.py)")
+
     @classmethod
     def constant(cls, l: float = 1.0, s: float = 0.0, b: float = 0.0, lambda_range: tuple[float, float] = (-12, 12)
                  ) -> "ModelStatistics":
