@@ -112,7 +112,8 @@ def test_cascade_regression_rejects_too_few_points():
         CascadeRegression.fit({5: [1.0] * 5, 8: [1.0] * 8})
     with pytest.raises(ValueError, match="3 steps leave 1 ratios"):
         CascadeRegression.fit({3: [1.0] * 3, 8: [1.0] * 8, 10: [1.0] * 10})
-    assert isinstance(CascadeRegression(np.zeros((3, 3))).ratios(4)[3], float)
+    steep = np.array([[1.0, 0.0, 400.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])       # rho = 1 + 400 (N / 50)^2
+    assert CascadeRegression(steep).ratios(4) == [1.0, 1.0, 2.0, 2.0]              # clipped to the search bracket
 
 
 def test_bad_options_are_named():
