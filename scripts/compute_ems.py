@@ -24,11 +24,11 @@ BENCH_SIGMA_RANGE = (0.029167, 14.614641)     # scripts/bench_samplers.py: Stabl
 def bench_teacher(name: str):
     """(denoiser, sample shape) of a teacher of scripts/bench_samplers.py."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_samplers import DIM, TEACHERS
+    from bench_samplers import TEACHERS
     if name not in TEACHERS:
         raise ValueError(f"unknown --teacher {name!r}; allowed: {', '.join(TEACHERS)}")
-    teacher, _ = TEACHERS[name]()
-    return teacher, (DIM,)
+    build, dim, _ = TEACHERS[name]
+    return build()[0], (dim,)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,7 @@ def draw(model: Model, denoiser: nn.Module, args: argparse.Namespace, levels: Te
             x = generator_sample(denoiser, noise, chain, model.info.generator_input_scale, renoise, cond)
         else:
             solver = args.solver or recommended_solver(args.steps)
-            options = {}
+            options = dict(args.solver_options)
             if solver == "dpmpp_2m_sde":
                 options["generator"] = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + start)
             x = sample(denoiser, levels[0].item() * noise, levels.to(args.device), solver=solver, cond=cond,
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                           solver_help="sampler (None: the most accurate one for --steps, "
                                       "fdistill.samplers.recommended_solver)",
                           steps_help="solver steps (default 1 for one-step generators, 20 otherwise)")
+    parser.add_argument("--ems", default=None, help="DPM-Solver-v3 statistics of this model (scripts/compute_ems.py"
+                        " output); implies --solver dpm_solver_v3, which needs it")
     parser.add_argument("--sigma-min", type=float, default=None, help="smallest noise level (default: the model's)")
     parser.add_argument("--sigma-max", type=float, default=None, help="largest noise level (default: the model's)")
     parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance weight (1 = off)")
@@ -134,9 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def solver_options(args: argparse.Namespace, sample_shape: tuple[int, ...]) -> dict:
+    """{"ems": statistics} from --ems (which selects dpm_solver_v3); {} for the other solvers."""
+    from fdistill.samplers import ModelStatistics
+    if args.ems is None:
+        if args.solver == "dpm_solver_v3":
+            raise UsageError("--solver dpm_solver_v3 needs --ems PATH, the model's statistics (scripts/compute_ems.py)")
+        return {}
+    if args.solver not in (None, "dpm_solver_v3"):
+        raise UsageError(f"--ems is for --solver dpm_solver_v3, not --solver {args.solver}")
+    args.solver = "dpm_solver_v3"
+    try:
+        statistics = ModelStatistics.load(args.ems)
+        statistics.check_sample_shape(sample_shape)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--ems {args.ems}: {error}") from error
+    return {"ems": statistics}
+
+
 def check_arguments(model: Model, args: argparse.Namespace) -> None:
     """Reject options that do not fit the model, naming the option and what is allowed."""
     info = model.info
+    args.solver_options = solver_options(args, tuple(info.sample_shape))
     if args.steps is None:
         args.steps = len(info.generator_chain) if info.kind == "generator" else 20
     if info.kind == "generator" and args.steps != len(info.generator_chain):

@@ -30,114 +30,24 @@ l = 1, s = b = 0 gives f = -D: the solver is then exactly multistep DPM-Solver++
 b = 0 gives f = sigma eps and g = e^{lambda - lambda_s} f = sigma_s eps, i.e. multistep DPM-Solver (noise prediction).
 Literal zero statistics (l = s = b = 0) expand sigma eps itself, which is neither; the neutral statistics that give
 DPM-Solver++ are l = 1, s = b = 0 (``ModelStatistics.constant()``, the default without EMS; the authors' code calls
-them "degenerated").
-
-EMS (paper Sec. 3.2 / Eq. 10), estimated on samples x_lambda = x0 + sigma eps of the model's own distribution:
-
-    l(lambda) = argmin E ||grad_x f||_F^2 over diagonal l = E[diag(grad_x (sigma eps))] = 1 - E[diag(grad_x D)],
-    s, b      = per-element least squares of f' = df/dlambda (along the ODE) on f: s = Cov(f', f) / Var(f),
-                b = E[f'] - s E[f].
-
-The diagonal of grad_x D is estimated with Hutchinson's probe (E[v * J v], v Rademacher) and J v and f' by central
-finite differences of the denoiser, so any denoiser works (no autograd through it).
+them "degenerated"). The statistics l, s, b (EMS) and their estimation from a denoiser are in ``ems.py``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .ems import ModelStatistics, cumulative_trapezoid, interpolate
 from .solvers import _sigma_list, _steps, _x0_fn, step_orders
 
 MAX_ORDER = 3
 QUADRATURE_INTERVALS = 128        # Simpson intervals per step for Phi_k and the b-term (even)
 INTEGRAL_GRID_SPACING = 0.01      # lambda spacing of the tabulated L, S and b-integral
 INTEGRAL_GRID_MARGIN = 2.0        # the table extends this far (in lambda) beyond the statistics grid
-EMS_FORMAT = "fdistill-ems-v1"
-X_STEP_FLOOR = 0.1               # compute_ems: the x-step of the Jacobian probe is fd_step * max(sigma, this)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Statistics: storage, interpolation, integrals
-# ----------------------------------------------------------------------------------------------------------------
-
-def _interpolate(knots: Tensor, values: Tensor, query: Tensor) -> Tensor:
-    """Piecewise-linear interpolation along dim 0, constant beyond the ends. knots [K] increasing, values [K, ...],
-    query [M]; returns [M, ...]."""
-    query = query.clamp(knots[0], knots[-1])
-    upper = torch.searchsorted(knots, query).clamp(1, len(knots) - 1)
-    lower = upper - 1
-    weight = ((query - knots[lower]) / (knots[upper] - knots[lower])).view(-1, *[1] * (values.ndim - 1))
-    return values[lower] + weight * (values[upper] - values[lower])
-
-
-def _cumulative_trapezoid(grid: Tensor, values: Tensor) -> Tensor:
-    """Running integral of values [M, ...] over grid [M] from grid[0]; [M, ...], first entry 0."""
-    widths = (grid[1:] - grid[:-1]).view(-1, *[1] * (values.ndim - 1))
-    steps = 0.5 * widths * (values[1:] + values[:-1])
-    return torch.cat([torch.zeros_like(values[:1]), steps.cumsum(0)])
-
-
-@dataclass
-class ModelStatistics:
-    """Empirical model statistics on a lambda grid: lambdas [K] strictly increasing (lambda = -log sigma), l, s, b
-    [K, *sample_shape] (or [K] for one value shared by all elements). Values in between are interpolated linearly;
-    beyond the grid the end values hold."""
-
-    lambdas: Tensor
-    l: Tensor
-    s: Tensor
-    b: Tensor
-
-    def __post_init__(self):
-        self.lambdas = torch.as_tensor(self.lambdas, dtype=torch.float64)
-        if self.lambdas.ndim != 1 or len(self.lambdas) < 2 or not bool((self.lambdas.diff() > 0).all()):
-            raise ValueError("ModelStatistics: lambdas must be a 1-D strictly increasing tensor with >= 2 entries")
-        for name in ("l", "s", "b"):
-            value = torch.as_tensor(getattr(self, name), dtype=torch.float64)
-            if value.ndim < 1 or value.shape[0] != len(self.lambdas):
-                raise ValueError(f"ModelStatistics: {name} must be [K, ...] with K = {len(self.lambdas)} "
-                                 f"(the lambda grid), got {tuple(value.shape)}")
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"ModelStatistics: {name} has non-finite values")
-            setattr(self, name, value)
-        if not (self.l.shape == self.s.shape == self.b.shape):
-            raise ValueError(f"ModelStatistics: l, s, b shapes differ: {tuple(self.l.shape)}, {tuple(self.s.shape)}, "
-                             f"{tuple(self.b.shape)}")
-
-    @classmethod
-    def constant(cls, l: float = 1.0, s: float = 0.0, b: float = 0.0, lambda_range: tuple[float, float] = (-12, 12)
-                 ) -> "ModelStatistics":
-        """Statistics constant in lambda. The default l = 1, s = b = 0 makes ``dpm_solver_v3`` multistep
-        DPM-Solver++ (data prediction); l = 0, s = -1 makes it multistep DPM-Solver (noise prediction)."""
-        lambdas = torch.tensor(lambda_range, dtype=torch.float64)
-        return cls(lambdas, torch.full((2,), float(l)), torch.full((2,), float(s)), torch.full((2,), float(b)))
-
-    def save(self, path: str | Path) -> None:
-        """Write a safetensors file with tensors lambdas, l, s, b."""
-        from safetensors.torch import save_file
-        tensors = {"lambdas": self.lambdas, "l": self.l, "s": self.s, "b": self.b}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": EMS_FORMAT})
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ModelStatistics":
-        """Read a file written by ``save``."""
-        from safetensors import safe_open
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"EMS file {path} does not exist")
-        with safe_open(str(path), framework="pt") as handle:
-            if (handle.metadata() or {}).get("format") != EMS_FORMAT:
-                raise ValueError(f"{path}: not an EMS file (metadata format != {EMS_FORMAT!r})")
-            missing = {"lambdas", "l", "s", "b"} - set(handle.keys())
-            if missing:
-                raise ValueError(f"{path}: missing tensors {sorted(missing)}")
-            return cls(*(handle.get_tensor(name) for name in ("lambdas", "l", "s", "b")))
 
 
 class _Integrals:
@@ -150,10 +60,10 @@ class _Integrals:
         self.grid = torch.linspace(low, high, int(math.ceil((high - low) / INTEGRAL_GRID_SPACING)) + 1,
                                    dtype=torch.float64)
         self.stats = stats
-        l, s, b = (_interpolate(stats.lambdas, v, self.grid) for v in (stats.l, stats.s, stats.b))
-        self.L = _cumulative_trapezoid(self.grid, l)
-        self.S = _cumulative_trapezoid(self.grid, s)
-        self.B = _cumulative_trapezoid(self.grid, torch.exp(-self.S) * b)
+        l, s, b = (interpolate(stats.lambdas, v, self.grid) for v in (stats.l, stats.s, stats.b))
+        self.L = cumulative_trapezoid(self.grid, l)
+        self.S = cumulative_trapezoid(self.grid, s)
+        self.B = cumulative_trapezoid(self.grid, torch.exp(-self.S) * b)
         self._steps: dict[tuple[float, float], tuple[Tensor, list[Tensor], Tensor]] = {}
         self._g: dict[tuple[float, float], tuple[Tensor, Tensor]] = {}
         self._points: dict[float, tuple[Tensor, Tensor]] = {}
@@ -192,7 +102,7 @@ class _Integrals:
                              f"{lambdas.max().item():.3f}] exceeds the statistics' lambda range "
                              f"[{self.grid[0].item():.3f}, {self.grid[-1].item():.3f}]; "
                              "compute the EMS on a wider grid")
-        return tuple(_interpolate(self.grid, table, lambdas) for table in (self.L, self.S, self.B))
+        return tuple(interpolate(self.grid, table, lambdas) for table in (self.L, self.S, self.B))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,7 +207,7 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
     orders = step_orders(sigma_values, order, multistep=True, lower_order_final=lower_order_final)
     lambdas = [-math.log(sigma) for sigma in sigma_values if sigma > 0]
     integrals.tabulate(lambdas)
-    l_values = _interpolate(stats.lambdas, stats.l, torch.tensor(lambdas, dtype=torch.float64)).to(x)
+    l_values = interpolate(stats.lambdas, stats.l, torch.tensor(lambdas, dtype=torch.float64)).to(x)
     x0_fn = _x0_fn(denoiser, cond)
     history: list[Node] = []                   # newest first
     previous: tuple[Tensor, int] | None = None  # (x_s, predictor order) of the last step, for the corrector
@@ -315,104 +225,6 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
         x = dpm_solver_v3_update(integrals, x, lambdas[i + 1], history[:step_order], predictor_pseudo)
     return x
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Empirical model statistics
-# ----------------------------------------------------------------------------------------------------------------
-
-def _call(denoiser: Callable, x: Tensor, sigma: float, cond: Any) -> Tensor:
-    return denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device), cond).to(x.dtype)
-
-
-def _batch_cond(cond: Any, num_samples: int, batch: slice) -> Any:
-    """Per-sample conditioning (a tensor with num_samples rows) is sliced with the batch; anything else is shared."""
-    return cond[batch] if torch.is_tensor(cond) and cond.ndim >= 1 and cond.shape[0] == num_samples else cond
-
-
-@torch.no_grad()
-def compute_ems(denoiser: Callable, sample_shape: tuple[int, ...], num_samples: int, lambdas: Tensor,
-                cond: Any = None, *, data: Tensor | None = None, sampling_steps: int = 50, batch_size: int = 256,
-                fd_step: float | None = None, ridge: float | None = None, seed: int = 0,
-                dtype: torch.dtype = torch.float64,
-                device: torch.device | str = "cpu") -> ModelStatistics:
-    """Empirical model statistics l, s, b of ``denoiser`` on the lambda grid (paper Sec. 3.2; module docstring).
-
-    Args:
-        denoiser: ``D(x, sigma [B], cond) -> x0`` (VE sigma units).
-        sample_shape: shape of one sample, e.g. (3, 32, 32).
-        num_samples: samples per lambda (the paper uses a few hundred to a few thousand).
-        lambdas: [K] strictly increasing lambda = -log sigma grid; it should cover the sigmas you sample with.
-        cond: passed to the denoiser (a tensor with ``num_samples`` rows is split with the batches).
-        data: [num_samples, *sample_shape] samples of the model's data distribution; None = draw them from the model
-            with ``sampling_steps`` steps of dpmpp_3m from sigma = exp(-lambdas[0]) (Karras sigmas) to 0.
-        fd_step: relative step of the finite differences (in x: fd_step * max(sigma, X_STEP_FLOOR); in lambda:
-            fd_step); None = 1e-3 in float64, 1e-2 in lower precision. The floor keeps the x-step above the
-            denoiser's rounding at small sigma: in float32, fd_step * sigma there turned l into noise and made the
-            sampler diverge (64-D mixture, 8 Karras steps: error 3e3 against 0.15).
-        ridge: s = Cov(f', f) / (Var(f) + ridge * E[f^2]); None = 1e-8 in float64, 1e-3 in lower precision. Where f
-            barely varies (large sigma, where D is nearly the data mean; a Gaussian's f is deterministic), rounding
-            noise would otherwise make s arbitrary (float32, 64-D mixture: |s| up to 70 and a diverging sampler).
-        seed: seeds the noise, the Hutchinson probes and the generated data.
-    Returns: ModelStatistics with l, s, b of shape [K, *sample_shape] (float64, on the CPU).
-    """
-    from .sampling import sample
-    from .schedules import sigmas as make_sigmas
-    lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
-    low_precision = dtype != torch.float64
-    fd_step = (1e-2 if low_precision else 1e-3) if fd_step is None else fd_step
-    ridge = (1e-3 if low_precision else 1e-8) if ridge is None else ridge
-    if lambdas.ndim != 1 or len(lambdas) < 3 or not bool((lambdas.diff() > 0).all()):
-        raise ValueError("compute_ems: lambdas must be a 1-D strictly increasing grid with >= 3 entries")
-    generator = torch.Generator().manual_seed(seed)
-    shape = (num_samples, *sample_shape)
-    if data is None:
-        sigma_max, sigma_min = math.exp(-lambdas[0].item()), math.exp(-lambdas[-1].item())
-        start = sigma_max * torch.randn(shape, generator=generator, dtype=dtype).to(device)
-        schedule = make_sigmas("karras", sampling_steps, sigma_min, sigma_max)
-        data = torch.cat([sample(denoiser, start[k:k + batch_size], schedule, "dpmpp_3m",
-                                 _batch_cond(cond, num_samples, slice(k, k + batch_size)))
-                          for k in range(0, num_samples, batch_size)])
-    if tuple(data.shape) != shape:
-        raise ValueError(f"compute_ems: data must be {shape}, got {tuple(data.shape)}")
-    data = data.to(device=device, dtype=dtype)
-    noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
-    probes = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(device=device, dtype=dtype)
-    batches = [slice(k, k + batch_size) for k in range(0, num_samples, batch_size)]
-
-    def jacobian_diagonal(lam: float) -> Tensor:
-        sigma, total = math.exp(-lam), torch.zeros(sample_shape, dtype=dtype, device=device)
-        step = fd_step * max(sigma, X_STEP_FLOOR)
-        for batch in batches:
-            x, v, c = data[batch] + sigma * noise[batch], probes[batch], _batch_cond(cond, num_samples, batch)
-            jv = (_call(denoiser, x + step * v, sigma, c) - _call(denoiser, x - step * v, sigma, c)) / (2 * step)
-            total += (v * jv).sum(0)
-        return total / num_samples
-
-    l = torch.stack([1 - jacobian_diagonal(lam) for lam in lambdas.tolist()]).cpu()
-    l_slope = torch.gradient(l, spacing=(lambdas,), dim=0)[0]
-
-    def regression(k: int, lam: float) -> tuple[Tensor, Tensor]:
-        sigma, l_k, dl_k = math.exp(-lam), l[k].to(device, dtype), l_slope[k].to(device, dtype)
-        f_all, df_all = [], []
-        for batch in batches:
-            x, c = data[batch] + sigma * noise[batch], _batch_cond(cond, num_samples, batch)
-            x0 = _call(denoiser, x, sigma, c)
-            velocity = x0 - x                                              # dx/dlambda
-            ahead = _call(denoiser, x + fd_step * velocity, sigma * math.exp(-fd_step), c)
-            behind = _call(denoiser, x - fd_step * velocity, sigma * math.exp(fd_step), c)
-            f_all.append((1 - l_k) * x - x0)
-            df_all.append(-dl_k * x + (1 - l_k) * velocity - (ahead - behind) / (2 * fd_step))
-        f, df = torch.cat(f_all), torch.cat(df_all)
-        f_centred, df_centred = f - f.mean(0), df - df.mean(0)
-        variance = (f_centred ** 2).mean(0)
-        # A ridge relative to E[f^2] keeps s finite (and ~0) where f is (nearly) deterministic (see ``ridge``).
-        s = (f_centred * df_centred).mean(0) / (variance + ridge * (f ** 2).mean() + 1e-30)
-        return s, df.mean(0) - s * f.mean(0)
-
-    s_b = [regression(k, lam) for k, lam in enumerate(lambdas.tolist())]
-    s = torch.stack([pair[0] for pair in s_b]).cpu()
-    b = torch.stack([pair[1] for pair in s_b]).cpu()
-    return ModelStatistics(lambdas, l.to(torch.float64), s.to(torch.float64), b.to(torch.float64))
 
 
 DPM_SOLVER_V3_SOLVERS: dict[str, Callable[..., Tensor]] = {"dpm_solver_v3": dpm_solver_v3}

@@ -6,13 +6,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .dc_solver import DC_SOLVERS
 from .dpm_solver_v3 import DPM_SOLVER_V3_SOLVERS
 from .solvers import SOLVERS as _BASE_SOLVERS
 from .unipc import UNIPC_SOLVERS
 
-SOLVERS: dict[str, Callable[..., Tensor]] = {**_BASE_SOLVERS, **UNIPC_SOLVERS, **DPM_SOLVER_V3_SOLVERS}
-"""Every solver by name: the DPM-Solver family (``solvers.py``), UniPC (``unipc.py``) and DPM-Solver-v3
-(``dpm_solver_v3.py``)."""
+SOLVERS: dict[str, Callable[..., Tensor]] = {**_BASE_SOLVERS, **UNIPC_SOLVERS, **DPM_SOLVER_V3_SOLVERS, **DC_SOLVERS}
+"""Every solver by name: the DPM-Solver family (``solvers.py``), UniPC (``unipc.py``), DPM-Solver-v3
+(``dpm_solver_v3.py``) and DC-Solver (``dc_solver.py``)."""
 
 
 class CountingDenoiser(nn.Module):
@@ -44,12 +45,13 @@ def sample(denoiser: Callable, noise: Tensor, sigmas: Tensor, solver: str = "dpm
         noise: [B, ...] the sample at sigmas[0], already scaled (e.g. ``sigmas[0] * torch.randn(...)``).
         sigmas: strictly decreasing 1-D tensor (see ``fdistill.samplers.sigmas``); sigmas[-1] may be 0.
         solver: a key of ``SOLVERS``: euler, heun, dpm_solver_1/2/3, dpmpp_2s, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde,
-            dpmpp_3m_taylor, unipc_bh1, unipc_bh2, unipc_bh1_noise, unipc_bh2_noise, dpm_solver_v3.
+            dpmpp_3m_taylor, unipc_bh1, unipc_bh2, unipc_bh1_noise, unipc_bh2_noise, dpm_solver_v3, dc_solver.
         cond: passed unchanged to every denoiser call.
         **options: solver options (``progress``; ``lower_order_final`` for the DPM-Solver family; ``r1``/``r2``;
             ``eta`` and ``generator`` for dpmpp_2m_sde; ``order``, ``prediction``, ``corrector``,
             ``disable_corrector`` and ``final_corrector`` for UniPC; ``ems`` (a ``ModelStatistics``), ``order``,
-            ``corrector``, ``predictor_pseudo``, ``corrector_pseudo`` for dpm_solver_v3).
+            ``corrector``, ``predictor_pseudo``, ``corrector_pseudo`` for dpm_solver_v3; ``ratios`` or ``cpr``, ``variant``,
+            ``order``, ``dc_order`` for dc_solver).
     Returns:
         [B, ...] the sample at sigmas[-1], in noise's dtype. The computation runs in float64 when noise is float64
         and in float32 otherwise (also for fp16 noise or an fp16 model). No gradients are recorded.

@@ -122,10 +122,16 @@ def unipc_step_orders(sigmas: list[float], max_order: int, lower_order_final: bo
     return orders
 
 
+Compensation = Callable[[int, History], Tensor]
+"""DC-Solver's hook (dc_solver.py): (step i, history with step i's x0 last) -> the x0 that replaces it."""
+
+
 def _run_unipc(x0_fn: X0Fn, x: Tensor, sigmas: list[float], orders: list[int], variant: str, prediction: str,
-               corrected: set[int], final_corrector: bool, progress: bool, name: str) -> Tensor:
+               corrected: set[int], final_corrector: bool, progress: bool, name: str,
+               compensate: Compensation | None = None) -> Tensor:
     """The multistep loop: step i evaluates the network at its (predicted) start x_i, corrects x_i with it when step
-    i - 1 is in ``corrected``, then predicts x_{i+1}. One network evaluation per step (+1 with ``final_corrector``)."""
+    i - 1 is in ``corrected``, then predicts x_{i+1}. One network evaluation per step (+1 with ``final_corrector``).
+    ``compensate`` (data prediction) replaces step i's x0 after the correction, for every later use of it."""
     def output(x: Tensor, sigma: float) -> tuple[Tensor, Tensor]:          # (x0, the model output UniPC uses)
         x0 = x0_fn(x, sigma)
         return x0, (x0 if prediction == "data" else (x - x0) / sigma)
@@ -139,6 +145,9 @@ def _run_unipc(x0_fn: X0Fn, x: Tensor, sigmas: list[float], orders: list[int], v
         if prev_order and i - 1 in corrected:
             x = update(x_prev, sigmas[i - 1], sigma_s, history[-prev_order:], model_t=model_s)
         history = history[-(MAX_ORDER - 1):] + [(sigma_s, model_s)]
+        if compensate is not None:
+            x0 = compensate(i, history)
+            history[-1] = (sigma_s, x0)
         if order == 0:                         # into sigma = 0: denoise (the limit of every order-1 step)
             return x0_fn(x, sigma_s) if final_corrector else x0
         x_prev, prev_order = x, order
