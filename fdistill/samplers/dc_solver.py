@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .solvers import _sigma_list, _x0_fn
+from .plumbing import integrate, sigma_list, x0_function
+from .solvers import dpm_solver_3
 from .unipc import B_FUNCTIONS, MAX_ORDER, History, _run_unipc, unipc_step_orders
 
 DC_ORDER = 2                        # K: Lagrange nodes K + 1 (the paper's default); at most MAX_ORDER - 1
@@ -102,14 +103,14 @@ def dc_solver(denoiser, x: Tensor, sigmas, cond=None, *, ratios: Sequence[float]
         dc_order: K, the Lagrange interpolation's degree (1 or 2).
     """
     _check(variant, order, dc_order)
-    sigma_values = _sigma_list(sigmas)
+    sigma_values = sigma_list(sigmas)
     num_steps = len(sigma_values) - 1
     if ratios is None:
         ratios = cpr.ratios(num_steps, dc_order) if cpr is not None else [1.0] * num_steps
     if len(ratios) != num_steps:
         raise ValueError(f"dc_solver: {len(ratios)} ratios for {num_steps} steps")
     orders = unipc_step_orders(sigma_values, order, lower_order_final)
-    return _solve(_x0_fn(denoiser, cond), x, sigma_values, orders, variant, list(ratios), dc_order,
+    return _solve(x0_function(denoiser, cond), x, sigma_values, orders, variant, list(ratios), dc_order,
                   progress=progress)
 
 
@@ -121,15 +122,14 @@ def reference_trajectory(denoiser, noise: Tensor, sigmas, cond: Any = None, subs
     """x at sigmas[1:] from ``noise`` at sigmas[0]: ``substeps`` log-spaced singlestep DPM-Solver-3 steps per interval
     (3 NFE each); at a final sigma = 0 the target is the denoiser's x0 at the last positive sigma (what every
     solver's final step returns). Each entry [B, ...]."""
-    from .sampling import sample
-    sigma_values = _sigma_list(sigmas)
+    sigma_values = sigma_list(sigmas)
     x, states = noise, []
     for high, low in zip(sigma_values[:-1], sigma_values[1:]):
         if low == 0:
-            states.append(_x0_fn(denoiser, cond)(x, high))
+            states.append(x0_function(denoiser, cond)(x, high))
             break
         fine = torch.logspace(math.log10(high), math.log10(low), substeps + 1, dtype=torch.float64)
-        x = sample(denoiser, x, fine, "dpm_solver_3", cond)
+        x = integrate(dpm_solver_3, denoiser, x, fine, cond)
         states.append(x)
     return states
 
@@ -164,10 +164,10 @@ def search_ratios(denoiser, noise: Tensor, sigmas, reference: list[Tensor], cond
     ``iterations`` x (i + 2) network evaluations for step i.
     """
     _check(variant, order, dc_order)
-    sigma_values = _sigma_list(sigmas)
+    sigma_values = sigma_list(sigmas)
     num_steps = len(sigma_values) - 1
     orders = unipc_step_orders(sigma_values, order, lower_order_final)
-    x0_fn = _x0_fn(denoiser, cond)
+    x0_fn = x0_function(denoiser, cond)
     ratios = [1.0] * num_steps
     for i in range(dc_order, num_steps):
         ends_at_zero = sigma_values[i + 1] == 0

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .ems import ModelStatistics, cumulative_trapezoid, interpolate
-from .solvers import _sigma_list, _steps, _x0_fn, step_orders
+from .plumbing import progress_steps, sigma_list, step_orders, x0_function
 
 MAX_ORDER = 3
 QUADRATURE_INTERVALS = 128        # Simpson intervals per step for Phi_k and the b-term (even)
@@ -203,15 +203,15 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
         raise ValueError(f"dpm_solver_v3: order must be 1, 2 or 3, got {order}")
     stats = ModelStatistics.constant() if ems is None else ems
     integrals = _Integrals(stats)
-    sigma_values = _sigma_list(sigmas)
+    sigma_values = sigma_list(sigmas)
     orders = step_orders(sigma_values, order, multistep=True, lower_order_final=lower_order_final)
     lambdas = [-math.log(sigma) for sigma in sigma_values if sigma > 0]
     integrals.tabulate(lambdas)
     l_values = interpolate(stats.lambdas, stats.l, torch.tensor(lambdas, dtype=torch.float64)).to(x)
-    x0_fn = _x0_fn(denoiser, cond)
+    x0_fn = x0_function(denoiser, cond)
     history: list[Node] = []                   # newest first
     previous: tuple[Tensor, int] | None = None  # (x_s, predictor order) of the last step, for the corrector
-    for i, step_order in _steps(orders, progress, "dpm_solver_v3"):
+    for i, step_order in progress_steps(orders, progress, "dpm_solver_v3"):
         lam, l_now = lambdas[i], l_values[i]
         f = (1 - l_now) * x - x0_fn(x, sigma_values[i])
         if corrector and previous is not None:

@@ -139,8 +139,9 @@ def compute_ems(denoiser: Callable, sample_shape: tuple[int, ...], num_samples: 
         seed: seeds the noise, the Hutchinson probes and the generated data.
     Returns: ModelStatistics with l, s, b of shape [K, *sample_shape] (float64, on the CPU).
     """
-    from .sampling import sample
+    from .plumbing import integrate
     from .schedules import sigmas as make_sigmas
+    from .solvers import dpmpp_3m
     lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
     low_precision = dtype != torch.float64
     fd_step = (1e-2 if low_precision else 1e-3) if fd_step is None else fd_step
@@ -153,7 +154,7 @@ def compute_ems(denoiser: Callable, sample_shape: tuple[int, ...], num_samples: 
         sigma_max, sigma_min = math.exp(-lambdas[0].item()), math.exp(-lambdas[-1].item())
         start = sigma_max * torch.randn(shape, generator=generator, dtype=dtype).to(device)
         schedule = make_sigmas("karras", sampling_steps, sigma_min, sigma_max)
-        data = torch.cat([sample(denoiser, start[k:k + batch_size], schedule, "dpmpp_3m",
+        data = torch.cat([integrate(dpmpp_3m, denoiser, start[k:k + batch_size], schedule,
                                  _batch_cond(cond, num_samples, slice(k, k + batch_size)))
                           for k in range(0, num_samples, batch_size)])
     if tuple(data.shape) != shape:

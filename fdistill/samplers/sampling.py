@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .dc_solver import DC_SOLVERS
 from .dpm_solver_v3 import DPM_SOLVER_V3_SOLVERS
+from .plumbing import integrate
 from .solvers import SOLVERS as _BASE_SOLVERS
 from .unipc import UNIPC_SOLVERS
 
@@ -56,9 +57,7 @@ def sample(denoiser: Callable, noise: Tensor, sigmas: Tensor, solver: str = "dpm
         [B, ...] the sample at sigmas[-1], in noise's dtype. The computation runs in float64 when noise is float64
         and in float32 otherwise (also for fp16 noise or an fp16 model). No gradients are recorded.
     """
-    solve = _solver(solver)
-    compute_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
-    return solve(denoiser, noise.to(compute_dtype), sigmas, cond, **options).to(noise.dtype)
+    return integrate(_solver(solver), denoiser, noise, sigmas, cond, **options)
 
 
 def nfe(solver: str, num_steps: int, *, to_zero: bool = True, **options) -> int:

@@ -25,65 +25,12 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-X0Fn = Callable[[Tensor, float], Tensor]          # (x [B, ...], sigma) -> x0_hat [B, ...] in x's dtype
-History = list[tuple[float, Tensor]]              # (sigma_j, x0_j) of the latest multistep points, newest last
-
-LOWER_ORDER_FINAL_BELOW = 15   # DPM-Solver's rule: lower the order of the last steps only for fewer steps than this
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Shared plumbing
-# ----------------------------------------------------------------------------------------------------------------
-
-def _sigma_list(sigmas: Tensor | list[float]) -> list[float]:
-    """Validate a sigma schedule and return it as Python floats (float64): >= 2 entries, strictly decreasing,
-    positive except possibly the last one."""
-    values = torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist()
-    if len(values) < 2:
-        raise ValueError(f"sigmas needs at least 2 entries (start and end of one step), got {len(values)}")
-    if any(not math.isfinite(v) for v in values) or any(a <= b for a, b in zip(values, values[1:])):
-        raise ValueError(f"sigmas must be finite and strictly decreasing, got {values}")
-    if values[-1] < 0 or values[-2] <= 0:
-        raise ValueError(f"sigmas must be > 0 except the last one, which may be 0; got {values}")
-    return values
-
-
-def _x0_fn(denoiser: Callable, cond: Any) -> X0Fn:
-    """Bind ``cond`` and make sigma a [B] tensor; the output is cast to x's (compute) dtype."""
-    def x0(x: Tensor, sigma: float) -> Tensor:
-        sigma_batch = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
-        return denoiser(x, sigma_batch, cond).to(x.dtype)
-    return x0
-
-
-def step_orders(sigmas: list[float], max_order: int, *, multistep: bool, lower_order_final: bool) -> list[int]:
-    """Order used at each of the len(sigmas) - 1 steps; 0 marks a denoise-to-zero step (sigma_t = 0).
-
-    Multistep methods warm up (orders 1, 2, ... while history is short). With ``lower_order_final`` and fewer than 15
-    steps the last step is first order and the one before at most second order (DPM-Solver's stabilisation near
-    sigma_min, Lu et al. 2022b Sec. 5 / App. D).
-    """
-    num_steps = len(sigmas) - 1
-    orders = [min(max_order, i + 1) if multistep else max_order for i in range(num_steps)]
-    if lower_order_final and num_steps < LOWER_ORDER_FINAL_BELOW:
-        orders[-1] = 1
-        if num_steps >= 2:
-            orders[-2] = min(orders[-2], 2)
-    if sigmas[-1] == 0:
-        orders[-1] = 0
-    return orders
-
-
-def _steps(orders: list[int], progress: bool, name: str):
-    """enumerate(orders) with an optional tqdm progress bar."""
-    return enumerate(tqdm(orders, desc=name, disable=not progress, leave=False))
-
+from .plumbing import History, X0Fn, progress_steps, sigma_list, step_orders, x0_function
 
 def _eps(x0_fn: X0Fn, x: Tensor, sigma: float) -> Tensor:
     """Noise prediction eps = (x - D(x, sigma)) / sigma (also the ODE slope dx/dsigma)."""
@@ -96,7 +43,7 @@ SingleStep = Callable[[X0Fn, Tensor, float, float], Tensor]   # (x0_fn, x_s, sig
 def _run_singlestep(x0_fn: X0Fn, x: Tensor, sigmas: list[float], orders: list[int],
                     steps: dict[int, SingleStep], progress: bool, name: str) -> Tensor:
     """Drive a one-step method: step i uses ``steps[orders[i]]``; order 0 denoises to sigma = 0."""
-    for i, order in _steps(orders, progress, name):
+    for i, order in progress_steps(orders, progress, name):
         sigma_s, sigma_t = sigmas[i], sigmas[i + 1]
         x = x0_fn(x, sigma_s) if order == 0 else steps[order](x0_fn, x, sigma_s, sigma_t)
     return x
@@ -109,7 +56,7 @@ def _run_multistep(x0_fn: X0Fn, x: Tensor, sigmas: list[float], orders: list[int
                    update: MultistepUpdate, progress: bool, name: str) -> Tensor:
     """Drive a multistep method: one network evaluation per step, the last ``order`` x0's passed to ``update``."""
     history: History = []
-    for i, order in _steps(orders, progress, name):
+    for i, order in progress_steps(orders, progress, name):
         sigma_s, sigma_t = sigmas[i], sigmas[i + 1]
         x0 = x0_fn(x, sigma_s)
         if order == 0:
@@ -250,16 +197,16 @@ def _dpmpp_2m_sde_update(x: Tensor, sigma_s: float, sigma_t: float, history: His
 
 def _singlestep(name: str, denoiser, x, sigmas, cond, steps: dict[int, SingleStep], progress: bool,
                 lower_order_final: bool = False) -> Tensor:
-    sigma_values = _sigma_list(sigmas)
+    sigma_values = sigma_list(sigmas)
     orders = step_orders(sigma_values, max(steps), multistep=False, lower_order_final=lower_order_final)
-    return _run_singlestep(_x0_fn(denoiser, cond), x, sigma_values, orders, steps, progress, name)
+    return _run_singlestep(x0_function(denoiser, cond), x, sigma_values, orders, steps, progress, name)
 
 
 def _multistep(name: str, denoiser, x, sigmas, cond, max_order: int, update: MultistepUpdate, progress: bool,
                lower_order_final: bool) -> Tensor:
-    sigma_values = _sigma_list(sigmas)
+    sigma_values = sigma_list(sigmas)
     orders = step_orders(sigma_values, max_order, multistep=True, lower_order_final=lower_order_final)
-    return _run_multistep(_x0_fn(denoiser, cond), x, sigma_values, orders, update, progress, name)
+    return _run_multistep(x0_function(denoiser, cond), x, sigma_values, orders, update, progress, name)
 
 
 def euler(denoiser, x: Tensor, sigmas, cond=None, *, progress: bool = False) -> Tensor:

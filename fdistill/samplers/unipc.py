@@ -55,7 +55,7 @@ from typing import Callable, Sequence
 import numpy as np
 from torch import Tensor
 
-from .solvers import History, X0Fn, _sigma_list, _steps, _x0_fn, step_orders
+from .plumbing import History, X0Fn, progress_steps, sigma_list, step_orders, x0_function
 
 B_FUNCTIONS: dict[str, Callable[[float], float]] = {"bh1": lambda z: z, "bh2": math.expm1}
 PREDICTIONS = ("data", "noise")
@@ -139,7 +139,7 @@ def _run_unipc(x0_fn: X0Fn, x: Tensor, sigmas: list[float], orders: list[int], v
     update = partial(unipc_update, variant=variant, prediction=prediction)
     history: History = []
     x_prev, prev_order = x, 0
-    for i, order in _steps(orders, progress, name):
+    for i, order in progress_steps(orders, progress, name):
         sigma_s = sigmas[i]
         x0, model_s = output(x, sigma_s)
         if prev_order and i - 1 in corrected:
@@ -177,10 +177,10 @@ def unipc(denoiser, x: Tensor, sigmas, cond=None, *, variant: str = "bh2", order
         raise ValueError(f"unipc: unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
     if order not in range(1, MAX_ORDER + 1):
         raise ValueError(f"unipc: order must be 1, 2 or 3, got {order}")
-    sigma_values = _sigma_list(sigmas)
+    sigma_values = sigma_list(sigmas)
     orders = unipc_step_orders(sigma_values, order, lower_order_final)
     corrected = set(range(len(orders)) if corrector else ()) - set(disable_corrector)
-    return _run_unipc(_x0_fn(denoiser, cond), x, sigma_values, orders, variant, prediction, corrected,
+    return _run_unipc(x0_function(denoiser, cond), x, sigma_values, orders, variant, prediction, corrected,
                       final_corrector, progress, f"unipc_{variant}")
 
 
