@@ -156,3 +156,14 @@ def test_edm2_forced_weight_normalisation_only_in_training():
     denoiser.train()(torch.randn(1, 3, 8, 8), torch.tensor([1.0]), torch.tensor([0]))
     norms = weight.detach().flatten(1).norm(dim=1) / math.sqrt(weight[0].numel())
     torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-3, rtol=0)   # unit RMS per output channel
+
+
+def test_rehearsal_rows_count_the_papers_teachers():
+    """The real-size rehearsal of cifar10_ddo estimates its memory from the EDM DDPM++ teacher built from config:
+    a trained target (fp32 weights, gradients, AdamW moments; no EMA) and a frozen reference."""
+    from fdistill.rehearsal import GIB, REHEARSALS, estimate_gib
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in architectures.network_from_config("edm-cifar10-32x32-cond-vp").parameters())
+    assert estimate_gib(REHEARSALS["cifar10_ddo"]) == pytest.approx(params * (16 + 4) / GIB)
+    assert REHEARSALS["imagenet64_ddo"].architecture == "edm2-img64-s"
