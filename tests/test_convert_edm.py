@@ -11,6 +11,7 @@ import types
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -41,6 +42,12 @@ def persistence(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
     monkeypatch.setitem(sys.modules, "torch_utils.persistence", module)
     module.marker = marker
+    easydict = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})      # NVIDIA's dict with attribute access
+    util = types.ModuleType("dnnlib.util")
+    util.EasyDict = easydict
+    monkeypatch.setitem(sys.modules, "dnnlib", types.ModuleType("dnnlib"))
+    monkeypatch.setitem(sys.modules, "dnnlib.util", util)
+    module.EasyDict = easydict
     return module
 
 
@@ -72,7 +79,7 @@ def published_tree(module: nn.Module, persistence, class_name: str | None = None
              "_non_persistent_buffers_set": set(), "_modules": children, **(extra or {})}
     if isinstance(module, nn.ModuleDict):
         return container(state)
-    state.update(_init_args=(), _init_kwargs=getattr(module, "init_kwargs", {}), skip_scale=0.5 ** 0.5)
+    state.update(_init_args=(), _init_kwargs=getattr(module, "init_kwargs", {}), skip_scale=np.sqrt(0.5))
     return Persisted(persistence, class_name or type(module).__name__, state)
 
 
@@ -85,7 +92,8 @@ def write_edm_pickle(path: Path, net: nn.Module, persistence, precond_class: str
                                                  "_init_kwargs": kwargs, "sigma_data": 0.5})
     loss = Persisted(persistence, "EDMLoss", {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5})
     with open(path, "wb") as file:
-        pickle.dump({"ema": ema, "loss_fn": loss, "augment_pipe": None, "dataset_kwargs": {"resolution": 8}}, file)
+        pickle.dump({"ema": ema, "loss_fn": loss, "augment_pipe": None,
+                     "dataset_kwargs": persistence.EasyDict(resolution=8, use_labels=True)}, file)
 
 
 def write_edm2_pickle(path: Path, net: nn.Module, persistence) -> None:

@@ -47,8 +47,9 @@ class Conv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
                  down: bool = False, resample_filter: Sequence[float] = (1, 1), fused_resample: bool = False):
         super().__init__()
-        if up and down:
-            raise ValueError("Conv2d: up and down are exclusive")
+        if (up and down) or (fused_resample and not down):
+            raise ValueError(f"Conv2d: up and down are exclusive and fused_resample needs down; got up={up}, "
+                             f"down={down}, fused_resample={fused_resample}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.up, self.down, self.fused_resample = up, down, fused_resample
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel)) if kernel else None
