@@ -20,7 +20,7 @@ from fdistill.denoisers import load_denoiser
 from fdistill.edm.checkpoint import convert_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_edm_networks import TINY, tiny_denoiser  # noqa: E402
+from test_edm_networks import tiny_denoiser  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "convert_edm.py"
 
