@@ -82,6 +82,25 @@ DIT_XL2_256: dict[str, Any] = dict(
 DIT_SCHEDULER: dict[str, Any] = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001,
                                      beta_end=0.02, clip_sample=False, prediction_type="epsilon")
 
+# The EDM / EDM2 teachers of the CIFAR-10 and ImageNet-64 recipes (fdistill.edm; convert the published pickles with
+# scripts/convert_edm.py): name of the published checkpoint -> (network class, constructor arguments, preconditioning).
+# EDM (Karras et al. 2022) App. F.2 / Table 7: DDPM++ on CIFAR-10 (55.7 M parameters; 9 augmentation labels),
+# ADM on ImageNet-64 (295.9 M); EDM2 (Karras et al. 2024) Table 3: img64-S (280 M, 192 channels, dropout 0).
+EDM_ARCHITECTURES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "edm-cifar10-32x32-cond-vp": ("SongUNet", dict(
+        img_resolution=32, in_channels=3, out_channels=3, label_dim=10, augment_dim=9, model_channels=128,
+        channel_mult=[2, 2, 2], channel_mult_emb=4, num_blocks=4, attn_resolutions=[16], dropout=0.13,
+        embedding_type="positional", channel_mult_noise=1, encoder_type="standard", decoder_type="standard",
+        resample_filter=[1, 1]), dict(kind="edm", sigma_data=0.5)),
+    "edm-imagenet-64x64-cond-adm": ("DhariwalUNet", dict(
+        img_resolution=64, in_channels=3, out_channels=3, label_dim=1000, model_channels=192,
+        channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3, attn_resolutions=[32, 16, 8], dropout=0.10),
+        dict(kind="edm", sigma_data=0.5)),
+    "edm2-img64-s": ("EDM2UNet", dict(
+        img_resolution=64, img_channels=3, label_dim=1000, model_channels=192, channel_mult=[1, 2, 3, 4],
+        num_blocks=3, attn_resolutions=[16, 8], dropout=0.0), dict(kind="edm", sigma_data=0.5)),
+}
+
 SD_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "sd15": {"unet": SD15_UNET, "vae": SD15_VAE, "text_encoder": CLIP_L_TEXT},
     "sdxl": {"unet": SDXL_UNET, "vae": SDXL_VAE, "text_encoder": CLIP_L_TEXT, "text_encoder_2": OPENCLIP_BIGG_TEXT},
@@ -146,11 +165,21 @@ def _imagenet64_unet() -> nn.Module:
     return imagenet64_unet()
 
 
+def _edm_builder(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from .edm import edm_model_from_config
+
+        class_name, network, precond = EDM_ARCHITECTURES[name]
+        return edm_model_from_config(class_name, network, precond)
+    return build
+
+
 # name -> (builder of the network with random weights, its scheduler config; None: the builder returns a denoiser)
 DENOISER_ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any] | None]] = {
     "ddpm-cifar10-32": (_ddpm_cifar10_unet, DDPM_CIFAR10_SCHEDULER),  # google/ddpm-cifar10-32 (CIFAR-10 recipes)
     "imagenet64-unet": (_imagenet64_unet, None),   # fdistill.networks.imagenet64_unet (ADM-sized, class-conditional)
     "dit-xl-2-256": (_dit_xl2_256, DIT_SCHEDULER),  # facebook/DiT-XL-2-256 (class-conditional, latent space)
+    **{name: (_edm_builder(name), None) for name in EDM_ARCHITECTURES},   # the papers' EDM / EDM2 teachers
 }
 
 

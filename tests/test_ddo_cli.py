@@ -33,7 +33,7 @@ def fit(overrides, run_dir, steps):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["experiment=cifar10_ddo", "model=tiny_unet", "~model.path_or_hub_id"],
+    ["experiment=cifar10_ddo", "model=tiny_unet"],
     ["experiment=imagenet64_ddo", "model=tiny_unet", "model.num_classes=10"],
     ["experiment=gmm_ddo", "model=mlp", "~model.path_or_hub_id", "model.hidden=16", "data.num_samples=64", "method.generation_batch=16"],
 ], ids=["cifar10", "imagenet64", "gmm"])

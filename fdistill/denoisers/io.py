@@ -2,9 +2,10 @@
 
 fdistill layout (``save_denoiser``)::
 
-    dir/fdistill.json      {"format": 1, "wrapper": "edm" | "vp", "model_class", "kind": "denoiser" | "generator",
+    dir/fdistill.json      {"format": 1, "wrapper": "edm" | "vp" | "edm_network", "model_class", "kind": "denoiser" | "generator",
                             "generator_sigma", "generator_sigmas", "generator_noise_scale", "sample_shape", "num_classes",
-                            "conditioning", "sigma_min", "sigma_max", "feature_block", + "sigma_data" (edm)}
+                            "conditioning", "sigma_min", "sigma_max", "feature_block", + "sigma_data" (edm),
+                            + "precond" (edm_network: the EDM / EDM2 networks of ``fdistill.edm``)}
     dir/unet/              the network's ``save_pretrained`` (safetensors + config.json); plain Diffusers loads it
                            with ``<ModelClass>.from_pretrained(dir, subfolder="unet")``
     dir/scheduler/         scheduler_config.json ("vp" wrappers: prediction_type and beta schedule)
@@ -16,7 +17,8 @@ generator_sigma); a few-step one re-noises to each of its "generator_sigmas" in 
 
 ``load_denoiser`` also reads Diffusers pipeline directories / hub ids (model_index.json with a ``unet`` or
 ``transformer`` and a ``scheduler``) and bare Diffusers model directories (config.json, with scheduler_config.json
-beside it or in ../scheduler).
+beside it or in ../scheduler), and EDM model directories (config.json of format "fdistill-edm" + model.safetensors,
+``fdistill.edm.io``; ``scripts/convert_edm.py`` writes them from the published EDM / EDM2 checkpoints).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..edm.io import edm_denoiser, is_edm_config, load_edm_denoiser, preconditioning
+from ..edm.precond import EDMNetworkDenoiser
 from .diffusers import DiffusersDenoiser
 from .edm import EDMPrecond
 
@@ -52,6 +56,9 @@ MODEL_CLASSES = {
     "UNet2DConditionModel": "diffusers",
     "DiTTransformer2DModel": "diffusers",
     "MLPNetwork": "fdistill.networks",
+    "SongUNet": "fdistill.edm",
+    "DhariwalUNet": "fdistill.edm",
+    "EDM2UNet": "fdistill.edm",
 }
 
 
@@ -110,6 +117,10 @@ def _edm_fields(denoiser: EDMPrecond) -> dict[str, Any]:
     return {"wrapper": "edm", "sigma_data": denoiser.sigma_data}
 
 
+def _edm_network_fields(denoiser: EDMNetworkDenoiser) -> dict[str, Any]:
+    return {"wrapper": "edm_network", "precond": denoiser.precond.as_dict()}
+
+
 def _vp_fields(denoiser: DiffusersDenoiser) -> dict[str, Any]:
     return {"wrapper": "vp", "prediction_type": denoiser.prediction_type}
 
@@ -129,6 +140,7 @@ def _json_default(value: Any) -> Any:
 # wrapper class -> (wrapper-specific fdistill.json fields, extra files writer or None)
 SAVERS: dict[type, tuple[Callable[[Any], dict], Callable[[Any, Path], None] | None]] = {
     EDMPrecond: (_edm_fields, None),
+    EDMNetworkDenoiser: (_edm_network_fields, None),
     DiffusersDenoiser: (_vp_fields, lambda d, root: _write_scheduler(d, root / SCHEDULER_DIR)),
 }
 
@@ -281,11 +293,14 @@ def _load_fdistill(source: _Source, meta: dict, dtype: torch.dtype | None) -> tu
     if meta["wrapper"] == "edm":
         denoiser = EDMPrecond(net, sigma_data=meta["sigma_data"], dtype=dtype, feature_block=meta["feature_block"],
                               sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"])
+    elif meta["wrapper"] == "edm_network":
+        precond = preconditioning(meta, source.location(FORMAT_FILE))
+        denoiser = edm_denoiser(net, precond, dtype=dtype, feature_block=meta["feature_block"])
     elif meta["wrapper"] == "vp":
         scheduler = _required_json(source, SCHEDULER_DIR, "scheduler_config.json")
         denoiser = DiffusersDenoiser(net, scheduler, dtype=dtype, feature_block=meta["feature_block"])
     else:
-        raise ValueError(f"{source.name}/{FORMAT_FILE}: wrapper {meta['wrapper']!r} not in ['edm', 'vp']")
+        raise ValueError(f"{source.name}/{FORMAT_FILE}: wrapper {meta['wrapper']!r} not in ['edm', 'vp', 'edm_network']")
     index = source.read_json("model_index.json")
     info = ModelInfo(kind=meta["kind"], generator_sigma=meta["generator_sigma"],
                      generator_noise_scale=meta.get("generator_noise_scale"), wrapper=meta["wrapper"],
@@ -345,14 +360,20 @@ def _load_bare_model(source: _Source, config: dict, dtype: torch.dtype | None) -
     return DiffusersDenoiser(net, scheduler, dtype=dtype), ModelInfo(wrapper="vp")
 
 
+def _load_edm_directory(source: _Source, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
+    if not source.local:
+        raise ValueError(f"{source.name}: EDM model directories are read from a local path, not the hub")
+    return load_edm_denoiser(Path(source.name) / source.join(), dtype=dtype), ModelInfo(wrapper="edm_network")
+
+
 def load_denoiser(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> tuple[nn.Module, ModelInfo]:
     """Load a model directory or hub id as a denoiser; returns (denoiser in eval mode, ModelInfo).
 
     Accepts, in this order: an fdistill directory (fdistill.json), a Diffusers pipeline (model_index.json: the
     ``unet`` or ``transformer`` plus ``scheduler``), a Diffusion-DPO LoRA export (fdistill_dpo.json naming its
-    ``base_model``: the base pipeline with the LoRA fused in), a bare Diffusers model directory (config.json + a
-    scheduler).
+    ``base_model``: the base pipeline with the LoRA fused in), an EDM / EDM2 model directory (config.json of format
+    "fdistill-edm" + model.safetensors), a bare Diffusers model directory (config.json + a scheduler).
     ``subfolder`` selects a directory inside the path / repository. ``dtype`` is the network's compute dtype
     (inputs and outputs stay float32).
     Raises FileNotFoundError for a missing path, ValueError for a directory that is none of these.
@@ -364,7 +385,9 @@ def load_denoiser(path_or_hub_id: str | os.PathLike, subfolder: str | None = Non
         denoiser, info = _load_pipeline(source, index, dtype)
     elif (lora := source.read_json(LORA_EXPORT_FILE)) is not None and lora.get("finetune") == "lora":
         denoiser, info = _load_lora_export(source, lora, dtype)
-    elif (config := source.read_json("config.json")) is not None:
+    elif (config := source.read_json("config.json")) is not None and is_edm_config(config):
+        denoiser, info = _load_edm_directory(source, dtype)
+    elif config is not None:
         denoiser, info = _load_bare_model(source, config, dtype)
     else:
         raise ValueError(f"{source.location()} is not a model directory: expected {FORMAT_FILE} (fdistill), "

@@ -45,15 +45,17 @@ def _sd_rows(kind: str) -> list[Rehearsal]:
             Rehearsal(f"{kind}_dpo_full", f"dpo_{kind}", kind, "pairs", overrides=("method.finetune=full",))]
 
 
-def _image_rows(dataset: str, architecture: str, shape: tuple[int, ...], num_classes: int) -> list[Rehearsal]:
+def _image_rows(dataset: str, architecture: str, shape: tuple[int, ...], num_classes: int,
+                ddo_architecture: str | None = None) -> list[Rehearsal]:
     return [Rehearsal(f"{dataset}_fdistill", f"{dataset}_fdistill", architecture, "images", shape, num_classes,
                       trained_copies=2),
-            Rehearsal(f"{dataset}_ddo", f"{dataset}_ddo", architecture, "images", shape, num_classes)]
+            Rehearsal(f"{dataset}_ddo", f"{dataset}_ddo", ddo_architecture or architecture, "images", shape,
+                      num_classes)]
 
 
 REHEARSALS: dict[str, Rehearsal] = {row.name: row for row in [
-    *_image_rows("cifar10", "ddpm-cifar10-32", (3, 32, 32), 10),
-    *_image_rows("imagenet64", "imagenet64-unet", (3, 64, 64), 1000),
+    *_image_rows("cifar10", "edm-cifar10-32x32-cond-vp", (3, 32, 32), 10),          # the papers' teachers
+    *_image_rows("imagenet64", "edm-imagenet-64x64-cond-adm", (3, 64, 64), 1000, ddo_architecture="edm2-img64-s"),
     # the ImageNet recipes also take a DiT ("a Diffusers UNet / DiT"): DiT-XL/2-256 on its 32x32x4 latents
     Rehearsal("imagenet_dit_xl2_ddo", "imagenet64_ddo", "dit-xl-2-256", "images", (4, 32, 32), 1000),
     *_sd_rows("sd15"),
