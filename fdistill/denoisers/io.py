@@ -35,7 +35,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..edm.io import edm_denoiser, is_edm_config, load_edm_denoiser, preconditioning
+from ..edm.io import edm_denoiser, load_edm_denoiser, preconditioning
+from ..edm.pretrained import is_edm_config
 from ..edm.precond import EDMNetworkDenoiser
 from .diffusers import DiffusersDenoiser
 from .edm import EDMPrecond

@@ -9,7 +9,6 @@ weights; ``fdistill.denoisers.load_denoiser`` loads them (``load_edm_denoiser``)
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,11 @@ from torch import nn
 from .adm import DhariwalUNet
 from .edm2 import EDM2UNet
 from .precond import EDMNetworkDenoiser, Preconditioning
-from .pretrained import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from .pretrained import CONFIG_FILE, FORMAT, WEIGHTS_FILE, load_weights, read_config
 from .songunet import SongUNet
 
 NETWORK_CLASSES: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet,
                                                "EDM2UNet": EDM2UNet}
-
-
-def is_edm_config(config: dict[str, Any]) -> bool:
-    """Whether a config.json is an fdistill EDM network's."""
-    return config.get("format") == FORMAT
 
 
 def network_from_config(config: dict[str, Any], where: str = "config") -> nn.Module:
@@ -43,31 +37,11 @@ def network_from_config(config: dict[str, Any], where: str = "config") -> nn.Mod
         raise ValueError(f"{where}: bad arguments for {class_name}: {error}") from error
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (an fdistill EDM model directory has {CONFIG_FILE} "
-                                f"and {WEIGHTS_FILE})")
-    config = json.loads(path.read_text())
-    if not is_edm_config(config):
-        raise ValueError(f"{path}: format {config.get('format')!r} is not {FORMAT!r}")
-    return config
-
-
 def load_network(directory: str | os.PathLike) -> nn.Module:
     """The network of an EDM model directory with its weights (every parameter and buffer must be present)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
-    config = _read_config(directory)
-    net = network_from_config(config, str(directory / CONFIG_FILE))
-    state = load_file(str(directory / WEIGHTS_FILE))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_FILE}: does not match {config['_class_name']} of {CONFIG_FILE}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    return net
+    config = read_config(directory)
+    return load_weights(network_from_config(config, str(directory / CONFIG_FILE)), directory)
 
 
 def preconditioning(config: dict[str, Any], where: str) -> Preconditioning:
@@ -90,7 +64,7 @@ def edm_denoiser(net: nn.Module, precond: Preconditioning, dtype: torch.dtype | 
 def load_edm_denoiser(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> EDMNetworkDenoiser:
     """An EDM model directory (config.json with "precond" + model.safetensors) as a denoiser."""
     directory = Path(directory)
-    precond = preconditioning(_read_config(directory), str(directory / CONFIG_FILE))
+    precond = preconditioning(read_config(directory), str(directory / CONFIG_FILE))
     return edm_denoiser(load_network(directory), precond, dtype=dtype)
 
 

@@ -24,6 +24,35 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def is_edm_config(config: dict[str, Any]) -> bool:
+    """Whether a config.json is an fdistill EDM network's."""
+    return config.get("format") == FORMAT
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """config.json of an fdistill EDM model directory; FileNotFoundError / ValueError naming the file otherwise."""
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (an fdistill EDM model directory has {CONFIG_FILE} "
+                                f"and {WEIGHTS_FILE})")
+    config = json.loads(path.read_text())
+    if not is_edm_config(config):
+        raise ValueError(f"{path}: format {config.get('format')!r} is not {FORMAT!r}")
+    return config
+
+
+def load_weights(net, directory: Path):
+    """``net`` with the state dict of ``directory``/model.safetensors (every parameter and buffer must match)."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = net.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS_FILE}: does not match {type(net).__name__} of {CONFIG_FILE}: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    return net
+
+
 class PretrainedMixin:
     """Records the constructor's keyword arguments in ``init_kwargs`` (the ``**`` catch-all flattened), and writes /
     reads a network directory from them."""
@@ -69,9 +98,12 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None):
         """The network saved in ``directory`` (/ ``subfolder``), checked to be of this class."""
-        from .io import load_network
-
-        net = load_network(Path(directory) / (subfolder or ""))
-        if not isinstance(net, cls):
-            raise ValueError(f"{directory}: holds a {type(net).__name__}, not a {cls.__name__}")
-        return net
+        directory = Path(directory) / (subfolder or "")
+        config = read_config(directory)
+        if config.get("_class_name") != cls.__name__:
+            raise ValueError(f"{directory}: holds a {config.get('_class_name')}, not a {cls.__name__}")
+        try:
+            net = cls(**config.get("network", {}))
+        except TypeError as error:
+            raise ValueError(f"{directory / CONFIG_FILE}: bad arguments for {cls.__name__}: {error}") from error
+        return load_weights(net, directory)
