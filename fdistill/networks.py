@@ -62,7 +62,7 @@ def digits_unet(num_classes: int | None = 10, resolution: int = 8, channels: int
 def digits_teacher() -> nn.Module:
     """The trained class-conditional digits teacher shipped in ``fdistill/assets/digits_teacher`` (frozen, eval mode):
     a ``tiny_unet`` trained by ``experiment=digits_teacher``; ``scripts/train_digits_teacher.py`` rebuilds it and
-    records its steps, size and digits FD in ``record.json`` there. The main job (``fdistill distill``) distils it,
+    records its steps, size and digits FD in ``record.json`` there. ``experiment=digits_fdistill_learned`` distils it,
     so its student and fake score start from trained weights, as in DMD2 and f-distill."""
     from fdistill.denoisers.io import load_denoiser
 

@@ -8,7 +8,8 @@ The teacher is the ``digits_teacher`` recipe with the ~40k-parameter ``tiny_unet
     fdistill train experiment=digits_teacher model=tiny_unet model.num_classes=10 train.steps=2000
 
 Its exported EMA weights (``run_dir/model``, an fdistill model directory: fdistill.json + unet/ safetensors and
-config) are copied to the asset directory, which the main job's teacher (``conf/model/digits_teacher.yaml``) loads.
+config) are copied to the asset directory, which ``conf/model/digits_teacher.yaml`` loads
+(the teacher of ``experiment=digits_fdistill_learned``).
 The script then measures the teacher as ``fdistill distill`` reports it in metrics.json (2,000 class-balanced
 DPM-Solver++(2M) samples, 20 Karras steps in [0.002, 80], seed 2: digits FD, class TV, within-class std) and writes
 that with the command, steps, parameter count and bytes to ``record.json`` beside the weights.
@@ -42,7 +43,8 @@ def train_command(steps: int, run_dir: Path) -> list[str]:
 
 def teacher_metrics(model_dir: Path) -> dict[str, float]:
     """The teacher's metrics exactly as ``fdistill distill`` computes them, for the model directory ``model_dir``."""
-    spec = validate(compose(["experiment=digits_fdistill", "model=pretrained", f"model.path_or_hub_id={model_dir}"]))
+    overrides = ["experiment=digits_fdistill_learned", "model=pretrained", f"model.path_or_hub_id={model_dir}"]
+    spec = validate(compose(overrides))
     method = build_run(spec, with_loggers=False).method
     return balanced_digit_metrics(teacher_samples(method, EVAL_SAMPLES, torch.Generator().manual_seed(2)))
 

@@ -1,4 +1,5 @@
-"""The trained digits teacher shipped in fdistill/assets/digits_teacher, and the main job that distils it."""
+"""The trained digits teacher shipped in fdistill/assets/digits_teacher, the experiment that distils it
+(digits_fdistill_learned), and the main job (digits_fdistill), which keeps the exact teacher."""
 import json
 
 import torch
@@ -32,8 +33,8 @@ def test_shipped_teacher_denoises_digits_better_than_their_class_means():
     assert teacher_error < 0.5 * class_mean_error
 
 
-def test_main_job_distils_the_shipped_teacher_starting_from_its_weights():
-    spec = validate(compose(["experiment=digits_fdistill"]))
+def test_learned_experiment_distils_the_shipped_teacher_starting_from_its_weights():
+    spec = validate(compose(["experiment=digits_fdistill_learned"]))
     assert spec.cfg.model._target_ == "fdistill.networks.digits_teacher"
     method = build_run(spec, with_loggers=False).method
     shipped = digits_teacher().state_dict()
@@ -42,7 +43,9 @@ def test_main_job_distils_the_shipped_teacher_starting_from_its_weights():
         assert state.keys() == shipped.keys() and all(torch.equal(state[k], shipped[k]) for k in shipped)
 
 
-def test_exact_teacher_recipe_keeps_the_empirical_denoiser():
-    method = build_run(validate(compose(["experiment=digits_fdistill_exact"])), with_loggers=False).method
+def test_main_job_keeps_the_exact_teacher():
+    spec = validate(compose(["experiment=digits_fdistill"]))
+    assert spec.train.steps == 6000
+    method = build_run(spec, with_loggers=False).method
     assert isinstance(method.frozen["teacher"], EmpiricalDenoiser)
     assert sum(p.numel() for p in method.networks["student"].parameters()) > 0
