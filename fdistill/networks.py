@@ -10,6 +10,7 @@ them back with ``UNet2DModel.from_pretrained(dir, subfolder="unet")``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,9 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
 from fdistill.denoisers.edm import EDMPrecond
+
+# The trained digits teacher shipped with the package (an fdistill model directory; scripts/train_digits_teacher.py)
+DIGITS_TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_teacher"
 
 
 def build_unet(resolution: int, channels: int, block_out_channels: tuple[int, ...], layers_per_block: int,
@@ -56,6 +60,16 @@ def digits_unet(num_classes: int | None = 10, resolution: int = 8, channels: int
     unet = build_unet(resolution, channels, (32, 64), layers_per_block=1, attention_levels=(1,),
                       num_classes=num_classes, norm_num_groups=8, attention_head_dim=16)
     return EDMPrecond(unet, sigma_data=sigma_data, dtype=dtype)
+
+
+def digits_teacher() -> nn.Module:
+    """The trained class-conditional digits teacher shipped in ``fdistill/assets/digits_teacher`` (frozen, eval mode):
+    a ``tiny_unet`` trained by ``experiment=digits_teacher``; ``scripts/train_digits_teacher.py`` rebuilds it and
+    records its steps, size and digits FD in ``record.json`` there. ``experiment=digits_fdistill_learned`` distils it,
+    so its student and fake score start from trained weights, as in DMD2 and f-distill."""
+    from fdistill.denoisers.io import load_denoiser
+
+    return load_denoiser(DIGITS_TEACHER_DIR)[0]
 
 
 def cifar10_unet(num_classes: int | None = None, sigma_data: float = 0.5, dropout: float = 0.13,

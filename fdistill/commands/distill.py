@@ -12,6 +12,7 @@ into ``train.run_dir`` (default ``runs/digits_fdistill``):
 Examples:
     fdistill distill
     fdistill distill method.divergence=rkl train.steps=500 train.run_dir=runs/digits_rkl
+    fdistill distill experiment=digits_fdistill_learned                 # the shipped trained teacher instead
     fdistill distill experiment=gmm_fdistill
     fdistill distill -m method.divergence=rkl,kl,js train.steps=500     # a sweep: one run dir per divergence
 """
