@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from fdistill.commands.distill import EVAL_SAMPLES, balanced_digit_metrics, teacher_samples
-from fdistill.config import build_run, compose, validate
+from fdistill.config import build_run, compose
 from fdistill.denoisers.io import load_denoiser
 from fdistill.networks import DIGITS_TEACHER_DIR
 
@@ -44,7 +44,7 @@ def train_command(steps: int, run_dir: Path) -> list[str]:
 def teacher_metrics(model_dir: Path) -> dict[str, float]:
     """The teacher's metrics exactly as ``fdistill distill`` computes them, for the model directory ``model_dir``."""
     overrides = ["experiment=digits_fdistill_learned", "model=pretrained", f"model.path_or_hub_id={model_dir}"]
-    spec = validate(compose(overrides))
+    spec = compose(overrides)
     method = build_run(spec, with_loggers=False).method
     return balanced_digit_metrics(teacher_samples(method, EVAL_SAMPLES, torch.Generator().manual_seed(2)))
 

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from fdistill.config import build_run, compose, validate
+from fdistill.config import build_run, compose
 from fdistill.denoisers import EmpiricalDenoiser
 from fdistill.evaluation.digits import digits_images
 from fdistill.networks import DIGITS_TEACHER_DIR, digits_teacher
@@ -34,7 +34,7 @@ def test_shipped_teacher_denoises_digits_better_than_their_class_means():
 
 
 def test_learned_experiment_distils_the_shipped_teacher_starting_from_its_weights():
-    spec = validate(compose(["experiment=digits_fdistill_learned"]))
+    spec = compose(["experiment=digits_fdistill_learned"])
     assert spec.cfg.model._target_ == "fdistill.networks.digits_teacher"
     method = build_run(spec, with_loggers=False).method
     shipped = digits_teacher().state_dict()
@@ -44,7 +44,7 @@ def test_learned_experiment_distils_the_shipped_teacher_starting_from_its_weight
 
 
 def test_main_job_keeps_the_exact_teacher():
-    spec = validate(compose(["experiment=digits_fdistill"]))
+    spec = compose(["experiment=digits_fdistill"])
     assert spec.train.steps == 6000
     method = build_run(spec, with_loggers=False).method
     assert isinstance(method.frozen["teacher"], EmpiricalDenoiser)

@@ -63,15 +63,15 @@ def test_cifar10_fdistill_trains_from_an_edm_teacher_and_exports_a_generator_fid
                                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)),
 ])
 def test_ddo_recipes_fine_tune_an_edm_reference(experiment, class_name, network, tmp_path):
-    from fdistill.config import build_run, compose, validate
+    from fdistill.config import build_run, compose
     from fdistill.training import Trainer
 
     reference = save_edm_model(edm_model_from_config(class_name, network, seed=1), tmp_path / "reference")
-    spec = validate(compose([f"experiment={experiment}", f"model.path_or_hub_id={reference}", "train.steps=2",
+    spec = compose([f"experiment={experiment}", f"model.path_or_hub_id={reference}", "train.steps=2",
                              "train.batch_size=8", "train.device=cpu", "train.progress=false", "train.sample_every=0",
                              "train.checkpoint_every=2", "method.steps_per_round=1", "method.rounds=2",
                              "method.fake_pool_size=16", "method.generation_batch=16", "method.eval_samples=16",
-                             "sampler.steps=2", "train.mixed_precision=no", f"train.run_dir={tmp_path / 'run'}"]))
+                             "sampler.steps=2", "train.mixed_precision=no", f"train.run_dir={tmp_path / 'run'}"])
     run = build_run(spec, with_loggers=False)
     Trainer(run.method, run.data, spec.train).fit()
     tuned, info = load_denoiser(tmp_path / "run" / "model")
