@@ -6,8 +6,11 @@ its true share; TV; precision within 4 std). Variants:
   disc-<div>           the method as shipped (discriminator ratio); its log r is probed against the oracle's
                        (``fdistill.benchmarks.oracle``) per noise level every --probe_every steps
   oracle-<div>         the exact ratio in place of the discriminator's (same clamps, bins, normalisation)
+  exact-<div>          the exact ratio and, in place of the learned fake score, the exact denoiser of the student's
+                       samples (``oracle.ExactStudentDenoiser``): a perfect critic
   <ablation>-<div>     one change (first divergence of --divergences only): gan0 (gan_weight 0), lognormal (sigma ~ EDM's log-normal in [0.01, 5]),
-                       noclamp (ratio clamps [1e-4, 1e4], logit clamp 20), nobins (no per-bin normalisation)
+                       noclamp (ratio clamps [1e-4, 1e4], logit clamp 20), nobins (no per-bin normalisation),
+                       ttur5 (student every 5th step: 4 critic updates per student update, DMD2's two time-scale rule)
     python scripts/diagnose_fdistill_ratio.py --workers 2               # all variants, seeds 0 1, 2,000 steps
     python scripts/diagnose_fdistill_ratio.py --steps 600 --seeds 1 --probe_every 300 --workers 4   # what ran
     python scripts/diagnose_fdistill_ratio.py --quick                   # 300 steps, seed 0 (a smoke run)
@@ -28,10 +31,12 @@ from fdistill.benchmarks.fdistill_mixtures import FIVE_MODES, PROBE_SIGMAS, trai
 ABLATIONS = {
     "disc": {},
     "oracle": {},
+    "exact": {},
     "gan0": {"gan_weight": 0.0},
     "lognormal": {"sigma_distribution": "lognormal", "p_mean": -0.4, "p_std": 1.0},
     "noclamp": {"ratio_min": 1e-4, "ratio_max": 1e4, "logit_clamp": 20.0},
     "nobins": {"num_ratio_bins": 0},
+    "ttur5": {"student_update_freq": 5},
 }
 
 
@@ -40,7 +45,7 @@ def run_variant(task: tuple[str, str, int, int, int]) -> tuple[str, int, dict]:
     torch.set_num_threads(1)
     variant, divergence, seed, steps, probe_every = task
     result = train_on_mixture(FIVE_MODES, divergence, seed, steps, overrides=ABLATIONS[variant],
-                              oracle=variant == "oracle", probe_every=probe_every if variant in ("disc", "oracle") else 0)
+                              oracle=variant in ("oracle", "exact"), exact_fake_score=variant == "exact", probe_every=probe_every if variant in ("disc", "oracle") else 0)
     return f"{variant}-{divergence}", seed, result
 
 
@@ -63,7 +68,7 @@ def main() -> None:
     steps, seeds = args.steps or (300 if args.quick else 2000), range(args.seeds or (1 if args.quick else 2))
     probe_every = min(args.probe_every, steps)
     divergences = args.divergences.split(",")
-    tasks = [(v, d, s, steps, probe_every) for v in variants for d in (divergences if v in ("disc", "oracle") else divergences[:1])
+    tasks = [(v, d, s, steps, probe_every) for v in variants for d in (divergences if v in ("disc", "oracle", "exact") else divergences[:1])
              for s in seeds]
     if "disc" in variants:
         tasks = [("disc", "rkl", s, steps, probe_every) for s in seeds] + tasks

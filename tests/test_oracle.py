@@ -65,3 +65,14 @@ def test_oracle_method_weights_use_the_exact_ratio():
         expected = oracle_log_ratio(teacher, x_t, item.sigma, oracle.generate(OracleRatioFDistill.num_reference))
     assert log_r.shape == (64,)
     assert torch.corrcoef(torch.stack([log_r.double(), expected]))[0, 1] > 0.95
+
+
+def test_exact_student_denoiser_is_the_posterior_mean_of_the_student_samples():
+    from fdistill.benchmarks.oracle import ExactStudentDenoiser
+
+    points = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    denoiser = ExactStudentDenoiser(torch.nn.Linear(2, 2), lambda num: points.repeat(num // 2, 1), num_reference=4)
+    x_t, sigma = torch.tensor([[0.5, 0.3]]), torch.tensor([1.0])
+    # posterior over the two points: softmax(x . p / sigma^2) = sigmoid(2 * 0.5) for +1
+    expected = 2 * torch.sigmoid(torch.tensor(1.0)) - 1
+    assert torch.allclose(denoiser(x_t, sigma), torch.tensor([[float(expected), 0.0]]), atol=1e-6)

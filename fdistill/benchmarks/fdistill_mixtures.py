@@ -9,7 +9,7 @@ import torch
 
 from fdistill.benchmarks.fdistill_2d import run_steps
 from fdistill.benchmarks.mixtures import mode_metrics
-from fdistill.benchmarks.oracle import OracleRatioFDistill, oracle_log_ratio
+from fdistill.benchmarks.oracle import ExactStudentDenoiser, OracleRatioFDistill, oracle_log_ratio
 from fdistill.data import gaussian_mixture
 from fdistill.losses.fdistill import density_ratio
 from fdistill.methods.fdistill import FDistillConfig, build
@@ -58,9 +58,10 @@ def ratio_probe(method, teacher, num: int = 512, num_reference: int = 4096, seed
 
 
 def train_on_mixture(mixture: dict, divergence: str, seed: int, steps: int, overrides: dict | None = None,
-                     oracle: bool = False, probe_every: int = 0, batch_size: int = 256, num_eval: int = 4000) -> dict:
+                     oracle: bool = False, exact_fake_score: bool = False, probe_every: int = 0, batch_size: int = 256, num_eval: int = 4000) -> dict:
     """Train one student on ``mixture`` (random_mixture's dict) and return its mode metrics (``mixtures.mode_metrics``)
     and seconds; with ``oracle`` the student's weights use the exact ratio (``OracleRatioFDistill``); with
+    ``exact_fake_score`` the fake score is the exact denoiser of fresh student samples (``ExactStudentDenoiser``); with
     ``probe_every`` > 0 also ``probes``: [{"step", "sigmas": ratio_probe rows}] every ``probe_every`` steps."""
     torch.manual_seed(seed)
     data = gaussian_mixture(**mixture, num_samples=20000, seed=seed)
@@ -69,6 +70,8 @@ def train_on_mixture(mixture: dict, divergence: str, seed: int, steps: int, over
     if oracle:
         method = OracleRatioFDistill(method.config, teacher, method.networks["student"], method.networks["fake_score"],
                                      method.domain)
+    if exact_fake_score:
+        method.networks["fake_score"] = ExactStudentDenoiser(method.networks["fake_score"], method.generate)
     probes: list[dict] = []
 
     def probe(step: int) -> None:

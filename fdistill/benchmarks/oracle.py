@@ -52,3 +52,21 @@ class OracleRatioFDistill(FDistill):
             reference = self.generate(self.num_reference)
             x_t = x + item.sigma.view(-1, *[1] * (x.ndim - 1)) * item.eps
             return oracle_log_ratio(self.frozen["teacher"], x_t, item.sigma, reference).float()
+
+
+class ExactStudentDenoiser(torch.nn.Module):
+    """The exact denoiser of the student's current distribution, E[x0 | x_t] under the empirical distribution of
+    ``num_reference`` fresh student samples (``EmpiricalDenoiser``), in place of the learned fake score
+    (diagnostics only). It keeps the learned network as a submodule, so the critic phase still has parameters to
+    step; the student phase reads the exact posterior mean."""
+
+    def __init__(self, network: torch.nn.Module, sample_student, num_reference: int = 4096):
+        super().__init__()
+        self.network = network
+        self.sample_student = sample_student
+        self.num_reference = num_reference
+
+    def forward(self, x_t: Tensor, sigma: Tensor, cond=None) -> Tensor:
+        from ..denoisers import EmpiricalDenoiser
+        with torch.no_grad():
+            return EmpiricalDenoiser(self.sample_student(self.num_reference))(x_t, sigma).to(x_t.dtype)
