@@ -24,6 +24,7 @@ written as JSON (``summary_path``), and the best snapshot loaded into the target
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -200,7 +201,7 @@ def sample_with(denoiser: nn.Module, num: int, sample_shape: tuple[int, ...], sa
     ([C, H, W]) are clamped to [-1, 1], point data is left as is."""
     from .. import samplers
 
-    device = next(denoiser.parameters()).device
+    device = next(itertools.chain(denoiser.parameters(), denoiser.buffers())).device   # analytic teachers: buffers only
     schedule = samplers.noise_levels(sampler, denoiser)
     noise = torch.randn(num, *sample_shape, generator=generator) * schedule[0]    # CPU generator: same on any device
     schedule = schedule.to(device)
