@@ -13,7 +13,8 @@ def test_wasserstein_1d_matches_hand_computed_values_for_equal_and_unequal_sizes
     x = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64)
     assert wasserstein_1d(x, x + 1).item() == pytest.approx(1.0)           # a shift by 1 moves every point by 1
     # {0} against {0, 2}: half the mass moves by 2
-    assert wasserstein_1d(torch.tensor([[0.0]]).double(), torch.tensor([[0.0, 2.0]]).double()).item() == pytest.approx(1.0)
+    one, two = torch.tensor([[0.0]]).double(), torch.tensor([[0.0, 2.0]]).double()
+    assert wasserstein_1d(one, two).item() == pytest.approx(1.0)
     # {0, 0, 0, 4} against {1}: 3/4 * 1 + 1/4 * 3; rows are independent
     y = torch.tensor([[0.0, 0.0, 0.0, 4.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
     assert wasserstein_1d(y, torch.tensor([[1.0], [1.0]]).double()).tolist() == pytest.approx([1.5, 0.0])
@@ -30,7 +31,8 @@ def test_sliced_wasserstein_of_a_translated_set_is_the_mean_absolute_projected_s
 
 
 def test_sliced_wasserstein_between_gaussians_with_different_scales():
-    """Between N(0, I) and N(0, s^2 I) every projection is N(0, 1) vs N(0, s^2): W1 = |s - 1| E|Z| = |s - 1| sqrt(2/pi)."""
+    """Between N(0, I) and N(0, s^2 I) every projection is N(0, 1) vs N(0, s^2):
+    W1 = |s - 1| E|Z| = |s - 1| sqrt(2 / pi)."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(10_000, 2, generator=generator, dtype=torch.float64)
     y = 2.0 * torch.randn(10_000, 2, generator=generator, dtype=torch.float64)

@@ -74,7 +74,8 @@ def _sliced_wasserstein(data) -> Evaluate:
 
 def _mode_tv(data) -> Evaluate:
     """Total variation of the samples' nearest-mode histogram to the mixture weights (blind to samples between the
-    modes: a wide Gaussian split evenly between two equal modes scores 0); needs a Gaussian-mixture data source (``data=gaussian_mixture``: its exact denoiser in ``extras["denoiser"]`` holds the means and weights)."""
+    modes: a wide Gaussian split evenly between two equal modes scores 0); needs a Gaussian-mixture data source
+    (``data=gaussian_mixture``: its exact denoiser in ``extras["denoiser"]`` holds the means and weights)."""
     from ..evaluation.distribution import mode_total_variation
 
     mixture = getattr(data, "extras", {}).get("denoiser")
