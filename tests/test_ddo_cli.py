@@ -88,7 +88,7 @@ def test_run_killed_in_round_2_resumes_to_the_round_summary_of_an_uninterrupted_
     capsys.readouterr()
     resumed = fit_in(tmp_path / "killed")
     assert "resuming from step 3" in capsys.readouterr().err
-    assert resumed["evaluator"] == straight["evaluator"] == "raw_frechet"
+    assert resumed["evaluator"] == straight["evaluator"] == "sliced_wasserstein"
     for row, expected in zip(resumed["rounds"], straight["rounds"], strict=True):
         assert row == pytest.approx(expected, rel=1e-6), (row, expected)
     weights = "model/unet/diffusion_pytorch_model.safetensors"

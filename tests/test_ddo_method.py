@@ -195,3 +195,52 @@ def test_build_with_evaluator_and_finish_writes_summary(tmp_path):
     row = summary["rounds"][0]
     assert row["start_score"] > 0 and row["end_score"] > 0
     assert row["best_score"] == min(row["start_score"], row["end_score"])
+
+
+def two_mode_data(num=2000):
+    """Gaussian-mixture data: modes at (-1, 0) and (1, 0), std 0.1, equal weights."""
+    from fdistill.data import gaussian_mixture
+
+    return gaussian_mixture(means=[[-1.0, 0.0], [1.0, 0.0]], stds=0.1, num_samples=num, seed=0)
+
+
+def moment_matched_gaussian_and_unbalanced_modes(data, num=2000):
+    """Two candidate sample sets: a single Gaussian with the data's mean and covariance (no modes; Frechet ~ 0) and
+    the two modes with weights 0.7 / 0.3 (the modes right, their shares off by 0.2)."""
+    generator = torch.Generator().manual_seed(1)
+    points = data.dataset.tensors["x"].double()
+    cholesky = torch.linalg.cholesky(points.T.cov())
+    gaussian = points.mean(0) + torch.randn(num, 2, generator=generator, dtype=torch.float64) @ cholesky.T
+    side = torch.where(torch.rand(num, generator=generator) < 0.7, -1.0, 1.0).double()
+    unbalanced = torch.stack([side, torch.zeros(num, dtype=torch.float64)], 1) \
+        + 0.1 * torch.randn(num, 2, generator=generator, dtype=torch.float64)
+    return gaussian, unbalanced
+
+
+@pytest.mark.parametrize("evaluator, expected_best", [("raw_frechet", 0), ("auto", 1), ("sliced_wasserstein", 1)])
+def test_snapshot_selection_follows_the_evaluator_where_frechet_and_sliced_wasserstein_disagree(
+        monkeypatch, evaluator, expected_best):
+    """Step 0 samples a moment-matched single Gaussian, step 1 the unbalanced two modes: the two-moment Frechet
+    distance prefers the Gaussian, sliced Wasserstein (the default for vector data) the modes."""
+    import fdistill.methods.ddo as ddo_module
+
+    data = two_mode_data()
+    candidates = list(moment_matched_gaussian_and_unbalanced_modes(data))
+    monkeypatch.setattr(ddo_module, "sample_with", lambda *args, **kwargs: candidates.pop(0))
+    method = build(tiny_config(rounds=1, evaluator=evaluator), tiny_denoiser(), data)
+    scores = [method._evaluate_target(step) for step in (0, 1)]
+    assert (scores[0] < scores[1]) == (expected_best == 0), scores
+    assert method.round_summary()["rounds"][0]["best_step"] == expected_best
+    assert method.round_summary()["evaluator"] == ("sliced_wasserstein" if evaluator == "auto" else evaluator)
+
+
+def test_auto_evaluator_is_none_for_images_and_mode_tv_needs_a_mixture():
+    from fdistill.methods.ddo import resolve_evaluator
+
+    assert DDOConfig().evaluator == "auto"
+    assert resolve_evaluator("auto", (1, 8, 8)) == "none" and resolve_evaluator("auto", (2,)) == "sliced_wasserstein"
+    assert resolve_evaluator("digits_fd", (1, 8, 8)) == "digits_fd"
+    data = type("Data", (), {"sample_shape": (2,), "num_classes": 0, "extras": {},
+                             "dataset": [{"x": torch.randn(2)} for _ in range(8)]})
+    with pytest.raises(ValueError, match="mode_tv needs Gaussian-mixture data"):
+        build(tiny_config(evaluator="mode_tv"), tiny_denoiser(), data)

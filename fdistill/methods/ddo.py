@@ -24,9 +24,10 @@ written as JSON (``summary_path``), and the best snapshot loaded into the target
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,18 +49,52 @@ def _digits_fd(data) -> Evaluate:
     return digits_fd
 
 
+def _dataset_points(data) -> Tensor:
+    """[N, D] float64: the whole dataset's samples, flattened."""
+    return torch.stack([item["x"] for item in data.dataset]).flatten(1).double()
+
+
 def _raw_frechet(data) -> Evaluate:
-    """Frechet distance of the raw (flattened) samples to the whole dataset: meaningful for low-dimensional point
-    data such as Gaussian mixtures."""
+    """Frechet distance of the raw (flattened) samples to the whole dataset: two moments only (a single Gaussian with
+    a mixture's mean and covariance scores 0), kept for comparison."""
     from ..evaluation.frechet import FeatureStats, fid_from_stats
 
-    reference = FeatureStats().update(torch.stack([item["x"] for item in data.dataset]).flatten(1).double())
+    reference = FeatureStats().update(_dataset_points(data))
     return lambda samples: fid_from_stats(FeatureStats().update(samples.flatten(1).double()), reference)
 
 
+def _sliced_wasserstein(data) -> Evaluate:
+    """Sliced Wasserstein-1 of the raw samples to the whole dataset (``fdistill.evaluation.distribution``: 256
+    directions from a fixed seed, exact 1-D W1): a distribution-level distance for low-dimensional point data."""
+    from ..evaluation.distribution import sliced_wasserstein_1
+
+    reference = _dataset_points(data)
+    return lambda samples: sliced_wasserstein_1(samples, reference)
+
+
+def _mode_tv(data) -> Evaluate:
+    """Total variation of the samples' nearest-mode histogram to the mixture weights (blind to samples between the
+    modes: a wide Gaussian split evenly between two equal modes scores 0); needs a Gaussian-mixture data source
+    (``data=gaussian_mixture``: its exact denoiser in ``extras["denoiser"]`` holds the means and weights)."""
+    from ..evaluation.distribution import mode_total_variation
+
+    mixture = getattr(data, "extras", {}).get("denoiser")
+    if mixture is None or not hasattr(mixture, "weights"):
+        raise ValueError("method.evaluator=mode_tv needs Gaussian-mixture data (data=gaussian_mixture)")
+    return lambda samples: mode_total_variation(samples, mixture.means, mixture.weights)
+
+
 EVALUATORS: dict[str, Callable[[Any], Evaluate] | None] = {
-    "none": None, "digits_fd": _digits_fd, "raw_frechet": _raw_frechet,
+    "none": None, "digits_fd": _digits_fd, "raw_frechet": _raw_frechet, "sliced_wasserstein": _sliced_wasserstein,
+    "mode_tv": _mode_tv,
 }
+
+
+def resolve_evaluator(name: str, sample_shape: tuple[int, ...]) -> str:
+    """``auto``: sliced Wasserstein for vector data (one sample is [D]), none for images; other names unchanged."""
+    if name != "auto":
+        return name
+    return "sliced_wasserstein" if len(sample_shape) == 1 else "none"
 
 
 @dataclass
@@ -86,9 +121,11 @@ class DDOConfig:
         rounds: self-play rounds (>= 1).
         steps_per_round: optimisation steps per round (>= 1); train.steps must equal rounds * steps_per_round.
         eval_every: steps between evaluations inside a round (>= 0; 0 = only at the round start and end).
-        evaluator: 'none', 'digits_fd' (built-in digits feature network) or 'raw_frechet' (Frechet distance of raw
-            samples to the dataset, for point data); lower is better. 'none' = no best-checkpoint selection: the
-            round's final target becomes the next reference.
+        evaluator: 'auto' (default: 'sliced_wasserstein' for vector data, 'none' for images), 'none',
+            'digits_fd' (built-in digits feature network), 'sliced_wasserstein' (sliced Wasserstein-1 of raw samples to
+            the dataset, for point data), 'mode_tv' (nearest-mode histogram TV, Gaussian-mixture data) or
+            'raw_frechet' (two-moment Frechet distance of raw samples: blind to modes); lower is better. 'none' = no
+            best-checkpoint selection: the round's final target becomes the next reference.
         eval_samples: samples per evaluation (>= 2), drawn with the same seed every time.
         seed: seed of the fake pools (round r uses seed + r) and of the evaluation samples.
         summary_path: where ``finish`` writes the per-round table as JSON (null = do not write), e.g.
@@ -115,7 +152,7 @@ class DDOConfig:
     rounds: int = 1
     steps_per_round: int = 1000
     eval_every: int = 0
-    evaluator: str = "none"
+    evaluator: str = "auto"
     eval_samples: int = 1000
     seed: int = 0
     summary_path: str | None = None
@@ -134,7 +171,8 @@ class DDOConfig:
             (self.rounds >= 1, f"method.rounds must be >= 1, got {self.rounds}"),
             (self.steps_per_round >= 1, f"method.steps_per_round must be >= 1, got {self.steps_per_round}"),
             (self.eval_every >= 0, f"method.eval_every must be >= 0, got {self.eval_every}"),
-            (self.evaluator in EVALUATORS, f"method.evaluator must be one of {sorted(EVALUATORS)}, got {self.evaluator!r}"),
+            (self.evaluator in EVALUATORS or self.evaluator == "auto",
+             f"method.evaluator must be one of {sorted([*EVALUATORS, 'auto'])}, got {self.evaluator!r}"),
             (self.eval_samples >= 2, f"method.eval_samples must be >= 2, got {self.eval_samples}"),
         ]
         raise_first_failure(checks)
@@ -164,7 +202,7 @@ def sample_with(denoiser: nn.Module, num: int, sample_shape: tuple[int, ...], sa
     ([C, H, W]) are clamped to [-1, 1], point data is left as is."""
     from .. import samplers
 
-    device = next(denoiser.parameters()).device
+    device = next(itertools.chain(denoiser.parameters(), denoiser.buffers())).device   # analytic teachers: buffers only
     schedule = samplers.noise_levels(sampler, denoiser)
     noise = torch.randn(num, *sample_shape, generator=generator) * schedule[0]    # CPU generator: same on any device
     schedule = schedule.to(device)
@@ -411,6 +449,7 @@ def build(config: DDOConfig, model: nn.Module, data, evaluate: Evaluate | None =
     if not isinstance(model, nn.Module) or not any(True for _ in model.parameters()):
         raise ValueError("method=ddo needs a pre-trained network with parameters as the model group (the reference), "
                          f"e.g. model=pretrained model.path_or_hub_id=<dir or hub id>; got {type(model).__name__}")
+    config = replace(config, evaluator=resolve_evaluator(config.evaluator, tuple(data.sample_shape)))
     factory = EVALUATORS[config.evaluator]
     if evaluate is None and factory is not None:
         evaluate = factory(data)
