@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fdistill.config import compose, instantiate_optional, validate
+from fdistill.config import compose, instantiate_optional
 from fdistill.data import gaussian_mixture
 from fdistill.evaluation.distribution import mode_precision, mode_total_variation, sliced_wasserstein_1
 from fdistill.methods import ddo, denoising
@@ -106,9 +106,9 @@ def run_mixture(mixture_seed: int, setting: dict[str, Any], train_seed: int = 0)
     torch.set_num_threads(1)
     mixture = ddo_random_mixture(mixture_seed, dim=setting.get("dim", 2))
     data = gaussian_mixture(**mixture, num_samples=20_000, seed=mixture_seed)
-    base_spec = validate(compose(["method=denoising", "model=mlp", f"train.steps={setting['base_steps']}",
-                                  "train.batch_size=256", f"train.seed={train_seed}"]))
-    ddo_spec = validate(compose(recipe_overrides(setting)))
+    base_spec = compose(["method=denoising", "model=mlp", f"train.steps={setting['base_steps']}",
+                         "train.batch_size=256", f"train.seed={train_seed}"])
+    ddo_spec = compose(recipe_overrides(setting))
     torch.manual_seed(train_seed)
     network = instantiate_optional(base_spec.cfg.model, dim=mixture["means"].shape[1])
     started = time.perf_counter()
