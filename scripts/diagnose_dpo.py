@@ -44,7 +44,8 @@ def function_change(method, encoded) -> float:
     return float((tuned - ref).norm() / ref.norm())
 
 
-def run(components, mode: str, lr: float, beta: float, train, test, steps: int, batch: int, every: int) -> dict:
+def run(components, mode: str, lr: float, beta: float, train, test, steps: int, batch: int, every: int,
+        clip: float) -> dict:
     torch.manual_seed(0)
     config = DiffusionDPOConfig(objective="dpo", beta=beta, finetune=mode, lr=lr, weight_decay=0.0, sampler=SAMPLER)
     method = build(config, copy.deepcopy(components), train)
@@ -67,7 +68,7 @@ def run(components, mode: str, lr: float, beta: float, train, test, steps: int, 
         loss, logs = method.loss("model", next(loader), StepContext(step=step))
         optimizer.zero_grad()
         loss.backward()
-        norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         optimizer.step()
         if step % every == 0:
             history[-1].update(loss=logs["loss"], grad_norm=norm, batch_acc=logs["implicit_accuracy"])
@@ -82,7 +83,7 @@ def run(components, mode: str, lr: float, beta: float, train, test, steps: int, 
         reference_check = {"frozen": not any(p.requires_grad for p in ref.parameters()), "eval_mode": not ref.training,
                            "same_dtype": next(ref.parameters()).dtype == next(method.networks["unet"].parameters()).dtype,
                            "equals_initial_unet": all(torch.equal(v, initial[k]) for k, v in ref.state_dict().items())}
-    return {"mode": mode, "lr": lr, "beta": beta, "history": history, "relative_param_change": trained_param_change,
+    return {"mode": mode, "lr": lr, "beta": beta, "clip": clip, "batch_pairs": batch, "history": history, "relative_param_change": trained_param_change,
             "reference_check": reference_check}
 
 
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (inf: measured, not clipped)")
     parser.add_argument("--cache", default="runs/bench_dpo/references")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -106,9 +108,9 @@ def main() -> None:
     for spec in args.runs:
         mode, lr, *beta = spec.split(":")
         results.append(run(components, mode, float(lr), float(beta[0]) if beta else args.beta, train, test,
-                           args.steps, args.batch, args.every))
+                           args.steps, args.batch, args.every, args.clip))
         r = results[-1]
-        print(json.dumps({k: r[k] for k in ("mode", "lr", "beta", "relative_param_change", "reference_check")}))
+        print(json.dumps({k: r[k] for k in ("mode", "lr", "beta", "clip", "batch_pairs", "relative_param_change", "reference_check")}))
         for row in r["history"]:
             print("  ", json.dumps(row))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
