@@ -7,7 +7,9 @@ and the relative change of the model's function, ||D_theta(x) - D_ref(x)|| / ||D
 latents (comparable between LoRA and full). It also checks the reference copy: frozen, eval mode, same dtype,
 bitwise equal to the initial UNet after training.
 
-    python scripts/diagnose_dpo.py --rule colour --runs lora:3e-3 full:5e-5 full:5e-4 --out benchmarks/dpo_diagnosis.json
+    python scripts/diagnose_dpo.py --rule colour --runs lora:3e-3 full:5e-5 full:5e-4 --out runs/diag/colour.json
+    python scripts/diagnose_dpo.py --rule colour --runs full:1e-5 --every 40 --clip inf --out ...   # no clipping
+    python scripts/diagnose_dpo.py --rule colour --runs --gradient-groups --out ...   # gradient table only
 """
 from __future__ import annotations
 
@@ -42,6 +44,36 @@ def function_change(method, encoded) -> float:
     with method.reference_unet() as reference:
         ref = method._training_denoiser("reference", reference)(noisy, sigma, encoded["cond"])
     return float((tuned - ref).norm() / ref.norm())
+
+
+def parameter_group(name: str) -> str:
+    """The UNet parameter groups of the gradient table: the text path, the other LoRA targets, everything else."""
+    if "attn2.to_k" in name or "attn2.to_v" in name:
+        return "cross_attn_kv (text)"
+    if any(target in name for target in ("to_q", "to_k", "to_v", "to_out.0")):
+        return "other attention projections (LoRA targets)"
+    return "rest (convs, norms, time embedding, ...)"
+
+
+def gradient_by_group(components, train, beta: float, batches: int = 12, batch: int = 16) -> dict:
+    """Full-mode DPO gradients at the reference, per parameter group over ``batches`` batches: the mean per-batch
+    norm, the norm of the mean, and signal / noise = ||mean|| / (mean per-batch deviation / sqrt(batches))
+    (~1: the mean of the batches is at the noise floor)."""
+    method = build(DiffusionDPOConfig(finetune="full", beta=beta, weight_decay=0.0, sampler=SAMPLER),
+                   copy.deepcopy(components), train)
+    unet, loader, grads = method.networks["unet"], train.loader(batch), []
+    for step in range(batches):
+        unet.zero_grad()
+        method.loss("model", next(loader), StepContext(step))[0].backward()
+        grads.append({n: p.grad.detach().clone() for n, p in unet.named_parameters()})
+    table = {}
+    for group in sorted({parameter_group(n) for n in grads[0]}):
+        flat = torch.stack([torch.cat([g[n].flatten() for n in g if parameter_group(n) == group]) for g in grads])
+        mean = flat.mean(0)
+        table[group] = {"params": flat.shape[1], "per_batch_grad_norm": float(flat.norm(dim=1).mean()),
+                        "mean_grad_norm": float(mean.norm()),
+                        "signal_to_noise": float(mean.norm() / (flat - mean).norm(dim=1).mean() * batches ** 0.5)}
+    return table
 
 
 def run(components, mode: str, lr: float, beta: float, train, test, steps: int, batch: int, every: int,
@@ -90,11 +122,12 @@ def run(components, mode: str, lr: float, beta: float, train, test, steps: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rule", default="colour")
-    parser.add_argument("--runs", nargs="+", default=["lora:3e-3", "full:5e-5"], help="mode:lr[:beta]")
+    parser.add_argument("--runs", nargs="*", default=["lora:3e-3", "full:5e-5"], help="mode:lr[:beta]")
     parser.add_argument("--beta", type=float, default=1000.0)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--gradient-groups", action="store_true", help="also the gradient table by parameter group")
     parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (inf: measured, not clipped)")
     parser.add_argument("--cache", default="runs/bench_dpo/references")
     parser.add_argument("--out", required=True)
@@ -104,7 +137,9 @@ def main() -> None:
     train = shape_preferences(512, IMAGE_SIZE, split="train", rule=args.rule)
     test = shape_preferences(256, IMAGE_SIZE, split="test", rule=args.rule)
     components = pretrained_components(args.rule, train, args.cache, 300, 400)
-    results = []
+    results, gradients = [], gradient_by_group(components, train, args.beta) if args.gradient_groups else None
+    if gradients:
+        print(json.dumps(gradients, indent=1))
     for spec in args.runs:
         mode, lr, *beta = spec.split(":")
         results.append(run(components, mode, float(lr), float(beta[0]) if beta else args.beta, train, test,
@@ -115,7 +150,7 @@ def main() -> None:
             print("  ", json.dumps(row))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rule": args.rule, "steps": args.steps, "batch_pairs": args.batch,
-                                          "runs": results, "total_sec": time.perf_counter() - started}, indent=2))
+                                          "runs": results, "gradient_by_parameter_group": gradients, "total_sec": time.perf_counter() - started}, indent=2))
 
 
 if __name__ == "__main__":
