@@ -45,6 +45,7 @@ from fdistill.training.trainer import Trainer
 
 IMAGE_SIZE = 8
 SAMPLER = SamplerConfig(solver="dpmpp_2m", steps=15, guidance=1.0)
+DEFAULT_RULES = ("colour", "brightness", "size")
 
 
 def train(method, data: DataSource, steps: int, batch_size: int, run_dir: str) -> float:
@@ -83,6 +84,35 @@ def pretrained_reference(components: SDComponents, data: DataSource, steps: int,
     seconds = train(sft, all_images_as_winners(data), steps, 32, run_dir)
     reference.unet = sft.networks["unet"]
     return reference, seconds
+
+
+def pretrained_components(rule: str, train_data: DataSource, cache: str, vae_steps: int, pretrain_steps: int,
+                          rules: tuple[str, ...] = DEFAULT_RULES) -> SDComponents:
+    """The tiny SD (seed 0) with its VAE trained on the images of ``rules`` and its UNet pre-trained on ``rule``:
+    read from ``cache`` (state dicts keyed by rule and step counts) or built and stored there, so that the
+    benchmark and ``scripts/diagnose_dpo.py`` share the same reference."""
+    torch.manual_seed(0)
+    components = tiny_sd_components("sd15", IMAGE_SIZE, unet_channels=(32, 64))
+    vae_file = Path(cache) / f"vae_{'-'.join(rules)}_{vae_steps}.pt"
+    if vae_file.exists():
+        state = torch.load(vae_file)
+        components.vae.load_state_dict(state["vae"])
+        components.vae.register_to_config(scaling_factor=state["scaling_factor"])
+    else:
+        images = torch.cat([torch.cat([d.dataset.x_w, d.dataset.x_l]) for d in
+                            (shape_preferences(512, IMAGE_SIZE, split="train", rule=r) for r in rules)])
+        pretrain_vae(components, images, vae_steps)
+        vae_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"vae": components.vae.state_dict(), "scaling_factor": components.vae.config.scaling_factor}, vae_file)
+    unet_file = vae_file.with_name(f"unet_{rule}_{vae_file.stem}_{pretrain_steps}.pt")
+    if unet_file.exists():
+        components.unet.load_state_dict(torch.load(unet_file))
+        return components
+    with tempfile.TemporaryDirectory() as run_dir:
+        reference, seconds = pretrained_reference(components, train_data, pretrain_steps, run_dir)
+    torch.save(reference.unet.state_dict(), unet_file)
+    print(f"pre-trained the {rule} reference: {seconds:.2f} s / step", file=sys.stderr)
+    return reference
 
 
 def count_unet_samples(method) -> list[int]:
@@ -162,7 +192,10 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=1000.0)
     parser.add_argument("--lr-lora", type=float, default=3e-3)
     parser.add_argument("--lr-full", type=float, default=5e-5)
-    parser.add_argument("--rules", nargs="+", default=["colour", "brightness"], help="built-in preference rules")
+    parser.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES), help="built-in preference rules")
+    parser.add_argument("--modes", nargs="+", default=["lora", "full"], choices=("lora", "full"))
+    parser.add_argument("--no-memory", action="store_true", help="skip the 16 M-parameter memory probes")
+    parser.add_argument("--cache", default="runs/bench_dpo/references", help="pre-trained VAE / UNet state dicts")
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     if args.probe:
@@ -174,29 +207,26 @@ def main() -> None:
     started = time.perf_counter()
     splits = {rule: (shape_preferences(512, IMAGE_SIZE, split="train", rule=rule),
                      shape_preferences(256, IMAGE_SIZE, split="test", rule=rule)) for rule in args.rules}
-    torch.manual_seed(0)
-    components = tiny_sd_components("sd15", IMAGE_SIZE, unet_channels=(32, 64))
-    images = torch.cat([torch.cat([train.dataset.x_w, train.dataset.x_l]) for train, _ in splits.values()])
-    pretrain_vae(components, images, args.vae_steps)
     workdir = tempfile.mkdtemp(prefix="bench_dpo_")
-    results, pretrain_sec = {}, 0.0
+    results = {}
     for rule, (train_data, test_data) in splits.items():
-        reference, pretrain_sec = pretrained_reference(components, train_data, args.pretrain_steps, f"{workdir}/{rule}")
-        for mode in ("lora", "full"):
+        reference = pretrained_components(rule, train_data, args.cache, args.vae_steps, args.pretrain_steps)
+        for mode in args.modes:
             run = dpo_run(reference, mode, train_data, test_data, args, f"{workdir}/{rule}")
             grid = Path(args.grid)
             save_side_by_side(*run.pop("images"), grid.with_name(f"{grid.stem}_{rule}_{mode}{grid.suffix}"))
             results[f"{rule}/{mode}"] = run
-    memory = {mode: run_probe(mode, args.threads) for mode in ("lora", "full")}
+    memory = {} if args.no_memory else {mode: run_probe(mode, args.threads) for mode in ("lora", "full")}
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
                    f"2-core shared CPU VM", "torch": torch.__version__, "quick": args.quick,
         "setting": {"rules": args.rules, "image_size": IMAGE_SIZE, "train_pairs": 512, "test_pairs": 256, "beta": args.beta,
                     "batch_pairs": args.batch, "dpo_steps": args.dpo_steps, "pretrain_steps": args.pretrain_steps,
                     "vae_steps": args.vae_steps, "lr_lora": args.lr_lora, "lr_full": args.lr_full,
-                    "sampler": f"{SAMPLER.solver} {SAMPLER.steps} steps", "pretrain_sec_per_step": pretrain_sec},
+                    "sampler": f"{SAMPLER.solver} {SAMPLER.steps} steps", },
         "dpo": results, "memory_16M_unet": memory,
-        "lora_memory_share": memory["lora"]["peak_rss_increase_mib"] / memory["full"]["peak_rss_increase_mib"],
+        "lora_memory_share": memory["lora"]["peak_rss_increase_mib"] / memory["full"]["peak_rss_increase_mib"]
+        if memory else None,
         "total_sec": time.perf_counter() - started,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -205,15 +235,16 @@ def main() -> None:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| rule / mode | held-out implicit acc. | reward ref -> tuned | UNet evals / pair / step | s / step (16 pairs) "
-            "| trainable params | UNet params held | peak RSS +MiB (16 M UNet) |", "|" + "---|" * 8]
+    memory = report["memory_16M_unet"]
+    rows = ["| rule / mode | held-out implicit acc. | known-rule reward ref -> tuned | UNet evals / pair / step "
+            "| s / step (16 pairs) | trainable params | UNet params held | peak RSS +MiB (16 M UNet) |", "|" + "---|" * 8]
     for mode, r in report["dpo"].items():
-        m = report["memory_16M_unet"][mode.split("/")[1]]
+        peak = memory[mode.split("/")[1]]["peak_rss_increase_mib"] if memory else float("nan")
         rows.append(f"| {mode} | {r['implicit_accuracy']:.3f} | {r['reward_reference']:.3f} -> {r['reward_tuned']:.3f} "
                     f"| {r['unet_evals_per_pair']:.0f} | {r['sec_per_step']:.2f} | {r['trainable_params']:,} "
-                    f"| {r['unet_params_held']:,} | {m['peak_rss_increase_mib']:.0f} |")
-    rows.append(f"\nLoRA / full peak-memory share: {report['lora_memory_share']:.2f}; total {report['total_sec']:.0f} s "
-                f"({report['machine']})")
+                    f"| {r['unet_params_held']:,} | {peak:.0f} |")
+    share = f"LoRA / full peak-memory share: {report['lora_memory_share']:.2f}; " if memory else ""
+    rows.append(f"\n{share}total {report['total_sec']:.0f} s ({report['machine']})")
     return "\n".join(rows)
 
 

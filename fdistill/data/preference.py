@@ -16,7 +16,7 @@ from __future__ import annotations
 import glob
 import io
 import os
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .base import DataSource
+from .preference_rules import (COLOURS, PREFERENCE_RULES, SHAPES, caption_colour_accuracy,  # noqa: F401 (public names)
+                               generate_shape_pairs, image_colours, shape_colour_reward)
 
 PICKAPIC_COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1", "caption")
 LOCAL_FORMATS = {".parquet": "parquet", ".arrow": "arrow"}
@@ -207,108 +209,6 @@ def pickapic(path: str = "yuvalkirstain/pickapic_v2", split: str = "train", data
 
 # ------------------------------------------------------------------------------------------ built-in pairs
 
-COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
-SHAPES = ("square", "circle", "cross")
-
-
-def shape_mask(shape: str, size: int, centre: Tensor, radius: Tensor) -> Tensor:
-    """[size, size] bool mask of a square, disc or plus-shaped cross with the given centre (row, col) and radius."""
-    coords = torch.arange(size, dtype=torch.float32) + 0.5
-    dy, dx = (coords[:, None] - centre[0]).abs(), (coords[None, :] - centre[1]).abs()
-    if shape == "square":
-        return (dy <= radius) & (dx <= radius)
-    if shape == "circle":
-        return dy ** 2 + dx ** 2 <= radius ** 2
-    arm = radius / 3
-    return ((dy <= radius) & (dx <= arm)) | ((dx <= radius) & (dy <= arm))
-
-
-def _chroma_directions() -> Tensor:
-    """[K, 3] unit vectors of the colours of COLOURS with the grey component removed (order of COLOURS)."""
-    rgb = torch.tensor(list(COLOURS.values()))
-    centred = rgb - rgb.mean(dim=1, keepdim=True)
-    return centred / centred.norm(dim=1, keepdim=True)
-
-
-def caption_colour(caption: str) -> int:
-    """Index in COLOURS of the first colour word of ``caption``; ValueError if it names none."""
-    for word in caption.lower().split():
-        if word in COLOURS:
-            return list(COLOURS).index(word)
-    raise ValueError(f"caption {caption!r} names no colour of {list(COLOURS)}")
-
-
-def shape_colour_reward(images: Tensor, captions: list[str]) -> Tensor:
-    """The KNOWN preference rule of the built-in pairs as a scorer: mean over pixels of the projection of the pixel
-    colour (grey removed) onto the caption's colour direction, in [-1, 1] image units. [B, 3, H, W] -> [B].
-
-    Grey pixels score 0, pixels of the named colour score > 0; the winner of every built-in pair scores higher
-    than its loser (same layout, only the shape's colour differs)."""
-    directions = _chroma_directions().to(images)[[caption_colour(c) for c in captions]]      # [B, 3]
-    grey_removed = images - images.mean(dim=1, keepdim=True)
-    return torch.einsum("bchw,bc->b", grey_removed, directions) / (images.shape[-1] * images.shape[-2])
-
-
-def image_colours(images: Tensor) -> Tensor:
-    """Index in COLOURS [B] of the colour an image [B, 3, H, W] shows most: the largest mean projection of its pixels
-    (grey removed) onto the colours' directions."""
-    grey_removed = images - images.mean(dim=1, keepdim=True)
-    return torch.einsum("bchw,kc->bk", grey_removed, _chroma_directions().to(images)).argmax(dim=1)
-
-
-def caption_colour_accuracy(images: Tensor, captions: list[str]) -> float:
-    """Share of images [B, 3, H, W] whose dominant colour (``image_colours``) is the one their caption names."""
-    named = torch.tensor([caption_colour(c) for c in captions], device=images.device)
-    return float((image_colours(images) == named).float().mean())
-
-
-def _shape_image(mask: Tensor, colour: Tensor, background: float, noise: Tensor) -> Tensor:
-    image = torch.full((3, *mask.shape), background)
-    image = torch.where(mask, colour[:, None, None] * 2.0 - 1.0, image)
-    return (image + noise).clamp(-1, 1)
-
-
-def brightness_reward(images: Tensor, captions: list[str]) -> Tensor:
-    """The caption-independent rule of the built-in pairs: mean pixel value (brighter is better), [B, 3, H, W] -> [B]."""
-    return images.flatten(1).mean(dim=1)
-
-
-# rule -> (the loser's (colour index, background shift) given the winner's colour and a generator, the reward)
-#   colour:     the caption names the winner's colour; the loser shows the shape in another colour (needs text).
-#   brightness: the loser is the same picture with a darker background (the same preference for every caption).
-PREFERENCE_RULES: dict[str, tuple[Callable[[int, torch.Generator], tuple[int, float]], Callable]] = {
-    "colour": (lambda colour, g: ((colour + int(torch.randint(1, len(COLOURS), (), generator=g))) % len(COLOURS),
-                                  0.0), shape_colour_reward),
-    "brightness": (lambda colour, g: (colour, -0.4), brightness_reward),
-}
-
-
-def generate_shape_pairs(num_pairs: int, resolution: int = 16, seed: int = 0, rule: str = "colour") -> dict[str, Any]:
-    """Pairs of images of one shape (caption "a <colour> <shape>") on a grey background; the loser differs from
-    the winner only as the ``rule`` of PREFERENCE_RULES says (same shape, same place, same pixel noise).
-
-    Returns tensors x_w, x_l [N, 3, R, R] in [-1, 1] and the list of captions."""
-    if rule not in PREFERENCE_RULES:
-        raise ValueError(f"data.rule must be one of {sorted(PREFERENCE_RULES)}, got {rule!r}")
-    loser_of = PREFERENCE_RULES[rule][0]
-    generator = torch.Generator().manual_seed(seed)
-    names, palette = list(COLOURS), torch.tensor(list(COLOURS.values()))
-    x_w, x_l, captions = [], [], []
-    for _ in range(num_pairs):
-        colour = int(torch.randint(len(names), (), generator=generator))
-        shape = int(torch.randint(len(SHAPES), (), generator=generator))
-        other, shift = loser_of(colour, generator)
-        radius = resolution * (0.2 + 0.15 * torch.rand((), generator=generator))
-        centre = radius + (resolution - 2 * radius) * torch.rand(2, generator=generator)
-        mask = shape_mask(SHAPES[shape], resolution, centre, radius)
-        background = float(-0.6 + 0.4 * torch.rand((), generator=generator)) - shift / 2
-        noise = 0.03 * torch.randn(3, resolution, resolution, generator=generator)
-        x_w.append(_shape_image(mask, palette[colour], background, noise))
-        x_l.append(_shape_image(mask, palette[other], background + shift, noise))
-        captions.append(f"a {names[colour]} {SHAPES[shape]}")
-    return {"x_w": torch.stack(x_w), "x_l": torch.stack(x_l), "captions": captions}
-
-
 class GeneratedPairs(Dataset):
     """In-memory preference pairs (tensors x_w, x_l and captions) with the item layout of the module docstring."""
 
@@ -331,7 +231,8 @@ SPLIT_SEEDS = {"train": 0, "test": 1}
 def shape_preferences(num_pairs: int = 512, resolution: int = 16, split: str = "train",
                       empty_caption_prob: float = 0.0, rule: str = "colour", seed: int = 0) -> DataSource:
     """Built-in generated preference pairs (no download): coloured shapes, the winner chosen by a known ``rule``
-    ('colour': the caption names the preferred colour; 'brightness': the brighter picture wins).
+    ('colour': the caption names the preferred colour; 'brightness': the brighter picture wins; 'size': the
+    larger shape wins, caption unchanged; ``fdistill.data.preference_rules``).
 
     ``split`` 'train' and 'test' draw disjoint random streams (held-out pairs for the implicit reward accuracy).
     ``extras["reward"]`` is the rule as a scorer (``reward(images, captions) -> [B]``) and ``extras["prompts"]``

@@ -251,3 +251,18 @@ def win_rate(scores: Tensor, baseline_scores: Tensor) -> float:
         raise ValueError(f"win_rate needs paired scores of one shape, got {tuple(scores.shape)} and "
                          f"{tuple(baseline_scores.shape)}")
     return ((scores > baseline_scores).float() + 0.5 * (scores == baseline_scores).float()).mean().item()
+
+
+# a saturated primary / secondary colour in [-1, 1] image units, e.g. red (1, -1, -1), has grey-removed norm sqrt(8/3)
+SATURATED_CHROMA = (8.0 / 3.0) ** 0.5
+
+
+def shape_area_reward(images: Tensor, prompts: list[str]) -> Tensor:
+    """Known-rule reward of the built-in 'size' preference pairs (``fdistill.data.preference_rules``): the share of
+    the image a coloured shape covers, measured as the mean over pixels of min(chroma / SATURATED_CHROMA, 1), where
+    chroma is the norm of the pixel's colour with its grey component removed (grey background and its pixel noise
+    score ~0, the shape's pixels 1). [N, 3, H, W] in [-1, 1] -> [N] in [0, 1]; the prompt is ignored (the rule
+    prefers the larger shape for every caption)."""
+    _check_pairs(images, prompts)
+    chroma = (images - images.mean(dim=1, keepdim=True)).norm(dim=1)
+    return (chroma / SATURATED_CHROMA).clamp(max=1.0).flatten(1).mean(dim=1)
