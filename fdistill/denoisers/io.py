@@ -51,6 +51,8 @@ MODEL_CLASSES = {
     "UNet2DModel": "diffusers",
     "UNet2DConditionModel": "diffusers",
     "DiTTransformer2DModel": "diffusers",
+    "SD3Transformer2DModel": "diffusers",
+    "FluxTransformer2DModel": "diffusers",
     "MLPNetwork": "fdistill.networks",
 }
 

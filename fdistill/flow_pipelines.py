@@ -1,0 +1,240 @@
+"""Stable Diffusion 3 (rectified-flow transformer) as a ``fdistill.latent_component.LatentDiffusionComponent``:
+load its parts, encode prompts as ``StableDiffusion3Pipeline`` does, rebuild the pipeline; tiny SD3 built from
+config for tests and CPU runs.
+
+SD3 conditioning (Esser et al. 2024, Sec. 4 and Fig. 2; Diffusers ``StableDiffusion3Pipeline.encode_prompt``):
+``encoder_hidden_states`` = [CLIP-L and CLIP-G penultimate states concatenated along features, zero-padded to the T5
+width ; T5-XXL states] along the sequence, [B, 77 + L_t5, 4096]; ``pooled_projections`` = both CLIP pooled
+projections concatenated, [B, 768 + 1280]. Without a T5 encoder (``text_encoder_3=None``) its states are zeros.
+The prompts are encoded by the pipeline's own ``encode_prompt``, so training and the exported pipeline agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .pipelines import as_torch_dtype, decode_latents, encode_latents
+
+SD3_MAX_SEQUENCE_LENGTH = 256       # StableDiffusion3Pipeline's default T5 sequence length
+
+
+@dataclass
+class SD3Components:
+    """The parts of a Stable Diffusion 3 pipeline (``text_encoder_3`` / ``tokenizer_3`` = T5, may be None)."""
+
+    transformer: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    text_encoder_2: nn.Module
+    tokenizer_2: Any
+    scheduler: Any
+    text_encoder_3: nn.Module | None = None
+    tokenizer_3: Any = None
+    source: str | None = None
+    kind = "sd3"
+
+    @property
+    def unet(self) -> nn.Module:
+        """The denoising network, under the name the Stable Diffusion code paths use."""
+        return self.transformer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        if self.text_encoder_3 is not None:
+            encoders["text_encoder_3"] = self.text_encoder_3
+        return encoders
+
+
+def load_sd3_components(pretrained: str, revision: str | None = None, variant: str | None = None,
+                        torch_dtype: torch.dtype | str | None = None) -> SD3Components:
+    """The parts of a Diffusers SD3 pipeline (hub id, e.g. "stabilityai/stable-diffusion-3-medium-diffusers", or
+    directory); the transformer in float32, the frozen VAE / encoders in ``torch_dtype``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    common = {"revision": revision, "variant": variant}
+    frozen = dict(common, torch_dtype=as_torch_dtype(torch_dtype))
+    local = Path(pretrained).exists()
+    return SD3Components(
+        transformer=SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", **common),
+        vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **frozen),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder", **frozen),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2", **frozen),
+        text_encoder_3=T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_3", **frozen),
+        tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision),
+        tokenizer_2=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision),
+        tokenizer_3=T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_3", revision=revision),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler",
+                                                                  revision=revision),
+        source=str(Path(pretrained).resolve()) if local else str(pretrained))
+
+
+def tiny_sd3_components(image_size: int = 16, seed: int = 0, shift: float = 3.0) -> SD3Components:
+    """A randomly initialised SD3 built from config (no download): a 2-layer ``SD3Transformer2DModel`` (patch 2), a
+    one-level VAE (latents at image resolution, SD3's shift / scaling factors), two tiny projected CLIP encoders and
+    a tiny T5 encoder sharing the offline CLIP tokenizer of ``fdistill.tiny_sd``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from .tiny_sd import _tiny_text_encoder, tiny_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizers = [tiny_clip_tokenizer() for _ in range(3)]
+    clip_width, t5_width = 32, 64          # T5 width >= both CLIP widths: the CLIP states are zero-padded to it
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizers[2]), d_model=t5_width, d_kv=8, d_ff=64, num_layers=1,
+                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=tokenizers[2].pad_token_id))
+    return SD3Components(
+        transformer=SD3Transformer2DModel(sample_size=image_size, patch_size=2, in_channels=4, out_channels=4,
+                                          num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                          joint_attention_dim=t5_width, caption_projection_dim=32,
+                                          pooled_projection_dim=2 * 32, pos_embed_max_size=image_size),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16,),
+                          down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                          norm_num_groups=8, layers_per_block=1, sample_size=image_size, shift_factor=0.1,
+                          scaling_factor=1.5),
+        text_encoder=_tiny_text_encoder(tokenizers[0], clip_width, True, projection_dim=32),
+        text_encoder_2=_tiny_text_encoder(tokenizers[1], clip_width, True, projection_dim=32),
+        text_encoder_3=t5, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], tokenizer_3=tokenizers[2],
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift))
+
+
+def build_sd3_pipeline(parts: SD3Components, transformer: nn.Module | None = None, scheduler: Any = None):
+    """A ``StableDiffusion3Pipeline`` of the parts, with another transformer or scheduler if given."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer if transformer is not None else parts.transformer, vae=parts.vae,
+        text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, text_encoder_2=parts.text_encoder_2,
+        tokenizer_2=parts.tokenizer_2, text_encoder_3=parts.text_encoder_3, tokenizer_3=parts.tokenizer_3,
+        scheduler=scheduler if scheduler is not None else parts.scheduler)
+
+
+@torch.no_grad()
+def sd3_conditioning(pipeline: Any, captions: list[str],
+                     max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH) -> dict[str, Tensor]:
+    """Transformer keyword arguments of ``captions``: the pipeline's own ``encode_prompt`` (no CFG duplication)."""
+    embeds, _, pooled, _ = pipeline.encode_prompt(prompt=list(captions), prompt_2=None, prompt_3=None,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length,
+                                                  device=next(pipeline.text_encoder.parameters()).device)
+    return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
+
+
+def sd3_prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, str]], device: str,
+                       max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH):
+    """captions -> transformer conditioning with the text encoders of a saved SD3 pipeline (``components``: name ->
+    (root, subfolder), ``fdistill.denoisers.ModelInfo.components``); the empty prompt's encoding becomes the
+    denoiser's null condition (classifier-free guidance)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    root = components["text_encoder"][0]
+    pipeline = StableDiffusion3Pipeline.from_pretrained(root, transformer=denoiser.net, vae=None).to(device)
+
+    def encode(captions: list[str]) -> dict[str, Tensor]:
+        return sd3_conditioning(pipeline, captions, max_sequence_length)
+
+    denoiser.null_cond = encode([""])
+    return encode
+
+
+def flow_generator_scheduler(scheduler: Any, steps: int):
+    """The scheduler of an exported one- / few-step flow generator: ``FlowMatchEulerDiscreteScheduler`` with shift 1
+    (the generator's times are passed as ``sigmas=`` unshifted) and, for several steps, stochastic sampling: each
+    step takes x0 = x_t - t v and re-noises it to the next time, x_t' = (1 - t') x0 + t' eps, the chain of
+    ``fdistill.samplers.generator_sample`` in flow units."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, shift=1.0, use_dynamic_shifting=False,
+                                                       stochastic_sampling=steps > 1)
+
+
+class StableDiffusion3Component:
+    """The ``LatentDiffusionComponent`` of SD3 (the parts and the image size), as ``StableDiffusionComponent`` is for
+    SD1.5 / SDXL.
+
+    Args:
+        parts: the pipeline parts (``parts.transformer`` is the base network).
+        image_size: (H, W) in pixels.
+        max_sequence_length: T5 tokens of the conditioning (the pipeline's ``max_sequence_length``).
+    """
+
+    kind = "sd3"
+
+    def __init__(self, parts: SD3Components, image_size: tuple[int, int],
+                 max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH):
+        self.parts = parts
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.scheduler, self.source = parts.scheduler, parts.source
+        self.max_sequence_length = int(max_sequence_length)
+        self._encoder = build_sd3_pipeline(parts)
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.parts.vae, **self.parts.text_encoders()}
+
+    def conditioning(self, captions: list[str], batch: dict[str, Any] | None = None) -> dict[str, Any]:
+        return sd3_conditioning(self._encoder, captions, self.max_sequence_length)
+
+    def conditioning_tensors(self, cond: dict[str, Any]) -> dict[str, Tensor]:
+        return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"]}
+
+    def conditioning_from_tensors(self, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        return {"encoder_hidden_states": tensors["prompt_embeds"], "pooled_projections": tensors["pooled_prompt_embeds"]}
+
+    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
+        return encode_latents(self.parts.vae, images, sample)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return decode_latents(self.parts.vae, latents)
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        factor = self.parts.vae_scale_factor
+        channels = self.parts.transformer.config.in_channels
+        return (batch, channels, self.image_size[0] // factor, self.image_size[1] // factor)
+
+    def denoiser(self, net: nn.Module) -> nn.Module:
+        return self._denoiser(net, null_cond=None)
+
+    def sampling_denoiser(self, net: nn.Module, guidance: float = 1.0) -> nn.Module:
+        from .denoisers import ClassifierFreeGuidance
+
+        denoiser = self._denoiser(net, null_cond=self.conditioning([""]))
+        return denoiser if guidance == 1.0 else ClassifierFreeGuidance(denoiser, guidance, denoiser.uncond)
+
+    def _denoiser(self, net: nn.Module, null_cond: Any):
+        from .denoisers import DiffusersDenoiser
+
+        denoiser = DiffusersDenoiser(net, self.scheduler, null_cond=null_cond)
+        denoiser.schedule.to(next(net.parameters()).device)
+        return denoiser
+
+    def pipeline(self, net: nn.Module | None = None, scheduler: Any = None):
+        return build_sd3_pipeline(self.parts, net, scheduler)
+
+    def save_pipeline(self, directory: str | Path, net: nn.Module | None = None, scheduler: Any = None) -> None:
+        self.pipeline(net, scheduler).save_pretrained(str(directory))
+
+    def save_lora(self, directory: str | Path, net: nn.Module) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(net))
+        type(self.pipeline(net)).save_lora_weights(str(directory), transformer_lora_layers=layers,
+                                                   safe_serialization=True)
+
+    def generator_export(self, sigmas: tuple[float, ...]) -> tuple[Any, dict[str, Any]]:
+        """(scheduler, fdistill.json fields) of a generator at noise levels ``sigmas``: the pipeline is called with
+        their flow times t = sigma / (1 + sigma) as ``sigmas=`` (``flow_generator_scheduler``)."""
+        times = [float(s) / (1 + float(s)) for s in sigmas]
+        call = (f"pipe(prompt, sigmas={times}, guidance_scale=1.0, "
+                f"max_sequence_length={self.max_sequence_length})")
+        return flow_generator_scheduler(self.scheduler, len(times)), {"diffusers_sigmas": times,
+                                                                       "diffusers_call": call}

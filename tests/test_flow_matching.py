@@ -1,0 +1,110 @@
+"""Rectified-flow teachers (SD3) behind the denoiser protocol, on a tiny SD3 built from config, offline, CPU."""
+import numpy as np
+import pytest
+import torch
+
+from fdistill.denoisers import DiffusersDenoiser, load_denoiser
+from fdistill.flow_pipelines import StableDiffusion3Component, tiny_sd3_components
+from fdistill.samplers import sample
+
+PROMPTS = ["a red square", "a blue circle"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    parts = tiny_sd3_components(image_size=8)
+    return parts, StableDiffusion3Component(parts, (8, 8), max_sequence_length=8)
+
+
+def test_x0_equals_the_schedulers_own_euler_step_to_zero(sd3):
+    parts, component = sd3
+    denoiser = component.denoiser(parts.transformer)
+    cond = component.conditioning(PROMPTS)
+    scheduler = parts.scheduler
+    scheduler.set_timesteps(10)
+    time = scheduler.sigmas[3]
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        velocity = parts.transformer(hidden_states=x_t, timestep=scheduler.timesteps[3].expand(2),
+                                     encoder_hidden_states=cond["encoder_hidden_states"],
+                                     pooled_projections=cond["pooled_projections"]).sample
+        scheduler._step_index = 3          # one Euler step from t to 0: x_t + (0 - t) v, the scheduler's x0
+        scheduler.sigmas[4] = 0.0
+        expected = scheduler.step(velocity, scheduler.timesteps[3], x_t).prev_sample
+        sigma = time / (1 - time)
+        x0 = denoiser(x_t / (1 - time), sigma.expand(2), cond)
+    torch.testing.assert_close(x0, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_euler_sampling_reproduces_flow_match_euler_steps(sd3):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    parts, component = sd3
+    denoiser = component.denoiser(parts.transformer)
+    cond = component.conditioning(PROMPTS)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(parts.scheduler.config)
+    scheduler.set_timesteps(sigmas=np.linspace(0.98, 0.1, 6))        # shifted by the scheduler (shift 3)
+    times = scheduler.sigmas.double()                                # [7], last 0
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x_t = times[0].float() * z                                       # the same start in both units
+    with torch.no_grad():
+        for timestep in scheduler.timesteps:
+            velocity = parts.transformer(hidden_states=x_t, timestep=timestep.expand(2),
+                                         encoder_hidden_states=cond["encoder_hidden_states"],
+                                         pooled_projections=cond["pooled_projections"]).sample
+            x_t = scheduler.step(velocity, timestep, x_t).prev_sample
+        sigmas = times / (1 - times)
+        ours = sample(denoiser, float(sigmas[0]) * z, sigmas, solver="euler", cond=cond)   # x = x_t / (1 - t)
+    torch.testing.assert_close(ours, x_t, atol=1e-4, rtol=1e-4)
+
+
+def test_schedule_follows_the_shift_and_sample_command_matches_the_pipeline(sd3, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from fdistill.commands.sample import main
+    from fdistill.images import load_images
+
+    parts, component = sd3
+    denoiser = component.denoiser(parts.transformer)
+    top = 3 * 0.999 / (1 + 2 * 0.999)                                # SD3 shift 3 of t = (T - 1) / T
+    assert denoiser.sigma_max == pytest.approx(top / (1 - top))
+    assert denoiser.sigma_min == pytest.approx(0.003 / 1.002 / (1 - 0.003 / 1.002))
+    component.save_pipeline(tmp_path / "sd3")
+    loaded, info = load_denoiser(tmp_path / "sd3")
+    assert (info.conditioning, info.sample_shape) == ("text", (4, 8, 8)) and loaded.flow
+    assert main(["--model", str(tmp_path / "sd3"), "--prompt", "a red square", "--num", "2", "--solver", "euler",
+                 "--steps", "4", "--schedule", "time_uniform", "--out", str(tmp_path / "gen"),
+                 "--no-progress"]) == 0
+    from fdistill.commands.sample import image_noise
+    from fdistill.samplers import SamplerConfig, noise_levels
+
+    levels = noise_levels(SamplerConfig(solver="euler", steps=4, schedule="time_uniform"), loaded)
+    times = (levels / (1 + levels))[:-1].tolist()
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
+    z = image_noise(0, 0, 2, (4, 8, 8))
+    images = pipe(["a red square"] * 2, latents=times[0] * z, sigmas=times, guidance_scale=1.0,
+                  max_sequence_length=256, output_type="pt").images                 # [2, 3, 8, 8] in [0, 1]
+    written = load_images(tmp_path / "gen", "00000[01].png")                    # [-1, 1]
+    torch.testing.assert_close((written + 1) / 2, images, atol=2.5 / 255, rtol=0)
+
+
+def test_unsupported_scheduler_and_model_fail_naming_what_is_supported(sd3):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    parts, _ = sd3
+    with pytest.raises(ValueError, match="SD3Transformer2DModel with scheduler 'DDPMScheduler'.*FlowMatchEuler"):
+        DiffusersDenoiser(parts.transformer, DDPMScheduler())
+    with pytest.raises(ValueError, match="scheduler 'MadeUpScheduler' not supported; supported: .*FlowMatchEuler"):
+        DiffusersDenoiser(parts.transformer, {"_class_name": "MadeUpScheduler"})
+    with pytest.raises(TypeError, match="unsupported model class Linear; supported: .*SD3Transformer2DModel"):
+        DiffusersDenoiser(torch.nn.Linear(2, 2), parts.scheduler)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8,), norm_num_groups=4,
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), layers_per_block=1)
+    with pytest.raises(ValueError, match="UNet2DModel with scheduler 'FlowMatchEulerDiscreteScheduler'"):
+        DiffusersDenoiser(unet, parts.scheduler)
