@@ -168,6 +168,7 @@ class StableDiffusion3Component:
     """
 
     kind = "sd3"
+    input_scaling = "flow"      # a one-step generator's input (1 + sigma) z is the pipeline's x_t = z
 
     def __init__(self, parts: SD3Components, image_size: tuple[int, int],
                  max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH):

@@ -158,8 +158,9 @@ DEFAULT_FEATURE_BLOCKS: dict[str, Callable[[nn.Module], str]] = {
     "UNet2DModel": lambda net: "mid_block",
     "UNet2DConditionModel": lambda net: "mid_block",
     "DiTTransformer2DModel": lambda net: f"transformer_blocks.{len(net.transformer_blocks) // 2}",
-    "SD3Transformer2DModel": lambda net: f"transformer_blocks.{len(net.transformer_blocks) // 2}",
-    "FluxTransformer2DModel": lambda net: f"transformer_blocks.{len(net.transformer_blocks) // 2}",
+    # joint (MM-DiT) blocks return (text tokens, image tokens): their image-stream feed-forward gives the image tokens
+    "SD3Transformer2DModel": lambda net: f"transformer_blocks.{len(net.transformer_blocks) // 2}.ff",
+    "FluxTransformer2DModel": lambda net: f"transformer_blocks.{len(net.transformer_blocks) // 2}.ff",
 }
 
 
@@ -322,7 +323,7 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
     def _flow_forward(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
         """x0 = x_t - t v with x_t = x / (1 + sigma), t = sigma / (1 + sigma) (``fdistill.denoisers.flow``)."""
         time = append_dims(self.schedule.time(sigma), x.ndim)
-        x_t = x * (1 - time)
+        x_t = x / (1 + append_dims(sigma, x.ndim))      # not x (1 - t): 1 - t cancels near t = 1 (sigma ~ 3000)
         cond = to_device(self.null_condition(x.shape[0]) if cond is None else cond, x.device)
         velocity = MODEL_CALLS[self.model_class](self.net, x_t.to(self.net.dtype), self.schedule.timestep(sigma), cond)
         return flow_x0(x_t, velocity.to(x.dtype), time)

@@ -279,7 +279,9 @@ def _load_fdistill(source: _Source, meta: dict, dtype: torch.dtype | None) -> tu
     if missing:
         raise ValueError(f"{source.location(FORMAT_FILE)}: missing fields {missing} (is it an fdistill model "
                          "directory written by save_denoiser?)")
-    net = source.load_model(meta["model_class"], NETWORK_DIR)
+    index = source.read_json("model_index.json")
+    network_dir = next((c for c in PIPELINE_MODEL_COMPONENTS if c in index), NETWORK_DIR) if index else NETWORK_DIR
+    net = source.load_model(meta["model_class"], network_dir)
     if meta["wrapper"] == "edm":
         denoiser = EDMPrecond(net, sigma_data=meta["sigma_data"], dtype=dtype, feature_block=meta["feature_block"],
                               sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"])
@@ -288,11 +290,10 @@ def _load_fdistill(source: _Source, meta: dict, dtype: torch.dtype | None) -> tu
         denoiser = DiffusersDenoiser(net, scheduler, dtype=dtype, feature_block=meta["feature_block"])
     else:
         raise ValueError(f"{source.name}/{FORMAT_FILE}: wrapper {meta['wrapper']!r} not in ['edm', 'vp']")
-    index = source.read_json("model_index.json")
     info = ModelInfo(kind=meta["kind"], generator_sigma=meta["generator_sigma"],
                      generator_noise_scale=meta.get("generator_noise_scale"), wrapper=meta["wrapper"],
                      generator_sigmas=tuple(meta["generator_sigmas"]) if meta.get("generator_sigmas") else None,
-                     components=_other_components(source, index, NETWORK_DIR) if index else {})
+                     components=_other_components(source, index, network_dir) if index else {})
     return denoiser, info
 
 
