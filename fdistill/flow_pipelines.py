@@ -228,8 +228,10 @@ class StableDiffusion3Component:
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(net))
+        # the adapter config travels as metadata: without it Diffusers loads with alpha = rank (wrong scale)
+        metadata = net.peft_config["default"].to_dict()
         type(self.pipeline(net)).save_lora_weights(str(directory), transformer_lora_layers=layers,
-                                                   safe_serialization=True)
+                                                   safe_serialization=True, transformer_lora_adapter_metadata=metadata)
 
     def generator_export(self, sigmas: tuple[float, ...]) -> tuple[Any, dict[str, Any]]:
         """(scheduler, fdistill.json fields) of a generator at noise levels ``sigmas``: the pipeline is called with

@@ -331,7 +331,8 @@ def _load_lora_export(source: _Source, meta: dict, dtype: torch.dtype | None) ->
     denoiser, info = load_denoiser(base, dtype=dtype)
     location = {"pretrained_model_name_or_path_or_dict": str(Path(source.name) / source.join())} if source.local \
         else {"pretrained_model_name_or_path_or_dict": source.name, "subfolder": source.subfolder}
-    denoiser.net.load_lora_adapter(**location, weight_name=LORA_WEIGHTS_FILE, prefix="unet")
+    prefix = "transformer" if denoiser.flow else "unet"          # the pipeline's name of the network (SD3: transformer)
+    denoiser.net.load_lora_adapter(**location, weight_name=LORA_WEIGHTS_FILE, prefix=prefix)
     denoiser.net.fuse_lora()        # merged into the base weights: sampling runs at the base model's speed
     denoiser.net.unload_lora()
     info.base_model = str(base)
