@@ -108,3 +108,45 @@ def test_unsupported_scheduler_and_model_fail_naming_what_is_supported(sd3):
                        down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), layers_per_block=1)
     with pytest.raises(ValueError, match="UNet2DModel with scheduler 'FlowMatchEulerDiscreteScheduler'"):
         DiffusersDenoiser(unet, parts.scheduler)
+
+
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 2, 2))
+
+
+def test_flux_x0_matches_the_scheduler_with_its_resolution_dependent_shift():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from fdistill.denoisers.flow import flux_mu, image_ids, pack_latents, unpack_latents
+
+    net = _tiny_flux()
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    mu = flux_mu(16, scheduler.config)                     # 8 x 8 latents -> 4 x 4 packed tokens
+    denoiser = DiffusersDenoiser(net, scheduler, mu=mu)
+    top = np.exp(mu) / (np.exp(mu) + 1 / 0.999 - 1)
+    assert denoiser.sigma_max == pytest.approx(top / (1 - top)) and denoiser.sample_shape[0] == 4
+    latents = torch.randn(2, 4, 8, 8)
+    assert torch.equal(pack_latents(latents), FluxPipeline._pack_latents(latents, 2, 4, 8, 8))
+    flux_ids = FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
+    assert torch.equal(image_ids(8, 8, latents.device), flux_ids)
+    assert torch.equal(unpack_latents(pack_latents(latents), 8, 8), latents)
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 32), "pooled_projections": torch.randn(2, 32),
+            "guidance": torch.full((2,), 3.5)}
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.25, 4), mu=mu)
+    time, timestep = scheduler.sigmas[1], scheduler.timesteps[1]
+    with torch.no_grad():
+        velocity = net(hidden_states=pack_latents(latents), timestep=(timestep / 1000).expand(2),
+                       guidance=cond["guidance"], pooled_projections=cond["pooled_projections"],
+                       encoder_hidden_states=cond["encoder_hidden_states"], txt_ids=torch.zeros(5, 3),
+                       img_ids=image_ids(8, 8, latents.device)).sample
+        scheduler._step_index = 1
+        scheduler.sigmas[2] = 0.0
+        expected = scheduler.step(unpack_latents(velocity, 8, 8), timestep, latents).prev_sample
+        x0 = denoiser(latents / (1 - time), (time / (1 - time)).expand(2), cond)
+    torch.testing.assert_close(x0, expected, atol=1e-5, rtol=1e-5)

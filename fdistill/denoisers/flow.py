@@ -40,10 +40,19 @@ def shifted_times(times: Tensor, config: dict, mu: float | None = None) -> Tenso
     if config.get("use_dynamic_shifting"):
         if mu is None:
             raise ValueError("a scheduler with use_dynamic_shifting (Flux) needs mu, the resolution-dependent shift "
-                             "(fdistill.flow_pipelines.flux_mu)")
+                             "(fdistill.denoisers.flow.flux_mu)")
         return math.exp(mu) / (math.exp(mu) + (1 / times - 1))
     shift = float(config.get("shift", 1.0))
     return shift * times / (1 + (shift - 1) * times)
+
+
+def flux_mu(image_seq_len: int, config: dict) -> float:
+    """Flux's resolution-dependent shift mu: linear in the number of packed latent tokens, from ``base_shift`` at
+    ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len`` (the scheduler config's fields; FluxPipeline)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return base_shift + slope * (image_seq_len - base_len)
 
 
 class FlowMatchSchedule(nn.Module):
