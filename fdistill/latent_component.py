@@ -55,6 +55,9 @@ class LatentDiffusionComponent(Protocol):
     def denoiser(self, net: nn.Module) -> nn.Module:
         """``net`` as a ``fdistill.denoisers.Denoiser`` (x0 in sigma units, no null condition): training."""
 
+    def schedule_shift(self) -> float | None:
+        """The scheduler's resolution-dependent shift at image_size (Flux's mu), None where it has none."""
+
     def sampling_denoiser(self, net: nn.Module, guidance: float = 1.0) -> nn.Module:
         """``denoiser(net)`` with the empty prompt as null condition and classifier-free guidance ``guidance``."""
 

@@ -50,6 +50,12 @@ class SDComponents:
         """Pixels per latent pixel along one side (8 for SD; 1 for the tiny test VAE)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) in pixels of the images the UNet's latents decode to."""
+        side = int(self.unet.config.sample_size) * self.vae_scale_factor
+        return side, side
+
     def text_encoders(self) -> dict[str, nn.Module]:
         encoders = {"text_encoder": self.text_encoder}
         if self.text_encoder_2 is not None:
@@ -261,14 +267,17 @@ def save_components(components: SDComponents, directory: str) -> None:
 
 def latent_component(parts: Any, image_size: tuple[int, int]):
     """The ``LatentDiffusionComponent`` of pipeline parts: ``StableDiffusionComponent`` for ``SDComponents``,
-    ``fdistill.flow_pipelines.StableDiffusion3Component`` for ``SD3Components``."""
+    ``fdistill.flow_pipelines.StableDiffusion3Component`` / ``FluxComponent`` for ``SD3Components`` / ``FluxComponents``."""
     if isinstance(parts, SDComponents):
         return StableDiffusionComponent(parts, image_size)
-    from .flow_pipelines import SD3Components, StableDiffusion3Component
+    from .flow_pipelines import FluxComponent, FluxComponents, SD3Components, StableDiffusion3Component
 
     if isinstance(parts, SD3Components):
         return StableDiffusion3Component(parts, image_size)
-    raise TypeError(f"no latent component for {type(parts).__name__}; supported: SDComponents, SD3Components")
+    if isinstance(parts, FluxComponents):
+        return FluxComponent(parts, image_size)
+    raise TypeError(f"no latent component for {type(parts).__name__}; supported: SDComponents, SD3Components, "
+                    "FluxComponents")
 
 
 class StableDiffusionComponent:
@@ -319,6 +328,9 @@ class StableDiffusionComponent:
 
     def denoiser(self, net: nn.Module) -> nn.Module:
         return self._denoiser(net, null_cond=None)
+
+    def schedule_shift(self) -> None:
+        return None
 
     def sampling_denoiser(self, net: nn.Module, guidance: float = 1.0) -> nn.Module:
         from .denoisers import ClassifierFreeGuidance

@@ -81,3 +81,25 @@ def test_few_step_sd3_generator_exports_a_stochastic_flow_match_pipeline_running
     torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-4)
     assert main(["--model", str(tmp_path / "model"), "--prompt", "a red square", "--num", "2",
                  "--out", str(tmp_path / "gen"), "--no-progress"]) == 0
+
+
+def test_flux_fdistill_one_step_export_generates_the_students_packed_latents(tmp_path):
+    import diffusers
+
+    from fdistill.denoisers.flow import pack_latents, unpack_latents
+    from fdistill.flow_pipelines import tiny_flux_components
+
+    method = build(FDistillConfig(student_update_freq=2), tiny_flux_components(image_size=8),
+                   captioned_shapes(8, resolution=8))
+    assert method.domain.kind == "flux" and tuple(method.sample_shape) == (4, 8, 8)
+    cond = method.condition_of({"caption": PROMPTS}, torch.device("cpu"))
+    assert cond["guidance"].tolist() == [3.5, 3.5]                  # the embedded guidance of FLUX.1-dev
+    method.eval().export(str(tmp_path / "model"))
+    info = json.loads((tmp_path / "model" / "fdistill.json").read_text())
+    pipeline = diffusers.FluxPipeline.from_pretrained(tmp_path / "model")
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    packed = pipeline(PROMPTS, latents=pack_latents(z), sigmas=info["diffusers_sigmas"], guidance_scale=3.5,
+                      max_sequence_length=512, output_type="latent", height=8, width=8).images
+    with torch.no_grad():
+        expected = method.student_sample(z, cond)
+    torch.testing.assert_close(unpack_latents(packed, 8, 8), expected, atol=1e-5, rtol=1e-4)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..losses.denoising import noisy_sample, table_sigmas, weighted_denoising_loss
 from ..losses.dpo import diffusion_dpo_loss, dpo_logits, sft_loss
-from ..flow_pipelines import SD3Components
+from ..flow_pipelines import FluxComponents, SD3Components
 from ..pipelines import SDComponents, latent_component
 from ..samplers.config import SamplerConfig
 from .base import OPTIMIZERS, Method, Phase, StepContext
@@ -340,9 +340,9 @@ Config = DiffusionDPOConfig
 def build(config: DiffusionDPOConfig, model: SDComponents, data) -> DiffusionDPO:
     """The method from its config, the Stable Diffusion components of the ``model`` group and a preference
     DataSource. With ``config.cache_path`` the DataSource's dataset is REPLACED by the encoded cache."""
-    if not isinstance(model, (SDComponents, SD3Components)):
+    if not isinstance(model, (SDComponents, SD3Components, FluxComponents)):
         raise TypeError(f"diffusion_dpo needs model = fdistill.pipelines.SDComponents (model=sd15|sdxl|tiny_sd) or "
-                        f"fdistill.flow_pipelines.SD3Components (model=sd3|tiny_sd3), "
+                        f"fdistill.flow_pipelines.SD3Components / FluxComponents (model=sd3|tiny_sd3|tiny_flux), "
                         f"got {type(model).__name__}")
     extras = data.extras or {}
     method = DiffusionDPO(config, model, tuple(data.sample_shape[-2:]), extras.get("prompts"))

@@ -55,10 +55,10 @@ def build(config: FDistillConfig, model: Any, data: Any) -> FDistill:
         config = FDistillConfig(**dict(config))
     if isinstance(model, tuple):          # fdistill.denoisers.load_denoiser returns (denoiser, info)
         model = model[0]
-    from ...flow_pipelines import SD3Components
+    from ...flow_pipelines import FluxComponents, SD3Components
     from ...pipelines import SDComponents
 
-    if isinstance(model, (SDComponents, SD3Components)):   # Stable Diffusion: text-to-image in latent space
+    if isinstance(model, (SDComponents, SD3Components, FluxComponents)):   # Stable Diffusion: text-to-image in latent space
         from .text import build_text_to_image
 
         return build_text_to_image(config, model, data)

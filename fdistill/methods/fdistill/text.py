@@ -101,12 +101,6 @@ class TextToImageDomain:
                       extra_info=fields)
 
 
-def model_image_size(components: SDComponents) -> tuple[int, int]:
-    """(H, W) in pixels of the images the UNet's latents decode to."""
-    side = int(components.unet.config.sample_size) * components.vae_scale_factor
-    return side, side
-
-
 def check_text_to_image_data(config: FDistillConfig, data: Any, image_size: tuple[int, int]) -> None:
     """Captioned data whose images (if any) have the model's resolution; prompt-only data only without a
     discriminator. Raises ValueError naming the setting to change."""
@@ -139,7 +133,7 @@ def default_prompts(config: FDistillConfig, data: Any) -> list[str]:
 
 def build_text_to_image(config: FDistillConfig, components: SDComponents, data: Any) -> FDistill:
     """The method for Stable Diffusion ``components`` (``fdistill.pipelines``) and captioned / prompt data."""
-    image_size = model_image_size(components)
+    image_size = components.image_size        # (H, W) in pixels of the images the latents decode to
     check_text_to_image_data(config, data, image_size)
     sd = latent_component(components, image_size)
     null_cond = sd.conditioning([""])
@@ -149,11 +143,12 @@ def build_text_to_image(config: FDistillConfig, components: SDComponents, data: 
         for net in (student_net, fake_net):
             net.enable_gradient_checkpointing()
     frozen_dtype = components.vae.dtype
-    teacher = DiffusersDenoiser(unet, components.scheduler, null_cond=null_cond,
+    shift = sd.schedule_shift()
+    teacher = DiffusersDenoiser(unet, components.scheduler, null_cond=null_cond, mu=shift,
                                 dtype=None if frozen_dtype == torch.float32 else frozen_dtype)
-    student, fake_score = (DiffusersDenoiser(net, components.scheduler, null_cond=null_cond)
+    student, fake_score = (DiffusersDenoiser(net, components.scheduler, null_cond=null_cond, mu=shift)
                            for net in (student_net, fake_net))
-    domain = TextToImageDomain(sd, teacher.schedule, tuple(teacher.sample_shape), default_prompts(config, data))
+    domain = TextToImageDomain(sd, teacher.schedule, sd.latent_shape(1)[1:], default_prompts(config, data))
     method = FDistill(config, teacher, student, fake_score, domain)
     sd.generator_export(method.generator_sigmas)  # fail at start-up, not at export, on sigmas the pipeline can't take
     return method
