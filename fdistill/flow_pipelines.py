@@ -84,10 +84,12 @@ def load_sd3_components(pretrained: str, revision: str | None = None, variant: s
         source=str(Path(pretrained).resolve()) if local else str(pretrained))
 
 
-def tiny_sd3_components(image_size: int = 16, seed: int = 0, shift: float = 3.0) -> SD3Components:
+def tiny_sd3_components(image_size: int = 16, seed: int = 0, shift: float = 3.0,
+                        torch_dtype: torch.dtype | str | None = None) -> SD3Components:
     """A randomly initialised SD3 built from config (no download): a 2-layer ``SD3Transformer2DModel`` (patch 2), a
     one-level VAE (latents at image resolution, SD3's shift / scaling factors), two tiny projected CLIP encoders and
-    a tiny T5 encoder sharing the offline CLIP tokenizer of ``fdistill.tiny_sd``."""
+    a tiny T5 encoder sharing the offline CLIP tokenizer of ``fdistill.tiny_sd``; frozen parts in ``torch_dtype``
+    (as ``load_sd3_components``, so the recipes run on it)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -98,7 +100,7 @@ def tiny_sd3_components(image_size: int = 16, seed: int = 0, shift: float = 3.0)
     clip_width, t5_width = 32, 64          # T5 width >= both CLIP widths: the CLIP states are zero-padded to it
     t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizers[2]), d_model=t5_width, d_kv=8, d_ff=64, num_layers=1,
                                  num_heads=4, relative_attention_num_buckets=8, pad_token_id=tokenizers[2].pad_token_id))
-    return SD3Components(
+    parts = SD3Components(
         transformer=SD3Transformer2DModel(sample_size=image_size, patch_size=2, in_channels=4, out_channels=4,
                                           num_layers=2, attention_head_dim=8, num_attention_heads=4,
                                           joint_attention_dim=t5_width, caption_projection_dim=32,
@@ -111,6 +113,16 @@ def tiny_sd3_components(image_size: int = 16, seed: int = 0, shift: float = 3.0)
         text_encoder_2=_tiny_text_encoder(tokenizers[1], clip_width, True, projection_dim=32),
         text_encoder_3=t5, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], tokenizer_3=tokenizers[2],
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift))
+    return _frozen_parts_in(parts, torch_dtype)
+
+
+def _frozen_parts_in(parts: Any, torch_dtype: torch.dtype | str | None) -> Any:
+    """``parts`` with the VAE and text encoders cast to ``torch_dtype`` (None: unchanged)."""
+    dtype = as_torch_dtype(torch_dtype)
+    if dtype is not None:
+        for module in (parts.vae, *parts.text_encoders().values()):
+            module.to(dtype)
+    return parts
 
 
 FLUX_MAX_SEQUENCE_LENGTH = 512     # FluxPipeline's default T5 sequence length
@@ -148,10 +160,34 @@ class FluxComponents:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
 
 
-def tiny_flux_components(image_size: int = 16, seed: int = 0, guidance_embeds: bool = True) -> FluxComponents:
+def load_flux_components(pretrained: str, revision: str | None = None, variant: str | None = None,
+                         torch_dtype: torch.dtype | str | None = None, resolution: int = 1024) -> FluxComponents:
+    """The parts of a Diffusers Flux pipeline (hub id, e.g. "black-forest-labs/FLUX.1-dev", or directory); the
+    transformer in float32, the frozen VAE / encoders in ``torch_dtype``; ``resolution`` in pixels."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    common = {"revision": revision, "variant": variant}
+    frozen = dict(common, torch_dtype=as_torch_dtype(torch_dtype))
+    local = Path(pretrained).exists()
+    return FluxComponents(
+        transformer=FluxTransformer2DModel.from_pretrained(pretrained, subfolder="transformer", **common),
+        vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **frozen),
+        text_encoder=CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **frozen),
+        text_encoder_2=T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_2", **frozen),
+        tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision),
+        tokenizer_2=T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler",
+                                                                  revision=revision),
+        resolution=resolution, source=str(Path(pretrained).resolve()) if local else str(pretrained))
+
+
+def tiny_flux_components(image_size: int = 16, seed: int = 0, guidance_embeds: bool = True,
+                         torch_dtype: torch.dtype | str | None = None) -> FluxComponents:
     """A randomly initialised Flux built from config (no download): a ``FluxTransformer2DModel`` with one joint and
     one single block (16 packed channels = 4 latent channels x 2 x 2), a one-level VAE, a tiny CLIP and a tiny T5
-    sharing the offline tokenizer of ``fdistill.tiny_sd``, and the dynamically shifted scheduler of FLUX.1."""
+    sharing the offline tokenizer of ``fdistill.tiny_sd``, and the dynamically shifted scheduler of FLUX.1; frozen
+    parts in ``torch_dtype``."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -159,7 +195,7 @@ def tiny_flux_components(image_size: int = 16, seed: int = 0, guidance_embeds: b
 
     torch.manual_seed(seed)
     tokenizers = [tiny_clip_tokenizer() for _ in range(2)]
-    return FluxComponents(
+    parts = FluxComponents(
         transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                            pooled_projection_dim=32, guidance_embeds=guidance_embeds,
@@ -176,6 +212,7 @@ def tiny_flux_components(image_size: int = 16, seed: int = 0, guidance_embeds: b
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True,
                                                   base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                   max_image_seq_len=4096))
+    return _frozen_parts_in(parts, torch_dtype)
 
 
 def build_sd3_pipeline(parts: SD3Components, transformer: nn.Module | None = None, scheduler: Any = None):

@@ -103,3 +103,14 @@ def test_flux_fdistill_one_step_export_generates_the_students_packed_latents(tmp
     with torch.no_grad():
         expected = method.student_sample(z, cond)
     torch.testing.assert_close(unpack_latents(packed, 8, 8), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("experiment, model", [("sd3_fdistill", "tiny_sd3"), ("flux_fdistill", "tiny_flux"),
+                                               ("sd3_dpo", "tiny_sd3")])
+def test_flow_recipes_build_on_tiny_models(experiment, model):
+    dpo = experiment.endswith("dpo")
+    data = "data=preference_builtin" if dpo else "data=captioned_shapes"
+    spec = validate(compose([f"experiment={experiment}", f"model={model}", "model.image_size=8", data,
+                             "data.resolution=8", "train.device=cpu", "model.torch_dtype=null"]))
+    method = build_run(spec, with_loggers=False).method
+    assert (method.sd if dpo else method.domain).kind == model.removeprefix("tiny_")
