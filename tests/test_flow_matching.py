@@ -150,3 +150,16 @@ def test_flux_x0_matches_the_scheduler_with_its_resolution_dependent_shift():
         expected = scheduler.step(unpack_latents(velocity, 8, 8), timestep, latents).prev_sample
         x0 = denoiser(latents / (1 - time), (time / (1 - time)).expand(2), cond)
     torch.testing.assert_close(x0, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_flux_denoiser_without_mu_uses_the_shift_at_1024_px():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fdistill.denoisers.flow import flux_mu
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    assert flux_mu(4096, scheduler.config) == pytest.approx(1.15)
+    default = DiffusersDenoiser(_tiny_flux(), scheduler)
+    assert default.sigma_max == pytest.approx(DiffusersDenoiser(_tiny_flux(), scheduler, mu=1.15).sigma_max)
+    assert default.sigma_max > DiffusersDenoiser(_tiny_flux(), scheduler, mu=0.5).sigma_max

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .base import append_dims, as_sigma_batch
 from .features import FeatureMixin
-from .flow import FLOW_MODEL_CALLS, FLOW_SCHEDULERS, FlowMatchSchedule, flow_x0, is_flow_scheduler
+from .flow import FLOW_MODEL_CALLS, FLOW_SCHEDULERS, FlowMatchSchedule, flow_x0, flux_mu, is_flow_scheduler
 
 
 def alphas_cumprod_from_scheduler(scheduler: Any) -> Tensor:
@@ -232,7 +232,7 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
         null_cond: the null condition of text models for classifier-free guidance (e.g. the empty-prompt
             encoder_hidden_states [1, L, D], or for SDXL a dict with [1, ...] tensors); class models use the null
             class ``num_classes``.
-        mu: Flux's resolution-dependent shift (schedulers with ``use_dynamic_shifting`` only).
+        mu: Flux's resolution-dependent shift (schedulers with ``use_dynamic_shifting`` only; default: at 1024 px).
 
     Attributes:
         loss_weighting: the ``fdistill.losses.denoising.weighted_denoising_loss`` weighting that reproduces the
@@ -260,8 +260,6 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
         self.scheduler_config = dict(config)
         self.net = net if dtype is None else net.to(dtype)
         disable_implicit_label_dropout(net)
-        self.schedule = FlowMatchSchedule(dict(config), mu) if self.flow else \
-            VPSchedule(alphas_cumprod_from_scheduler(scheduler))
         self.feature_block = feature_block or DEFAULT_FEATURE_BLOCKS[self.model_class](net)
         self.conditioning = conditioning_type(net)
         self.num_classes = num_classes_of(net)
@@ -272,6 +270,10 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
         else:
             side = net.config.sample_size
         self.sample_shape = (in_channels, side, side)
+        if self.flow and mu is None and config.get("use_dynamic_shifting"):
+            mu = flux_mu((side // 2) ** 2, config)       # Flux's shift at the default size (1024 px: 4096 tokens)
+        self.schedule = FlowMatchSchedule(dict(config), mu) if self.flow else \
+            VPSchedule(alphas_cumprod_from_scheduler(scheduler))
 
     @property
     def sigma_min(self) -> float:
