@@ -114,3 +114,15 @@ def test_flow_recipes_build_on_tiny_models(experiment, model):
                              "data.resolution=8", "train.device=cpu", "model.torch_dtype=null"]))
     method = build_run(spec, with_loggers=False).method
     assert (method.sd if dpo else method.domain).kind == model.removeprefix("tiny_")
+
+
+def test_rehearsal_rows_count_the_published_sd3_and_flux_networks_without_building_them():
+    from fdistill.rehearsal import GIB, REHEARSALS, estimate_gib
+
+    # SD3 medium DPO full: transformer trained (fp32 weights and gradients; the estimate counts no Adafactor state)
+    # + frozen fp32 reference; bf16 VAE, CLIP-L, CLIP-G and T5-XXL
+    transformer, vae, clip_l, clip_g, t5 = 2_028_328_000, 83_819_683, 123_650_304, 694_659_840, 4_762_310_656
+    expected = (transformer * (4 + 4 + 4) + 2 * (vae + clip_l + clip_g + t5)) / GIB
+    assert estimate_gib(REHEARSALS["sd3_dpo_full"], frozen_dtype="bfloat16") == pytest.approx(expected)
+    flux = estimate_gib(REHEARSALS["flux_fdistill"], frozen_dtype="bfloat16")
+    assert flux > 11_901_408_320 * (2 * 16 + 4) / GIB                   # student + fake score (AdamW) + teacher
