@@ -163,3 +163,18 @@ def test_a_flux_denoiser_without_mu_uses_the_shift_at_1024_px():
     default = DiffusersDenoiser(_tiny_flux(), scheduler)
     assert default.sigma_max == pytest.approx(DiffusersDenoiser(_tiny_flux(), scheduler, mu=1.15).sigma_max)
     assert default.sigma_max > DiffusersDenoiser(_tiny_flux(), scheduler, mu=0.5).sigma_max
+
+
+def test_fid_command_samples_an_sd3_pipeline_on_a_prompt_file(sd3, tmp_path):
+    import json
+
+    from fdistill.cli import main as cli
+
+    parts, component = sd3
+    component.save_pipeline(tmp_path / "sd3")
+    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green cross\na yellow shape\n")
+    out = tmp_path / "fid.json"
+    assert cli(["fid", "--gen", str(tmp_path / "sd3"), "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
+                "--solver", "euler", "--ref", "digits", "--features", "digits", "--quiet", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_gen"] == 4 and np.isfinite(result["fid"])
