@@ -99,7 +99,8 @@ def tiny_sd3_components(image_size: int = 16, seed: int = 0, shift: float = 3.0,
     tokenizers = [tiny_clip_tokenizer() for _ in range(3)]
     clip_width, t5_width = 32, 64          # T5 width >= both CLIP widths: the CLIP states are zero-padded to it
     t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizers[2]), d_model=t5_width, d_kv=8, d_ff=64, num_layers=1,
-                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=tokenizers[2].pad_token_id))
+                                 num_heads=4, relative_attention_num_buckets=8,
+                                 pad_token_id=tokenizers[2].pad_token_id))
     parts = SD3Components(
         transformer=SD3Transformer2DModel(sample_size=image_size, patch_size=2, in_channels=4, out_channels=4,
                                           num_layers=2, attention_head_dim=8, num_attention_heads=4,
@@ -294,7 +295,8 @@ class FlowMatchingComponent:
                 **({"guidance": cond["guidance"]} if "guidance" in cond else {})}
 
     def conditioning_from_tensors(self, tensors: dict[str, Tensor]) -> dict[str, Any]:
-        cond = {"encoder_hidden_states": tensors["prompt_embeds"], "pooled_projections": tensors["pooled_prompt_embeds"]}
+        cond = {"encoder_hidden_states": tensors["prompt_embeds"],
+                "pooled_projections": tensors["pooled_prompt_embeds"]}
         return {**cond, "guidance": tensors["guidance"]} if "guidance" in tensors else cond
 
     def encode(self, images: Tensor, sample: bool = False) -> Tensor:

@@ -28,7 +28,7 @@ class LatentDiffusionComponent(Protocol):
     scheduler: Any                  # the training scheduler (its config defines the noise schedule)
     source: str | None              # hub id or directory loaded from (None in memory): a LoRA's base model
     input_scaling: str              # "vp" / "flow": the scale of a generator's input noise at which the network
-                                    # sees the pipelines' pure noise z (fdistill.methods.fdistill GENERATOR_INPUT_SCALES)
+                                    # sees the pipelines' pure noise z (methods.fdistill GENERATOR_INPUT_SCALES)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         """The frozen parts by name (VAE, text encoders), for a method's frozen networks."""

@@ -41,7 +41,8 @@ def test_one_step_sd3_fdistill_trains_and_exports_a_pipeline_with_the_students_l
     assert sigma_g == pytest.approx(method.frozen["teacher"].sigma_max)
     assert method.generator_noise_scale == pytest.approx(1 + sigma_g)       # x_t = x / (1 + sigma) = z
     info = json.loads((tmp_path / "model" / "fdistill.json").read_text())
-    assert info["kind"] == "generator" and info["diffusers_sigmas"] == [pytest.approx(sigma_g / (1 + sigma_g))]
+    assert (info["kind"], info["wrapper"]) == ("generator", "flow")
+    assert info["diffusers_sigmas"] == [pytest.approx(sigma_g / (1 + sigma_g))]
     pipeline = diffusers.StableDiffusion3Pipeline.from_pretrained(tmp_path / "model")
     z = torch.randn(2, *method.sample_shape, generator=torch.Generator().manual_seed(0))
     latents = pipeline(PROMPTS, latents=z, sigmas=info["diffusers_sigmas"], guidance_scale=1.0,
@@ -52,7 +53,7 @@ def test_one_step_sd3_fdistill_trains_and_exports_a_pipeline_with_the_students_l
     torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-4)
 
     denoiser, loaded = load_denoiser(tmp_path / "model")
-    assert (loaded.kind, loaded.conditioning) == ("generator", "text") and denoiser.flow
+    assert (loaded.kind, loaded.conditioning, loaded.wrapper) == ("generator", "text", "flow") and denoiser.flow
     assert {"vae", "text_encoder", "text_encoder_3"} <= set(loaded.components)
 
 

@@ -178,3 +178,19 @@ def test_fid_command_samples_an_sd3_pipeline_on_a_prompt_file(sd3, tmp_path):
                 "--solver", "euler", "--ref", "digits", "--features", "digits", "--quiet", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["num_gen"] == 4 and np.isfinite(result["fid"])
+
+
+def test_a_model_directory_with_an_unknown_scheduler_or_class_fails_at_load_naming_both(sd3, tmp_path):
+    import json
+
+    parts, component = sd3
+    component.save_pipeline(tmp_path / "sd3")
+    config_path = tmp_path / "sd3" / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "_class_name": "FooScheduler"}))
+    with pytest.raises(ValueError, match="scheduler 'FooScheduler' not supported; supported: .*FlowMatchEuler"):
+        load_denoiser(tmp_path / "sd3")
+    index_path = tmp_path / "sd3" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({**index, "transformer": ["diffusers", "HunyuanDiT2DModel"]}))
+    with pytest.raises(ValueError, match="model class 'HunyuanDiT2DModel' not supported; allowed: .*SD3Transformer"):
+        load_denoiser(tmp_path / "sd3")

@@ -15,8 +15,8 @@ The method is ``FDistill`` with a ``TextToImageDomain``: it works in the VAE's l
   latents from the same noise. A few-step student (``method.generator_sigmas``, noise levels of integer timesteps,
   e.g. DMD2's t = 999, 749, 499, 249 of the SD schedule: [14.61465, 4.08173, 1.61289, 0.69321]) exports with an
   LCM scheduler that runs the same chain (``fdistill.pipelines.few_step_scheduler``).
-- SD3 (rectified flow, ``fdistill.flow_pipelines``): the same with the transformer; the student's input (1 + sigma_g) z
-  is the pipeline's x_t = z, and the export is a ``FlowMatchEulerDiscreteScheduler`` run at the generator's times.
+- SD3 / Flux (rectified flow, ``fdistill.flow_pipelines``): the same with the transformer; the student's input
+  (1 + sigma_g) z is the pipeline's x_t = z, and the export is a ``FlowMatchEulerDiscreteScheduler`` run at the generator's times.
 """
 from __future__ import annotations
 
@@ -92,9 +92,9 @@ class TextToImageDomain:
         """Save the student as a Diffusers pipeline plus fdistill.json (kind generator). One step:
         ``StableDiffusionPipeline.from_pretrained(directory)(prompt, num_inference_steps=1, guidance_scale=1.0)``
         (SDXL: ``StableDiffusionXLPipeline``; a DDIM scheduler). Few steps: an LCM scheduler, called with
-        ``timesteps=<fdistill.json "diffusers_timesteps">``. SD3: ``FlowMatchEulerDiscreteScheduler`` called with
-        ``sigmas=<fdistill.json "diffusers_sigmas">`` (``fdistill.flow_pipelines``). ``fdistill sample --model directory --prompt ...``
-        runs either. Guidance is distilled into the student: sample it without CFG."""
+        ``timesteps=<fdistill.json "diffusers_timesteps">``. SD3 / Flux: ``FlowMatchEulerDiscreteScheduler`` called
+        with ``sigmas=<fdistill.json "diffusers_sigmas">`` (``fdistill.flow_pipelines``). ``fdistill sample --model
+        directory --prompt ...`` runs SD and SD3. Guidance is distilled into the student: sample it without CFG."""
         scheduler, fields = self.sd.generator_export(generator_sigmas)
         save_denoiser(student, directory, kind="generator", generator_sigmas=generator_sigmas,
                       generator_noise_scale=noise_scale, pipeline=self.sd.pipeline(student.net, scheduler),
