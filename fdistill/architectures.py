@@ -101,6 +101,33 @@ EDM_ARCHITECTURES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         num_blocks=3, attn_resolutions=[16, 8], dropout=0.0), dict(kind="edm", sigma_data=0.5)),
 }
 
+# stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json (2,028,328,000 parameters; MM-DiT, 24 joint
+# blocks of 24 heads x 64); scheduler: FlowMatchEulerDiscreteScheduler, shift 3.0
+SD3_MEDIUM_TRANSFORMER: dict[str, Any] = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192)
+SD3_SCHEDULER: dict[str, Any] = dict(num_train_timesteps=1000, shift=3.0)
+
+# black-forest-labs/FLUX.1-dev, transformer/config.json (11,901,408,320 parameters; 19 joint + 38 single blocks,
+# guidance embedding); scheduler: FlowMatchEulerDiscreteScheduler with the resolution-dependent shift
+FLUX_DEV_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_SCHEDULER: dict[str, Any] = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+# the 16-channel VAEs of SD3 and Flux (vae/config.json: no quant convs; their own shift and scaling factors)
+SD3_VAE: dict[str, Any] = dict(SD15_VAE, latent_channels=16, sample_size=1024, use_quant_conv=False,
+                               use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)
+FLUX_VAE: dict[str, Any] = dict(SD3_VAE, shift_factor=0.1159, scaling_factor=0.3611)
+
+# google/t5-v1_1-xxl encoder = SD3 text_encoder_3/ = Flux text_encoder_2/ (4,762,310,656 parameters)
+T5_XXL_ENCODER: dict[str, Any] = dict(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    is_gated_act=True, dense_act_fn="gelu_new", layer_norm_epsilon=1e-6)
+
 SD_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "sd15": {"unet": SD15_UNET, "vae": SD15_VAE, "text_encoder": CLIP_L_TEXT},
     "sdxl": {"unet": SDXL_UNET, "vae": SDXL_VAE, "text_encoder": CLIP_L_TEXT, "text_encoder_2": OPENCLIP_BIGG_TEXT},
@@ -200,3 +227,34 @@ def denoiser_from_config(architecture: str, seed: int = 0) -> nn.Module:
     network, scheduler = network_from_config(architecture), DENOISER_ARCHITECTURES[architecture][1]
     denoiser = network if scheduler is None else DiffusersDenoiser(network, scheduler)
     return denoiser.eval().requires_grad_(False)
+
+
+def flow_components_from_config(kind: str = "sd3", torch_dtype: torch.dtype | str | None = None,
+                                latent_size: int | None = None, seed: int = 0):
+    """SD3 medium ("sd3") or FLUX.1-dev ("flux") with random weights from the published configs, as
+    ``fdistill.flow_pipelines.load_sd3_components`` / ``load_flux_components`` hand them over (transformer in
+    float32, frozen parts in ``torch_dtype``). ``latent_size``: the generation size in latent pixels (None = 128,
+    1024 px). The CLIP / T5 tokenizers are the offline tiny ones (token ids only choose embedding rows)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from .flow_pipelines import FluxComponents, SD3Components
+
+    if kind not in ("sd3", "flux"):
+        raise ValueError(f"kind must be one of ['flux', 'sd3'], got {kind!r}")
+    dtype, side = as_torch_dtype(torch_dtype), latent_size or 128
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(model_max_length=CLIP_L_TEXT["max_position_embeddings"])
+    t5 = T5EncoderModel(T5Config(**T5_XXL_ENCODER, pad_token_id=tokenizer.pad_token_id)).to(dtype)
+    if kind == "sd3":
+        return SD3Components(
+            transformer=SD3Transformer2DModel(**dict(SD3_MEDIUM_TRANSFORMER, sample_size=side)),
+            vae=AutoencoderKL(**SD3_VAE).to(dtype), tokenizer=tokenizer, tokenizer_2=tokenizer, tokenizer_3=tokenizer,
+            text_encoder=_clip_text_encoder(CLIP_L_TEXT, tokenizer, with_projection=True).to(dtype),
+            text_encoder_2=_clip_text_encoder(OPENCLIP_BIGG_TEXT, tokenizer, with_projection=True).to(dtype),
+            text_encoder_3=t5, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER))
+    return FluxComponents(
+        transformer=FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER), vae=AutoencoderKL(**FLUX_VAE).to(dtype),
+        text_encoder=_clip_text_encoder(CLIP_L_TEXT, tokenizer, with_projection=False).to(dtype), tokenizer=tokenizer,
+        text_encoder_2=t5, tokenizer_2=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        resolution=side * 8)

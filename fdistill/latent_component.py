@@ -1,7 +1,7 @@
 """The interface a method holds to use a latent text-to-image model (by composition): prompts -> conditioning,
 VAE encode / decode, the network as a denoiser, pipeline export. Implemented by
-``fdistill.pipelines.StableDiffusionComponent`` (SD1.5 / SDXL); flow-matching pipelines (SD3, Flux) are the next
-implementations, so nothing here names a UNet, a CLIP encoder or a VP schedule."""
+``fdistill.pipelines.StableDiffusionComponent`` (SD1.5 / SDXL) and ``fdistill.flow_pipelines.StableDiffusion3Component``
+(SD3, rectified flow), so nothing here names a UNet, a CLIP encoder or a VP schedule."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,6 +27,8 @@ class LatentDiffusionComponent(Protocol):
     image_size: tuple[int, int]     # (H, W) in pixels of training and generation
     scheduler: Any                  # the training scheduler (its config defines the noise schedule)
     source: str | None              # hub id or directory loaded from (None in memory): a LoRA's base model
+    input_scaling: str              # "vp" / "flow": the scale of a generator's input noise at which the network
+                                    # sees the pipelines' pure noise z (methods.fdistill GENERATOR_INPUT_SCALES)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         """The frozen parts by name (VAE, text encoders), for a method's frozen networks."""
@@ -53,6 +55,9 @@ class LatentDiffusionComponent(Protocol):
     def denoiser(self, net: nn.Module) -> nn.Module:
         """``net`` as a ``fdistill.denoisers.Denoiser`` (x0 in sigma units, no null condition): training."""
 
+    def schedule_shift(self) -> float | None:
+        """The scheduler's resolution-dependent shift at image_size (Flux's mu), None where it has none."""
+
     def sampling_denoiser(self, net: nn.Module, guidance: float = 1.0) -> nn.Module:
         """``denoiser(net)`` with the empty prompt as null condition and classifier-free guidance ``guidance``."""
 
@@ -61,6 +66,10 @@ class LatentDiffusionComponent(Protocol):
 
     def save_pipeline(self, directory: str | Path, net: nn.Module | None = None, scheduler: Any = None) -> None:
         """Write ``pipeline(net, scheduler)`` as a directory that ``from_pretrained`` loads."""
+
+    def generator_export(self, sigmas: tuple[float, ...]) -> tuple[Any, dict[str, Any]]:
+        """(scheduler, fdistill.json fields incl. "diffusers_call") with which the pipeline generates like a one- /
+        few-step generator at noise levels ``sigmas``; ValueError for levels the pipeline cannot take."""
 
     def save_lora(self, directory: str | Path, net: nn.Module) -> None:
         """Write the PEFT adapters of ``net`` in Diffusers format (``pipe.load_lora_weights(directory)``)."""

@@ -50,6 +50,12 @@ class SDComponents:
         """Pixels per latent pixel along one side (8 for SD; 1 for the tiny test VAE)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) in pixels of the images the UNet's latents decode to."""
+        side = int(self.unet.config.sample_size) * self.vae_scale_factor
+        return side, side
+
     def text_encoders(self) -> dict[str, nn.Module]:
         encoders = {"text_encoder": self.text_encoder}
         if self.text_encoder_2 is not None:
@@ -200,6 +206,21 @@ def unet_conditioning(prompt_embeds: Tensor, pooled: Tensor | None = None,
 
 # ------------------------------------------------------------------------------------------ pipelines
 
+def integer_timesteps(schedule: Any, sigmas: tuple[float, ...]) -> list[int]:
+    """UNet timesteps of ``sigmas`` under a DDPM ``schedule`` (``DiffusersDenoiser.schedule``); ValueError (listing
+    the grid sigmas of the nearest timesteps) unless every sigma is a grid sigma: Diffusers pipelines only take
+    integer timesteps."""
+    device = schedule.log_sigmas.device
+    fractional = schedule.timestep(torch.tensor(sigmas, dtype=torch.float64, device=device)).double().cpu()
+    nearest = fractional.round()
+    if (fractional - nearest).abs().max() > 1e-3:
+        grid = [round(float(s), 5) for s in schedule.sigma_at(nearest.long())]
+        raise ValueError(f"method.generator_sigmas={list(sigmas)} are not noise levels of the UNet's timesteps; the "
+                         f"nearest are timesteps {nearest.long().tolist()}: method.generator_sigmas={grid}")
+    return nearest.long().tolist()
+
+
+
 def one_step_scheduler(scheduler: Any):
     """A DDIMScheduler for one-step generators: with ``num_inference_steps=1`` its only timestep is T - 1
     ("trailing" spacing) and it returns the UNet's x0 prediction at the initial latents (alpha_prev = 1), i.e. the
@@ -244,6 +265,21 @@ def save_components(components: SDComponents, directory: str) -> None:
 
 # ------------------------------------------------------------------------------------------ the component
 
+def latent_component(parts: Any, image_size: tuple[int, int]):
+    """The ``LatentDiffusionComponent`` of pipeline parts: ``StableDiffusionComponent`` for ``SDComponents``,
+    ``fdistill.flow_pipelines.StableDiffusion3Component`` / ``FluxComponent`` for ``SD3Components`` / ``FluxComponents``."""
+    if isinstance(parts, SDComponents):
+        return StableDiffusionComponent(parts, image_size)
+    from .flow_pipelines import FluxComponent, FluxComponents, SD3Components, StableDiffusion3Component
+
+    if isinstance(parts, SD3Components):
+        return StableDiffusion3Component(parts, image_size)
+    if isinstance(parts, FluxComponents):
+        return FluxComponent(parts, image_size)
+    raise TypeError(f"no latent component for {type(parts).__name__}; supported: SDComponents, SD3Components, "
+                    "FluxComponents")
+
+
 class StableDiffusionComponent:
     """The ``fdistill.latent_component.LatentDiffusionComponent`` of Stable Diffusion 1.5 / SDXL: the pipeline parts
     (``SDComponents``) and the image size; each method is this module's function of the same job.
@@ -257,6 +293,8 @@ class StableDiffusionComponent:
         self.parts = parts
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.kind, self.scheduler, self.source = parts.kind, parts.scheduler, parts.source
+
+    input_scaling = "vp"        # a one-step generator's input sqrt(1 + sigma^2) z is the pipelines' x_T = z
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"vae": self.parts.vae, **self.parts.text_encoders()}
@@ -291,6 +329,9 @@ class StableDiffusionComponent:
     def denoiser(self, net: nn.Module) -> nn.Module:
         return self._denoiser(net, null_cond=None)
 
+    def schedule_shift(self) -> None:
+        return None
+
     def sampling_denoiser(self, net: nn.Module, guidance: float = 1.0) -> nn.Module:
         from .denoisers import ClassifierFreeGuidance
 
@@ -309,6 +350,19 @@ class StableDiffusionComponent:
 
     def save_pipeline(self, directory: str | Path, net: nn.Module | None = None, scheduler: Any = None) -> None:
         self.pipeline(net, scheduler).save_pretrained(str(directory))
+
+    def generator_export(self, sigmas: tuple[float, ...]) -> tuple[Any, dict[str, Any]]:
+        """(scheduler, fdistill.json fields) of a generator at noise levels ``sigmas``: one step, a DDIM scheduler
+        (``one_step_scheduler``); few steps, an LCM scheduler called with their integer timesteps
+        (``few_step_scheduler``). ValueError for sigmas off the timestep grid (``integer_timesteps``)."""
+        from .denoisers.diffusers import VPSchedule, alphas_cumprod_from_scheduler
+
+        timesteps = integer_timesteps(VPSchedule(alphas_cumprod_from_scheduler(self.scheduler)), sigmas)
+        one_step = len(sigmas) == 1
+        scheduler = (one_step_scheduler if one_step else few_step_scheduler)(self.scheduler)
+        call = ("pipe(prompt, num_inference_steps=1, guidance_scale=1.0)" if one_step else
+                f"pipe(prompt, timesteps={timesteps}, guidance_scale=1.0)")
+        return scheduler, {"diffusers_timesteps": timesteps, "diffusers_call": call}
 
     def save_lora(self, directory: str | Path, net: nn.Module) -> None:
         from diffusers.utils import convert_state_dict_to_diffusers

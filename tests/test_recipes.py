@@ -12,7 +12,7 @@ from fdistill.config import build_run, compose
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"
 PAPER_EXPERIMENTS = ("cifar10_fdistill", "imagenet64_fdistill", "sd15_fdistill", "sdxl_fdistill", "cifar10_ddo",
-                     "imagenet64_ddo", "dpo_sd15", "dpo_sdxl")
+                     "imagenet64_ddo", "dpo_sd15", "dpo_sdxl", "sd3_fdistill", "flux_fdistill", "sd3_dpo")
 KEYED_ROW = re.compile(r"^\|[^|]*\|\s*`([a-z_0-9.]+)`\s*\|\s*`([^`]*)`\s*\|")
 
 
@@ -90,7 +90,7 @@ def test_sd_fdistill_recipes_draw_teacher_timesteps_uniformly_and_clip_only_the_
     assert clips == {"student": 10.0, "critic": None}
 
 
-@pytest.mark.parametrize("experiment", ["dpo_sd15", "dpo_sdxl"])
+@pytest.mark.parametrize("experiment", ["dpo_sd15", "dpo_sdxl", "sd3_dpo"])
 def test_dpo_recipes_run_at_the_launchers_learning_rate(experiment):
     """lr 1e-8 per pair scaled by the global batch: 2.048e-5 at 2048 pairs, as the released launchers."""
     assert compose([f"experiment={experiment}"]).method_config.optimizer_lr() == pytest.approx(2.048e-5)

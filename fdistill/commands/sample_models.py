@@ -103,7 +103,14 @@ def load_model(name: str, dtype: torch.dtype, device: str) -> Model:
     if info.conditioning == "text":
         if "text_encoder" not in info.components:
             raise UsageError(f"--model {name}: a text-conditioned model needs its pipeline's text_encoder/tokenizer")
-        model.encode_prompts = _prompt_encoder(denoiser, info.components, image_size, device)
+        if getattr(denoiser, "model_class", None) == "FluxTransformer2DModel":
+            raise UsageError(f"--model {name}: fdistill sample does not encode Flux prompts yet; run the directory "
+                             "with diffusers.FluxPipeline (its fdistill.json 'diffusers_call')")
+        if "text_encoder_3" in info.components:     # SD3's CLIP + CLIP + T5 (fdistill.flow_pipelines)
+            from fdistill.flow_pipelines import sd3_prompt_encoder
+            model.encode_prompts = sd3_prompt_encoder(denoiser, info.components, device)
+        else:
+            model.encode_prompts = _prompt_encoder(denoiser, info.components, image_size, device)
     return model
 
 

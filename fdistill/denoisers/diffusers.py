@@ -1,6 +1,7 @@
-"""Diffusers models trained with a discrete VP (DDPM) schedule, seen as denoisers in sigma units.
+"""Diffusers models trained with a discrete VP (DDPM) schedule, or with rectified flow (``FlowMatchEulerDiscrete
+Scheduler``: SD3, Flux; ``fdistill.denoisers.flow``), seen as denoisers in sigma units.
 
-This module is the ONE place that knows diffusers timesteps and ``prediction_type``.
+This module (with ``flow``) is the ONE place that knows diffusers timesteps and ``prediction_type``.
 
 Discrete VP schedule (Ho et al. 2020): x_t = alpha_t x0 + s_t eps with alpha_t = sqrt(abar_t), s_t = sqrt(1 - abar_t),
 t = 0 .. T-1. Dividing by alpha_t gives the VE form of EDM (Karras et al. 2022, Eq. 1 / Table 1 "VP"):
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from .base import append_dims, as_sigma_batch
 from .features import FeatureMixin
+from .flow import FLOW_MODEL_CALLS, FLOW_SCHEDULERS, FlowMatchSchedule, flow_x0, flux_mu, is_flow_scheduler
 
 
 def alphas_cumprod_from_scheduler(scheduler: Any) -> Tensor:
@@ -63,6 +65,25 @@ X0_FROM_PREDICTION: dict[str, Callable[..., Tensor]] = {
 # regression loss on its raw output: ||eps_hat - eps||^2 = ||x0_hat - x0||^2 / sigma^2, ||v_hat - v||^2 =
 # ||x0_hat - x0||^2 (1 + sigma^2) / sigma^2 (both in the VP form x_t), sample: the x0 loss itself.
 NATIVE_LOSS_WEIGHTING: dict[str, str] = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "x0"}
+
+# scheduler classes whose config defines a discrete VP schedule (betas / alphas_cumprod)
+VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+                 "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                 "UniPCMultistepScheduler", "DEISMultistepScheduler", "HeunDiscreteScheduler", "LCMScheduler",
+                 "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "TCDScheduler")
+
+
+def check_scheduler(config: dict, model_class: str) -> bool:
+    """Whether ``config`` (a scheduler config) is a flow-matching one; ValueError, naming what was found and what is
+    supported, for a scheduler class the wrapper does not understand or one that does not fit the model class."""
+    name = config.get("_class_name")
+    flow = is_flow_scheduler(config)
+    if name is not None and not flow and name not in VP_SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} not supported; supported: {sorted(VP_SCHEDULERS + FLOW_SCHEDULERS)}")
+    if flow != (model_class in FLOW_MODEL_CALLS):
+        expected = FLOW_SCHEDULERS if model_class in FLOW_MODEL_CALLS else VP_SCHEDULERS
+        raise ValueError(f"a {model_class} with scheduler {name!r} is not supported: it needs one of {list(expected)}")
+    return flow
 
 
 class VPSchedule(nn.Module):
@@ -129,6 +150,7 @@ MODEL_CALLS: dict[str, Callable[[nn.Module, Tensor, Tensor, Any], Tensor]] = {
     "UNet2DModel": _call_unet2d,
     "UNet2DConditionModel": _call_unet2d_condition,
     "DiTTransformer2DModel": _call_dit,
+    **FLOW_MODEL_CALLS,
 }
 
 # Default feature block per model class: the UNet bottleneck; for DiT the block in the middle of the stack.
@@ -136,6 +158,9 @@ DEFAULT_FEATURE_BLOCKS: dict[str, Callable[[nn.Module], str]] = {
     "UNet2DModel": lambda net: "mid_block",
     "UNet2DConditionModel": lambda net: "mid_block",
     "DiTTransformer2DModel": lambda net: f"transformer_blocks.{len(net.transformer_blocks) // 2}",
+    # joint (MM-DiT) blocks return (text tokens, image tokens): their image-stream feed-forward gives the image tokens
+    "SD3Transformer2DModel": lambda net: f"transformer_blocks.{len(net.transformer_blocks) // 2}.ff",
+    "FluxTransformer2DModel": lambda net: f"transformer_blocks.{len(net.transformer_blocks) // 2}.ff",
 }
 
 
@@ -150,7 +175,7 @@ def model_class_name(net: nn.Module) -> str:
 def conditioning_type(net: nn.Module) -> str:
     """"none", "class" (labels [B] long, null class = num_classes) or "text" (encoder_hidden_states)."""
     name = model_class_name(net)
-    if name == "UNet2DConditionModel":
+    if name == "UNet2DConditionModel" or name in FLOW_MODEL_CALLS:
         return "text"
     if name == "DiTTransformer2DModel":
         return "class"
@@ -195,16 +220,19 @@ def to_device(cond: Any, device: torch.device) -> Any:
 
 
 class DiffusersDenoiser(FeatureMixin, nn.Module):
-    """A diffusers UNet2DModel / UNet2DConditionModel / DiTTransformer2DModel with its VP scheduler, as a denoiser.
+    """A diffusers UNet2DModel / UNet2DConditionModel / DiTTransformer2DModel with its VP scheduler, or an
+    SD3Transformer2DModel / FluxTransformer2DModel with its ``FlowMatchEulerDiscreteScheduler``, as a denoiser.
 
     Args:
         net: the diffusers model.
-        scheduler: its scheduler (object or config dict); read for ``prediction_type`` and ``alphas_cumprod``.
+        scheduler: its scheduler (object or config dict); read for ``prediction_type`` and ``alphas_cumprod`` (VP), or
+            for the shift of its training times (flow matching, ``fdistill.denoisers.flow``).
         dtype: run the network in this dtype (e.g. torch.bfloat16); inputs and outputs stay float32.
         feature_block: sub-module whose output ``features`` returns (default: mid_block; DiT: middle block).
         null_cond: the null condition of text models for classifier-free guidance (e.g. the empty-prompt
             encoder_hidden_states [1, L, D], or for SDXL a dict with [1, ...] tensors); class models use the null
             class ``num_classes``.
+        mu: Flux's resolution-dependent shift (schedulers with ``use_dynamic_shifting`` only; default: at 1024 px).
 
     Attributes:
         loss_weighting: the ``fdistill.losses.denoising.weighted_denoising_loss`` weighting that reproduces the
@@ -216,25 +244,36 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
     """
 
     def __init__(self, net: nn.Module, scheduler: Any, dtype: torch.dtype | None = None,
-                 feature_block: str | None = None, null_cond: Any = None):
+                 feature_block: str | None = None, null_cond: Any = None, mu: float | None = None):
         super().__init__()
         self.model_class = model_class_name(net)
         config = getattr(scheduler, "config", scheduler)
-        self.prediction_type = config.get("prediction_type", "epsilon")
-        if self.prediction_type not in X0_FROM_PREDICTION:
+        if hasattr(scheduler, "config"):        # an object's config names its class only once saved
+            config = {**config, "_class_name": type(scheduler).__name__}
+        self.flow = check_scheduler(config, self.model_class)
+        # flow matching: the network predicts the velocity eps - x0 ("flow_prediction" in Diffusers' configs)
+        self.prediction_type = "flow_prediction" if self.flow else config.get("prediction_type", "epsilon")
+        if not self.flow and self.prediction_type not in X0_FROM_PREDICTION:
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} not supported; "
                              f"allowed: {sorted(X0_FROM_PREDICTION)}")
-        self.loss_weighting = NATIVE_LOSS_WEIGHTING[self.prediction_type]
+        self.loss_weighting = "flow_velocity" if self.flow else NATIVE_LOSS_WEIGHTING[self.prediction_type]
         self.scheduler_config = dict(config)
         self.net = net if dtype is None else net.to(dtype)
         disable_implicit_label_dropout(net)
-        self.schedule = VPSchedule(alphas_cumprod_from_scheduler(scheduler))
         self.feature_block = feature_block or DEFAULT_FEATURE_BLOCKS[self.model_class](net)
         self.conditioning = conditioning_type(net)
         self.num_classes = num_classes_of(net)
         self.null_cond = null_cond
         in_channels = net.config.in_channels
-        self.sample_shape = (in_channels, net.config.sample_size, net.config.sample_size)
+        if self.model_class == "FluxTransformer2DModel":   # packed 2x2 patches; no sample_size: FluxPipeline's 128
+            in_channels, side = in_channels // 4, 128
+        else:
+            side = net.config.sample_size
+        self.sample_shape = (in_channels, side, side)
+        if self.flow and mu is None and config.get("use_dynamic_shifting"):
+            mu = flux_mu((side // 2) ** 2, config)       # Flux's shift at the default size (1024 px: 4096 tokens)
+        self.schedule = FlowMatchSchedule(dict(config), mu) if self.flow else \
+            VPSchedule(alphas_cumprod_from_scheduler(scheduler))
 
     @property
     def sigma_min(self) -> float:
@@ -272,6 +311,8 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
     def forward(self, x: Tensor, sigma: Tensor | float, cond: Any = None) -> Tensor:
         out_dtype = torch.promote_types(x.dtype, torch.float32)
         sigma = as_sigma_batch(sigma, x).to(out_dtype)
+        if self.flow:
+            return self._flow_forward(x.to(out_dtype), sigma, cond)
         alpha = append_dims(1.0 / torch.sqrt(1.0 + sigma ** 2), x.ndim)
         x = x.to(out_dtype)
         x_vp = x * alpha
@@ -280,3 +321,11 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
                                             to_device(self.null_condition(x.shape[0]) if cond is None else cond, x.device))
         raw = raw[:, : x.shape[1]].to(out_dtype)      # learned-variance channels dropped
         return X0_FROM_PREDICTION[self.prediction_type](x, x_vp, raw, alpha, append_dims(sigma, x.ndim))
+
+    def _flow_forward(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        """x0 = x_t - t v with x_t = x / (1 + sigma), t = sigma / (1 + sigma) (``fdistill.denoisers.flow``)."""
+        time = append_dims(self.schedule.time(sigma), x.ndim)
+        x_t = x / (1 + append_dims(sigma, x.ndim))      # not x (1 - t): 1 - t cancels near t = 1 (sigma ~ 3000)
+        cond = to_device(self.null_condition(x.shape[0]) if cond is None else cond, x.device)
+        velocity = MODEL_CALLS[self.model_class](self.net, x_t.to(self.net.dtype), self.schedule.timestep(sigma), cond)
+        return flow_x0(x_t, velocity.to(x.dtype), time)

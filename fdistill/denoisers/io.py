@@ -2,13 +2,14 @@
 
 fdistill layout (``save_denoiser``)::
 
-    dir/fdistill.json      {"format": 1, "wrapper": "edm" | "vp" | "edm_network", "model_class", "kind": "denoiser" | "generator",
+    dir/fdistill.json      {"format": 1, "wrapper": "edm" | "vp" | "flow" | "edm_network", "model_class",
+                            "kind": "denoiser" | "generator",
                             "generator_sigma", "generator_sigmas", "generator_noise_scale", "sample_shape", "num_classes",
                             "conditioning", "sigma_min", "sigma_max", "feature_block", + "sigma_data" (edm),
                             + "precond" (edm_network: the EDM / EDM2 networks of ``fdistill.edm``)}
     dir/unet/              the network's ``save_pretrained`` (safetensors + config.json); plain Diffusers loads it
                            with ``<ModelClass>.from_pretrained(dir, subfolder="unet")``
-    dir/scheduler/         scheduler_config.json ("vp" wrappers: prediction_type and beta schedule)
+    dir/scheduler/         scheduler_config.json ("vp" wrappers: prediction_type and beta schedule; "flow": the shift)
     (optional)             a whole Diffusers pipeline (model_index.json, vae/, text_encoder/, ...): text-to-image
 
 A one-step generator is used as x = D(c z, generator_sigma), z ~ N(0, I), c = generator_noise_scale (null: c =
@@ -56,6 +57,8 @@ MODEL_CLASSES = {
     "UNet2DModel": "diffusers",
     "UNet2DConditionModel": "diffusers",
     "DiTTransformer2DModel": "diffusers",
+    "SD3Transformer2DModel": "diffusers",
+    "FluxTransformer2DModel": "diffusers",
     "MLPNetwork": "fdistill.networks",
     "SongUNet": "fdistill.edm",
     "DhariwalUNet": "fdistill.edm",
@@ -79,7 +82,7 @@ class ModelInfo:
         num_classes: real classes of a class-conditional model (the null class index), else None.
         conditioning: "none", "class" (labels [B]) or "text" (encoder_hidden_states).
         sigma_min, sigma_max: noise range of the model.
-        wrapper: "edm" or "vp".
+        wrapper: "edm", "vp" or "flow" (rectified flow: SD3, Flux).
         source: the path or hub id it was loaded from.
         base_model: a LoRA export's base pipeline (path or hub id) the LoRA was fused into; None otherwise.
         components: other pipeline parts by name -> (path or hub id, subfolder), e.g. {"vae": ("sd-dir", "vae")},
@@ -123,7 +126,12 @@ def _edm_network_fields(denoiser: EDMNetworkDenoiser) -> dict[str, Any]:
 
 
 def _vp_fields(denoiser: DiffusersDenoiser) -> dict[str, Any]:
-    return {"wrapper": "vp", "prediction_type": denoiser.prediction_type}
+    return {"wrapper": _wrapper_name(denoiser), "prediction_type": denoiser.prediction_type}
+
+
+def _wrapper_name(denoiser: DiffusersDenoiser) -> str:
+    """"flow" for a rectified-flow model (FlowMatchEulerDiscreteScheduler), else "vp"."""
+    return "flow" if denoiser.flow else "vp"
 
 
 def _write_scheduler(denoiser: DiffusersDenoiser, directory: Path) -> None:
@@ -290,23 +298,25 @@ def _load_fdistill(source: _Source, meta: dict, dtype: torch.dtype | None) -> tu
     if missing:
         raise ValueError(f"{source.location(FORMAT_FILE)}: missing fields {missing} (is it an fdistill model "
                          "directory written by save_denoiser?)")
-    net = source.load_model(meta["model_class"], NETWORK_DIR)
+    index = source.read_json("model_index.json")
+    network_dir = next((c for c in PIPELINE_MODEL_COMPONENTS if c in index), NETWORK_DIR) if index else NETWORK_DIR
+    net = source.load_model(meta["model_class"], network_dir)
     if meta["wrapper"] == "edm":
         denoiser = EDMPrecond(net, sigma_data=meta["sigma_data"], dtype=dtype, feature_block=meta["feature_block"],
                               sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"])
     elif meta["wrapper"] == "edm_network":
         precond = preconditioning(meta, source.location(FORMAT_FILE))
         denoiser = edm_denoiser(net, precond, dtype=dtype, feature_block=meta["feature_block"])
-    elif meta["wrapper"] == "vp":
+    elif meta["wrapper"] in ("vp", "flow"):         # the scheduler config tells which (DiffusersDenoiser)
         scheduler = _required_json(source, SCHEDULER_DIR, "scheduler_config.json")
         denoiser = DiffusersDenoiser(net, scheduler, dtype=dtype, feature_block=meta["feature_block"])
     else:
-        raise ValueError(f"{source.name}/{FORMAT_FILE}: wrapper {meta['wrapper']!r} not in ['edm', 'vp', 'edm_network']")
-    index = source.read_json("model_index.json")
+        raise ValueError(f"{source.name}/{FORMAT_FILE}: wrapper {meta['wrapper']!r} not in "
+                         "['edm', 'edm_network', 'flow', 'vp']")
     info = ModelInfo(kind=meta["kind"], generator_sigma=meta["generator_sigma"],
                      generator_noise_scale=meta.get("generator_noise_scale"), wrapper=meta["wrapper"],
                      generator_sigmas=tuple(meta["generator_sigmas"]) if meta.get("generator_sigmas") else None,
-                     components=_other_components(source, index, NETWORK_DIR) if index else {})
+                     components=_other_components(source, index, network_dir) if index else {})
     return denoiser, info
 
 
@@ -324,7 +334,8 @@ def _load_pipeline(source: _Source, index: dict, dtype: torch.dtype | None) -> t
     net = source.load_model(index[component][1], component)
     scheduler = _required_json(source, SCHEDULER_DIR, "scheduler_config.json")
     others = _other_components(source, index, component)
-    return DiffusersDenoiser(net, scheduler, dtype=dtype), ModelInfo(wrapper="vp", components=others)
+    denoiser = DiffusersDenoiser(net, scheduler, dtype=dtype)
+    return denoiser, ModelInfo(wrapper=_wrapper_name(denoiser), components=others)
 
 
 def _other_components(source: _Source, index: dict, model_component: str) -> dict[str, tuple[str, str]]:
@@ -344,7 +355,8 @@ def _load_lora_export(source: _Source, meta: dict, dtype: torch.dtype | None) ->
     denoiser, info = load_denoiser(base, dtype=dtype)
     location = {"pretrained_model_name_or_path_or_dict": str(Path(source.name) / source.join())} if source.local \
         else {"pretrained_model_name_or_path_or_dict": source.name, "subfolder": source.subfolder}
-    denoiser.net.load_lora_adapter(**location, weight_name=LORA_WEIGHTS_FILE, prefix="unet")
+    prefix = "transformer" if denoiser.flow else "unet"          # the pipeline's name of the network (SD3: transformer)
+    denoiser.net.load_lora_adapter(**location, weight_name=LORA_WEIGHTS_FILE, prefix=prefix)
     denoiser.net.fuse_lora()        # merged into the base weights: sampling runs at the base model's speed
     denoiser.net.unload_lora()
     info.base_model = str(base)
@@ -358,7 +370,8 @@ def _load_bare_model(source: _Source, config: dict, dtype: torch.dtype | None) -
         raise FileNotFoundError(f"{source.name}: a bare Diffusers model needs its scheduler: expected "
                                 f"scheduler_config.json beside config.json or in ../{SCHEDULER_DIR}/")
     net = source.load_model(config.get("_class_name", "?"), None)
-    return DiffusersDenoiser(net, scheduler, dtype=dtype), ModelInfo(wrapper="vp")
+    denoiser = DiffusersDenoiser(net, scheduler, dtype=dtype)
+    return denoiser, ModelInfo(wrapper=_wrapper_name(denoiser))
 
 
 def _load_edm_directory(source: _Source, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:

@@ -31,6 +31,12 @@ def v_weight(sigma: Tensor, sigma_data: float) -> Tensor:
     return (1 + sigma ** 2) / sigma ** 2
 
 
+def flow_velocity_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    """||v_hat - v||^2 = ||x0_hat - x0||^2 / t^2 = ||x0_hat - x0||^2 (1 + sigma)^2 / sigma^2 (rectified flow, v =
+    eps - x0 at x_t = (1 - t) x0 + t eps, t = sigma / (1 + sigma); Esser et al. 2024, Eq. 3)."""
+    return (1 + sigma) ** 2 / sigma ** 2
+
+
 def x0_weight(sigma: Tensor, sigma_data: float) -> Tensor:
     """Plain x0 regression, lambda = 1."""
     return torch.ones_like(sigma)
@@ -38,6 +44,7 @@ def x0_weight(sigma: Tensor, sigma_data: float) -> Tensor:
 
 LOSS_WEIGHTS: dict[str, Callable[[Tensor, float], Tensor]] = {
     "edm": edm_weight, "epsilon": epsilon_weight, "v_prediction": v_weight, "x0": x0_weight,
+    "flow_velocity": flow_velocity_weight,
 }
 
 

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..losses.denoising import noisy_sample, table_sigmas, weighted_denoising_loss
 from ..losses.dpo import diffusion_dpo_loss, dpo_logits, sft_loss
-from ..pipelines import SDComponents, StableDiffusionComponent
+from ..flow_pipelines import FluxComponents, SD3Components
+from ..pipelines import SDComponents, latent_component
 from ..samplers.config import SamplerConfig
 from .base import Method, Phase, StepContext, optimizer_checks, raise_first_failure
 from .dpo_cache import cached_dataset
@@ -160,7 +161,7 @@ class DiffusionDPO(Method):
                  prompts: list[str] | None = None):
         super().__init__()
         self.config = config
-        self.sd = StableDiffusionComponent(components, image_size)
+        self.sd = latent_component(components, image_size)
         self.sampler = config.sampler or SamplerConfig()
         self.prompts = list(config.prompts or prompts or ["a photo"])
         for name, module in self.sd.frozen_modules().items():
@@ -330,8 +331,9 @@ Config = DiffusionDPOConfig
 def build(config: DiffusionDPOConfig, model: SDComponents, data) -> DiffusionDPO:
     """The method from its config, the Stable Diffusion components of the ``model`` group and a preference
     DataSource. With ``config.cache_path`` the DataSource's dataset is REPLACED by the encoded cache."""
-    if not isinstance(model, SDComponents):
-        raise TypeError(f"diffusion_dpo needs model = fdistill.pipelines.SDComponents (model=sd15|sdxl|tiny_sd), "
+    if not isinstance(model, (SDComponents, SD3Components, FluxComponents)):
+        raise TypeError(f"diffusion_dpo needs model = fdistill.pipelines.SDComponents (model=sd15|sdxl|tiny_sd) or "
+                        f"fdistill.flow_pipelines.SD3Components / FluxComponents (model=sd3|tiny_sd3|tiny_flux), "
                         f"got {type(model).__name__}")
     extras = data.extras or {}
     method = DiffusionDPO(config, model, tuple(data.sample_shape[-2:]), extras.get("prompts"))

@@ -16,7 +16,7 @@ class Rehearsal:
     Attributes:
         name: row name (the recipe, plus the variant: ``sd15_dpo_lora`` is ``dpo_sd15`` with method.finetune=lora).
         experiment: the recipe.
-        architecture: "sd15" / "sdxl" (``sd_components_from_config``) or a key of ``DENOISER_ARCHITECTURES``.
+        architecture: "sd15" / "sdxl" / "sd3" / "flux" (``COMPONENT_BUILDERS``) or a key of ``DENOISER_ARCHITECTURES``.
         data: the data group that replaces the recipe's: ``"images"`` (random images of ``image_shape``),
             ``"captioned"`` (built-in captioned shapes) or ``"pairs"`` (built-in preference pairs).
         image_shape: [C, H, W] of "images" data (the recipe's data shape).
@@ -60,7 +60,16 @@ REHEARSALS: dict[str, Rehearsal] = {row.name: row for row in [
     Rehearsal("imagenet_dit_xl2_ddo", "imagenet64_ddo", "dit-xl-2-256", "images", (4, 32, 32), 1000),
     *_sd_rows("sd15"),
     *_sd_rows("sdxl"),
+    # flow-matching transformers: SD3 medium (2.0 B) and FLUX.1-dev (11.9 B), each with T5-XXL (4.8 B) frozen
+    Rehearsal("sd3_fdistill", "sd3_fdistill", "sd3", "captioned", trained_copies=2),
+    Rehearsal("sd3_dpo_lora", "sd3_dpo", "sd3", "pairs", overrides=("method.finetune=lora",), trained_copies=0),
+    Rehearsal("sd3_dpo_full", "sd3_dpo", "sd3", "pairs", overrides=("method.finetune=full",)),
+    Rehearsal("flux_fdistill", "flux_fdistill", "flux", "captioned", trained_copies=2),
 ]}
+
+# latent text-to-image architectures -> their builder in fdistill.architectures (the others: denoiser_from_config)
+COMPONENT_BUILDERS = {"sd15": "sd_components_from_config", "sdxl": "sd_components_from_config",
+                      "sd3": "flow_components_from_config", "flux": "flow_components_from_config"}
 
 
 def random_images(shape: list[int], num_classes: int = 0, num: int = 16, seed: int = 0):
@@ -89,8 +98,8 @@ def model_group(row: Rehearsal, recipe_model: dict[str, Any], resolution: int,
                 frozen_dtype: str | None = None) -> dict[str, Any]:
     """The model group of a rehearsal: the recipe's architecture from config; SD keeps the recipe's
     ``torch_dtype`` of the frozen parts unless ``frozen_dtype`` replaces it."""
-    if row.architecture in ("sd15", "sdxl"):
-        return {"_target_": "fdistill.architectures.sd_components_from_config", "kind": row.architecture,
+    if row.architecture in COMPONENT_BUILDERS:
+        return {"_target_": f"fdistill.architectures.{COMPONENT_BUILDERS[row.architecture]}", "kind": row.architecture,
                 "torch_dtype": frozen_dtype or recipe_model.get("torch_dtype"), "latent_size": resolution // 8}
     return {"_target_": "fdistill.architectures.denoiser_from_config", "architecture": row.architecture}
 

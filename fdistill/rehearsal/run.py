@@ -20,7 +20,7 @@ from torch import nn
 
 from .bare_dpo import BareDPOLoop
 from .memory import GIB, PeakMemory, analytic_memory, resident_gib, tensor_bytes, trained_parameters
-from .recipes import REHEARSALS, Rehearsal, compose_rehearsal
+from .recipes import COMPONENT_BUILDERS, REHEARSALS, Rehearsal, compose_rehearsal
 
 
 def step_window(method, steps: int, search: int = 64) -> list[int]:
@@ -168,7 +168,7 @@ def estimate_gib(row: Rehearsal, resolution: int = 64, frozen_dtype: str | None 
 
     spec = compose_rehearsal(row, 1, 1, "cpu", resolution, "unused", frozen_dtype=frozen_dtype)
     with torch.device("meta"):
-        model = (instantiate(spec.cfg.model, _convert_="all") if row.architecture in ("sd15", "sdxl")
+        model = (instantiate(spec.cfg.model, _convert_="all") if row.architecture in COMPONENT_BUILDERS
                  else network_from_config(row.architecture))
     main = getattr(model, "unet", model)
     others = [module for module in vars(model).values() if isinstance(module, nn.Module) and module is not main]

@@ -44,15 +44,17 @@ def build(config: FDistillConfig, model: Any, data: Any) -> FDistill:
         config = FDistillConfig(**dict(config))
     if isinstance(model, tuple):          # fdistill.denoisers.load_denoiser returns (denoiser, info)
         model = model[0]
+    from ...flow_pipelines import FluxComponents, SD3Components
     from ...pipelines import SDComponents
 
-    if isinstance(model, SDComponents):   # Stable Diffusion: text-to-image in latent space
+    if isinstance(model, (SDComponents, SD3Components, FluxComponents)):   # text-to-image in latent space
         from .text import build_text_to_image
 
         return build_text_to_image(config, model, data)
     if model is not None and not isinstance(model, nn.Module):
-        raise ValueError(f"fdistill needs a teacher denoiser (nn.Module) or Stable Diffusion components "
-                         f"(fdistill.pipelines.SDComponents, model=sd15|sdxl|tiny_sd), got {type(model).__name__}")
+        raise ValueError(f"fdistill needs a teacher denoiser (nn.Module) or latent text-to-image components "
+                         f"(fdistill.pipelines.SDComponents, model=sd15|sdxl|tiny_sd; fdistill.flow_pipelines."
+                         f"SD3Components / FluxComponents, model=sd3|flux|tiny_sd3|tiny_flux), got {type(model).__name__}")
     teacher = teacher_from(model, data)
     if _is_network(teacher):
         student, fake_score = copy.deepcopy(teacher), copy.deepcopy(teacher)

@@ -17,13 +17,14 @@ class Domain(Protocol):
     Attributes:
         sample_shape: shape of one sample the student generates ([C, H, W], [C, h, w] latents, or [D]).
         num_classes: classes of the batches' labels (0 = none).
-        vp_input: the student's input noise is VP-scaled, sqrt(1 + sigma_g^2) z, instead of sigma_g z.
+        input_scaling: how the student's input noise z is scaled at sigma_g: "ve" (sigma_g z), "vp" (sqrt(1 +
+            sigma_g^2) z) or "flow" ((1 + sigma_g) z) (``method.GENERATOR_INPUT_SCALES``).
         prompts: prompts of sample grids (text-to-image), else None.
     """
 
     sample_shape: tuple[int, ...]
     num_classes: int
-    vp_input: bool
+    input_scaling: str
     prompts: list[str] | None
 
     def frozen_modules(self) -> dict[str, nn.Module]:
@@ -58,7 +59,7 @@ class PixelDomain:
         num_classes: classes of the batches' labels (0 = unconditional).
     """
 
-    vp_input = False
+    input_scaling = "ve"
     prompts = None
 
     def __init__(self, sample_shape: tuple[int, ...], num_classes: int = 0):

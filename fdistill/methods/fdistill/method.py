@@ -66,6 +66,11 @@ class PreparedBatch:
     student_logit: Tensor | None = None
 
 
+# how the student's input noise z ~ N(0, I) is scaled at sigma_g (``FDistill.set_generator_chain``)
+GENERATOR_INPUT_SCALES = {"ve": lambda sigma: sigma, "vp": lambda sigma: math.sqrt(1.0 + sigma ** 2),
+                          "flow": lambda sigma: 1.0 + sigma}
+
+
 def _training_sigmas(teacher: nn.Module) -> Tensor:
     """[T] sigmas of the teacher's integer training timesteps (a Diffusers VP wrapper's ``train_sigmas``)."""
     table = getattr(teacher, "train_sigmas", None)
@@ -94,7 +99,7 @@ class FDistill(Method):
         self.sample_shape = tuple(domain.sample_shape)
         self.num_classes = int(domain.num_classes)
         sigmas = config.generator_sigmas or [config.generator_sigma or domain.default_generator_sigma(config, teacher)]
-        self.set_generator_chain(sigmas, vp_input=domain.vp_input)
+        self.set_generator_chain(sigmas, input_scaling=domain.input_scaling)
         self.frozen["teacher"] = teacher.requires_grad_(False).eval()
         if config.sigma_distribution == TIME_UNIFORM:
             self.register_buffer("teacher_sigmas", _training_sigmas(teacher), persistent=False)
@@ -112,13 +117,14 @@ class FDistill(Method):
     def prompts(self) -> list[str] | None:      # sample grids of a text-to-image domain
         return self.domain.prompts
 
-    def set_generator_chain(self, sigmas: list[float], vp_input: bool = False) -> None:
+    def set_generator_chain(self, sigmas: list[float], input_scaling: str = "ve") -> None:
         """The student's noise levels (``generator_sigmas``; sigma_g = the first) and the scale c of its input
-        noise: sigma_g (VE: x = c z has std sigma_g), or sqrt(1 + sigma_g^2) with ``vp_input`` (a VP network's
-        input x / sqrt(1 + sigma^2) is then exactly z: the pure noise Diffusers pipelines start from)."""
+        noise (``GENERATOR_INPUT_SCALES[input_scaling]``): sigma_g ("ve": x = c z has std sigma_g), sqrt(1 +
+        sigma_g^2) ("vp": a VP network's input x / sqrt(1 + sigma^2) is then exactly z, the pure noise Diffusers
+        pipelines start from) or 1 + sigma_g ("flow": a rectified-flow network's x_t = x / (1 + sigma) is z)."""
         self.generator_sigmas = tuple(float(s) for s in sigmas)
         self.generator_sigma = self.generator_sigmas[0]
-        self.generator_noise_scale = math.sqrt(1.0 + self.generator_sigma ** 2) if vp_input else self.generator_sigma
+        self.generator_noise_scale = GENERATOR_INPUT_SCALES[input_scaling](self.generator_sigma)
 
     def _feature_source(self) -> nn.Module:
         return self.frozen["teacher"] if self.config.features == "teacher" else self.networks["fake_score"]

@@ -15,6 +15,8 @@ The method is ``FDistill`` with a ``TextToImageDomain``: it works in the VAE's l
   latents from the same noise. A few-step student (``method.generator_sigmas``, noise levels of integer timesteps,
   e.g. DMD2's t = 999, 749, 499, 249 of the SD schedule: [14.61465, 4.08173, 1.61289, 0.69321]) exports with an
   LCM scheduler that runs the same chain (``fdistill.pipelines.few_step_scheduler``).
+- SD3 / Flux (rectified flow, ``fdistill.flow_pipelines``): the same with the transformer; the student's input
+  (1 + sigma_g) z is the pipeline's x_t = z, and the export is a ``FlowMatchEulerDiscreteScheduler`` run at the generator's times.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from ...denoisers import DiffusersDenoiser
 from ...denoisers.io import save_denoiser
 from ...latent_component import LatentDiffusionComponent
-from ...pipelines import SDComponents, StableDiffusionComponent, few_step_scheduler, one_step_scheduler
+from ...pipelines import SDComponents, integer_timesteps, latent_component
 from .config import FDistillConfig
 from .method import FDistill
 
@@ -43,7 +45,6 @@ class TextToImageDomain:
         prompts: prompts of ``generate`` when no condition is given (cycled).
     """
 
-    vp_input = True
     num_classes = 0
 
     def __init__(self, sd: LatentDiffusionComponent, schedule: Any, sample_shape: tuple[int, ...],
@@ -52,6 +53,7 @@ class TextToImageDomain:
         self.schedule = schedule
         self.sample_shape = tuple(sample_shape)
         self.prompts = list(prompts)
+        self.input_scaling = sd.input_scaling
 
     @property
     def kind(self) -> str:
@@ -90,37 +92,13 @@ class TextToImageDomain:
         """Save the student as a Diffusers pipeline plus fdistill.json (kind generator). One step:
         ``StableDiffusionPipeline.from_pretrained(directory)(prompt, num_inference_steps=1, guidance_scale=1.0)``
         (SDXL: ``StableDiffusionXLPipeline``; a DDIM scheduler). Few steps: an LCM scheduler, called with
-        ``timesteps=<fdistill.json "diffusers_timesteps">``. ``fdistill sample --model directory --prompt ...``
-        runs either. Guidance is distilled into the student: sample it without CFG."""
-        one_step = len(generator_sigmas) == 1
-        scheduler = (one_step_scheduler if one_step else few_step_scheduler)(self.sd.scheduler)
-        pipeline = self.sd.pipeline(student.net, scheduler)
-        timesteps = self.timesteps(generator_sigmas)
-        call = ("pipe(prompt, num_inference_steps=1, guidance_scale=1.0)" if one_step else
-                f"pipe(prompt, timesteps={timesteps}, guidance_scale=1.0)")
+        ``timesteps=<fdistill.json "diffusers_timesteps">``. SD3 / Flux: ``FlowMatchEulerDiscreteScheduler`` called
+        with ``sigmas=<fdistill.json "diffusers_sigmas">`` (``fdistill.flow_pipelines``). ``fdistill sample --model
+        directory --prompt ...`` runs SD and SD3. Guidance is distilled into the student: sample it without CFG."""
+        scheduler, fields = self.sd.generator_export(generator_sigmas)
         save_denoiser(student, directory, kind="generator", generator_sigmas=generator_sigmas,
-                      generator_noise_scale=noise_scale, pipeline=pipeline,
-                      extra_info={"diffusers_timesteps": timesteps, "diffusers_call": call})
-
-
-def integer_timesteps(schedule: Any, sigmas: tuple[float, ...]) -> list[int]:
-    """UNet timesteps of ``sigmas`` under a DDPM ``schedule`` (``DiffusersDenoiser.schedule``); ValueError (listing
-    the grid sigmas of the nearest timesteps) unless every sigma is a grid sigma: Diffusers pipelines only take
-    integer timesteps."""
-    device = schedule.log_sigmas.device
-    fractional = schedule.timestep(torch.tensor(sigmas, dtype=torch.float64, device=device)).double().cpu()
-    nearest = fractional.round()
-    if (fractional - nearest).abs().max() > 1e-3:
-        grid = [round(float(s), 5) for s in schedule.sigma_at(nearest.long())]
-        raise ValueError(f"method.generator_sigmas={list(sigmas)} are not noise levels of the UNet's timesteps; the "
-                         f"nearest are timesteps {nearest.long().tolist()}: method.generator_sigmas={grid}")
-    return nearest.long().tolist()
-
-
-def model_image_size(components: SDComponents) -> tuple[int, int]:
-    """(H, W) in pixels of the images the UNet's latents decode to."""
-    side = int(components.unet.config.sample_size) * components.vae_scale_factor
-    return side, side
+                      generator_noise_scale=noise_scale, pipeline=self.sd.pipeline(student.net, scheduler),
+                      extra_info=fields)
 
 
 def check_text_to_image_data(config: FDistillConfig, data: Any, image_size: tuple[int, int]) -> None:
@@ -155,9 +133,9 @@ def default_prompts(config: FDistillConfig, data: Any) -> list[str]:
 
 def build_text_to_image(config: FDistillConfig, components: SDComponents, data: Any) -> FDistill:
     """The method for Stable Diffusion ``components`` (``fdistill.pipelines``) and captioned / prompt data."""
-    image_size = model_image_size(components)
+    image_size = components.image_size        # (H, W) in pixels of the images the latents decode to
     check_text_to_image_data(config, data, image_size)
-    sd = StableDiffusionComponent(components, image_size)
+    sd = latent_component(components, image_size)
     null_cond = sd.conditioning([""])
     unet = components.unet
     student_net, fake_net = copy.deepcopy(unet).float(), copy.deepcopy(unet).float()
@@ -165,11 +143,12 @@ def build_text_to_image(config: FDistillConfig, components: SDComponents, data: 
         for net in (student_net, fake_net):
             net.enable_gradient_checkpointing()
     frozen_dtype = components.vae.dtype
-    teacher = DiffusersDenoiser(unet, components.scheduler, null_cond=null_cond,
+    shift = sd.schedule_shift()
+    teacher = DiffusersDenoiser(unet, components.scheduler, null_cond=null_cond, mu=shift,
                                 dtype=None if frozen_dtype == torch.float32 else frozen_dtype)
-    student, fake_score = (DiffusersDenoiser(net, components.scheduler, null_cond=null_cond)
+    student, fake_score = (DiffusersDenoiser(net, components.scheduler, null_cond=null_cond, mu=shift)
                            for net in (student_net, fake_net))
-    domain = TextToImageDomain(sd, teacher.schedule, tuple(teacher.sample_shape), default_prompts(config, data))
+    domain = TextToImageDomain(sd, teacher.schedule, sd.latent_shape(1)[1:], default_prompts(config, data))
     method = FDistill(config, teacher, student, fake_score, domain)
-    domain.timesteps(method.generator_sigmas)     # fail at start-up, not at export, on sigmas off the timestep grid
+    sd.generator_export(method.generator_sigmas)  # fail at start-up, not at export, on sigmas the pipeline can't take
     return method

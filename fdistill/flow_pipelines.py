@@ -1,0 +1,420 @@
+"""Stable Diffusion 3 (rectified-flow transformer) as a ``fdistill.latent_component.LatentDiffusionComponent``:
+load its parts, encode prompts as ``StableDiffusion3Pipeline`` does, rebuild the pipeline; tiny SD3 built from
+config for tests and CPU runs.
+
+SD3 conditioning (Esser et al. 2024, Sec. 4 and Fig. 2; Diffusers ``StableDiffusion3Pipeline.encode_prompt``):
+``encoder_hidden_states`` = [CLIP-L and CLIP-G penultimate states concatenated along features, zero-padded to the T5
+width ; T5-XXL states] along the sequence, [B, 77 + L_t5, 4096]; ``pooled_projections`` = both CLIP pooled
+projections concatenated, [B, 768 + 1280]. Without a T5 encoder (``text_encoder_3=None``) its states are zeros.
+The prompts are encoded by the pipeline's own ``encode_prompt``, so training and the exported pipeline agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .denoisers.flow import flux_mu
+from .pipelines import as_torch_dtype, decode_latents, encode_latents
+
+SD3_MAX_SEQUENCE_LENGTH = 256       # StableDiffusion3Pipeline's default T5 sequence length
+
+
+@dataclass
+class SD3Components:
+    """The parts of a Stable Diffusion 3 pipeline (``text_encoder_3`` / ``tokenizer_3`` = T5, may be None)."""
+
+    transformer: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    text_encoder_2: nn.Module
+    tokenizer_2: Any
+    scheduler: Any
+    text_encoder_3: nn.Module | None = None
+    tokenizer_3: Any = None
+    source: str | None = None
+    kind = "sd3"
+
+    @property
+    def unet(self) -> nn.Module:
+        """The denoising network, under the name the Stable Diffusion code paths use."""
+        return self.transformer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        side = int(self.transformer.config.sample_size) * self.vae_scale_factor
+        return side, side
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        if self.text_encoder_3 is not None:
+            encoders["text_encoder_3"] = self.text_encoder_3
+        return encoders
+
+
+def load_sd3_components(pretrained: str, revision: str | None = None, variant: str | None = None,
+                        torch_dtype: torch.dtype | str | None = None) -> SD3Components:
+    """The parts of a Diffusers SD3 pipeline (hub id, e.g. "stabilityai/stable-diffusion-3-medium-diffusers", or
+    directory); the transformer in float32, the frozen VAE / encoders in ``torch_dtype``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    common = {"revision": revision, "variant": variant}
+    frozen = dict(common, torch_dtype=as_torch_dtype(torch_dtype))
+    local = Path(pretrained).exists()
+    return SD3Components(
+        transformer=SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", **common),
+        vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **frozen),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder", **frozen),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2", **frozen),
+        text_encoder_3=T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_3", **frozen),
+        tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision),
+        tokenizer_2=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision),
+        tokenizer_3=T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_3", revision=revision),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler",
+                                                                  revision=revision),
+        source=str(Path(pretrained).resolve()) if local else str(pretrained))
+
+
+def tiny_sd3_components(image_size: int = 16, seed: int = 0, shift: float = 3.0,
+                        torch_dtype: torch.dtype | str | None = None) -> SD3Components:
+    """A randomly initialised SD3 built from config (no download): a 2-layer ``SD3Transformer2DModel`` (patch 2), a
+    one-level VAE (latents at image resolution, SD3's shift / scaling factors), two tiny projected CLIP encoders and
+    a tiny T5 encoder sharing the offline CLIP tokenizer of ``fdistill.tiny_sd``; frozen parts in ``torch_dtype``
+    (as ``load_sd3_components``, so the recipes run on it)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from .tiny_sd import _tiny_text_encoder, tiny_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizers = [tiny_clip_tokenizer() for _ in range(3)]
+    clip_width, t5_width = 32, 64          # T5 width >= both CLIP widths: the CLIP states are zero-padded to it
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizers[2]), d_model=t5_width, d_kv=8, d_ff=64, num_layers=1,
+                                 num_heads=4, relative_attention_num_buckets=8,
+                                 pad_token_id=tokenizers[2].pad_token_id))
+    parts = SD3Components(
+        transformer=SD3Transformer2DModel(sample_size=image_size, patch_size=2, in_channels=4, out_channels=4,
+                                          num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                          joint_attention_dim=t5_width, caption_projection_dim=32,
+                                          pooled_projection_dim=2 * 32, pos_embed_max_size=image_size),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16,),
+                          down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                          norm_num_groups=8, layers_per_block=1, sample_size=image_size, shift_factor=0.1,
+                          scaling_factor=1.5),
+        text_encoder=_tiny_text_encoder(tokenizers[0], clip_width, True, projection_dim=32),
+        text_encoder_2=_tiny_text_encoder(tokenizers[1], clip_width, True, projection_dim=32),
+        text_encoder_3=t5, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], tokenizer_3=tokenizers[2],
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift))
+    return _frozen_parts_in(parts, torch_dtype)
+
+
+def _frozen_parts_in(parts: Any, torch_dtype: torch.dtype | str | None) -> Any:
+    """``parts`` with the VAE and text encoders cast to ``torch_dtype`` (None: unchanged)."""
+    dtype = as_torch_dtype(torch_dtype)
+    if dtype is not None:
+        for module in (parts.vae, *parts.text_encoders().values()):
+            module.to(dtype)
+    return parts
+
+
+FLUX_MAX_SEQUENCE_LENGTH = 512     # FluxPipeline's default T5 sequence length
+FLUX_GUIDANCE = 3.5                # FluxPipeline's default (embedded) guidance
+
+
+@dataclass
+class FluxComponents:
+    """The parts of a Flux pipeline: CLIP-L (pooled embedding) as ``text_encoder``, T5-XXL as ``text_encoder_2``."""
+
+    transformer: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    text_encoder_2: nn.Module
+    tokenizer_2: Any
+    scheduler: Any
+    source: str | None = None
+    resolution: int = 1024      # training / generation size in pixels: Flux's transformer config has none
+    kind = "flux"
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.transformer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.resolution, self.resolution
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+
+def load_flux_components(pretrained: str, revision: str | None = None, variant: str | None = None,
+                         torch_dtype: torch.dtype | str | None = None, resolution: int = 1024) -> FluxComponents:
+    """The parts of a Diffusers Flux pipeline (hub id, e.g. "black-forest-labs/FLUX.1-dev", or directory); the
+    transformer in float32, the frozen VAE / encoders in ``torch_dtype``; ``resolution`` in pixels."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    common = {"revision": revision, "variant": variant}
+    frozen = dict(common, torch_dtype=as_torch_dtype(torch_dtype))
+    local = Path(pretrained).exists()
+    return FluxComponents(
+        transformer=FluxTransformer2DModel.from_pretrained(pretrained, subfolder="transformer", **common),
+        vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **frozen),
+        text_encoder=CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **frozen),
+        text_encoder_2=T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_2", **frozen),
+        tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision),
+        tokenizer_2=T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler",
+                                                                  revision=revision),
+        resolution=resolution, source=str(Path(pretrained).resolve()) if local else str(pretrained))
+
+
+def tiny_flux_components(image_size: int = 16, seed: int = 0, guidance_embeds: bool = True,
+                         torch_dtype: torch.dtype | str | None = None) -> FluxComponents:
+    """A randomly initialised Flux built from config (no download): a ``FluxTransformer2DModel`` with one joint and
+    one single block (16 packed channels = 4 latent channels x 2 x 2), a one-level VAE, a tiny CLIP and a tiny T5
+    sharing the offline tokenizer of ``fdistill.tiny_sd``, and the dynamically shifted scheduler of FLUX.1; frozen
+    parts in ``torch_dtype``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from .tiny_sd import _tiny_text_encoder, tiny_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizers = [tiny_clip_tokenizer() for _ in range(2)]
+    parts = FluxComponents(
+        transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                           pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                           axes_dims_rope=(4, 2, 2)),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16,),
+                          down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                          norm_num_groups=8, layers_per_block=1, sample_size=image_size, shift_factor=0.1,
+                          scaling_factor=1.5),
+        text_encoder=_tiny_text_encoder(tokenizers[0], 32, False),
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tokenizers[1]), d_model=32, d_kv=8, d_ff=64,
+                                               num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+                                               pad_token_id=tokenizers[1].pad_token_id)),
+        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], resolution=image_size,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True,
+                                                  base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                  max_image_seq_len=4096))
+    return _frozen_parts_in(parts, torch_dtype)
+
+
+def build_sd3_pipeline(parts: SD3Components, transformer: nn.Module | None = None, scheduler: Any = None):
+    """A ``StableDiffusion3Pipeline`` of the parts, with another transformer or scheduler if given."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer if transformer is not None else parts.transformer, vae=parts.vae,
+        text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, text_encoder_2=parts.text_encoder_2,
+        tokenizer_2=parts.tokenizer_2, text_encoder_3=parts.text_encoder_3, tokenizer_3=parts.tokenizer_3,
+        scheduler=scheduler if scheduler is not None else parts.scheduler)
+
+
+@torch.no_grad()
+def sd3_conditioning(pipeline: Any, captions: list[str],
+                     max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH) -> dict[str, Tensor]:
+    """Transformer keyword arguments of ``captions``: the pipeline's own ``encode_prompt`` (no CFG duplication)."""
+    embeds, _, pooled, _ = pipeline.encode_prompt(prompt=list(captions), prompt_2=None, prompt_3=None,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length,
+                                                  device=next(pipeline.text_encoder.parameters()).device)
+    return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
+
+
+def sd3_prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, str]], device: str,
+                       max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH):
+    """captions -> transformer conditioning with the text encoders of a saved SD3 pipeline (``components``: name ->
+    (root, subfolder), ``fdistill.denoisers.ModelInfo.components``); the empty prompt's encoding becomes the
+    denoiser's null condition (classifier-free guidance)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    root = components["text_encoder"][0]
+    pipeline = StableDiffusion3Pipeline.from_pretrained(root, transformer=denoiser.net, vae=None).to(device)
+
+    def encode(captions: list[str]) -> dict[str, Tensor]:
+        return sd3_conditioning(pipeline, captions, max_sequence_length)
+
+    denoiser.null_cond = encode([""])
+    return encode
+
+
+def flow_generator_scheduler(scheduler: Any, steps: int):
+    """The scheduler of an exported one- / few-step flow generator: ``FlowMatchEulerDiscreteScheduler`` with shift 1
+    (the generator's times are passed as ``sigmas=`` unshifted) and, for several steps, stochastic sampling: each
+    step takes x0 = x_t - t v and re-noises it to the next time, x_t' = (1 - t') x0 + t' eps, the chain of
+    ``fdistill.samplers.generator_sample`` in flow units."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, shift=1.0, use_dynamic_shifting=False,
+                                                       stochastic_sampling=steps > 1)
+
+
+class FlowMatchingComponent:
+    """What the SD3 and Flux ``LatentDiffusionComponent``s share (VAE, denoiser, LoRA and generator export); a
+    subclass sets ``kind`` and implements ``pipeline`` and ``conditioning``.
+
+    Args:
+        parts: the pipeline parts (``parts.transformer`` is the base network).
+        image_size: (H, W) in pixels.
+        max_sequence_length: T5 tokens of the conditioning (the pipeline's ``max_sequence_length``).
+    """
+
+    kind: str
+    input_scaling = "flow"      # a one-step generator's input (1 + sigma) z is the pipeline's x_t = z
+    latent_packing = 1          # latent channels per transformer input channel (Flux packs 2 x 2 patches: 4)
+
+    def __init__(self, parts: Any, image_size: tuple[int, int], max_sequence_length: int):
+        self.parts = parts
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.scheduler, self.source = parts.scheduler, parts.source
+        self.max_sequence_length = int(max_sequence_length)
+        self._encoder = self.pipeline()
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.parts.vae, **self.parts.text_encoders()}
+
+    def conditioning_tensors(self, cond: dict[str, Any]) -> dict[str, Tensor]:
+        return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
+                **({"guidance": cond["guidance"]} if "guidance" in cond else {})}
+
+    def conditioning_from_tensors(self, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        cond = {"encoder_hidden_states": tensors["prompt_embeds"],
+                "pooled_projections": tensors["pooled_prompt_embeds"]}
+        return {**cond, "guidance": tensors["guidance"]} if "guidance" in tensors else cond
+
+    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
+        return encode_latents(self.parts.vae, images, sample)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return decode_latents(self.parts.vae, latents)
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        factor = self.parts.vae_scale_factor
+        channels = self.parts.transformer.config.in_channels // self.latent_packing
+        return (batch, channels, self.image_size[0] // factor, self.image_size[1] // factor)
+
+    def denoiser(self, net: nn.Module) -> nn.Module:
+        return self._denoiser(net, null_cond=None)
+
+    def sampling_denoiser(self, net: nn.Module, guidance: float = 1.0) -> nn.Module:
+        from .denoisers import ClassifierFreeGuidance
+
+        denoiser = self._denoiser(net, null_cond=self.conditioning([""]))
+        return denoiser if guidance == 1.0 else ClassifierFreeGuidance(denoiser, guidance, denoiser.uncond)
+
+    def schedule_shift(self) -> float | None:
+        """Flux's mu for image_size (``use_dynamic_shifting``), else None."""
+        if not self.scheduler.config.get("use_dynamic_shifting"):
+            return None
+        _, _, height, width = self.latent_shape(1)
+        return flux_mu((height // 2) * (width // 2), self.scheduler.config)
+
+    def _denoiser(self, net: nn.Module, null_cond: Any):
+        from .denoisers import DiffusersDenoiser
+
+        denoiser = DiffusersDenoiser(net, self.scheduler, null_cond=null_cond, mu=self.schedule_shift())
+        denoiser.schedule.to(next(net.parameters()).device)
+        return denoiser
+
+    def pipeline(self, net: nn.Module | None = None, scheduler: Any = None):
+        raise NotImplementedError
+
+    def conditioning(self, captions: list[str], batch: dict[str, Any] | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save_pipeline(self, directory: str | Path, net: nn.Module | None = None, scheduler: Any = None) -> None:
+        self.pipeline(net, scheduler).save_pretrained(str(directory))
+
+    def save_lora(self, directory: str | Path, net: nn.Module) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(net))
+        # the adapter config travels as metadata: without it Diffusers loads with alpha = rank (wrong scale)
+        metadata = net.peft_config["default"].to_dict()
+        type(self.pipeline(net)).save_lora_weights(str(directory), transformer_lora_layers=layers,
+                                                   safe_serialization=True, transformer_lora_adapter_metadata=metadata)
+
+    def pipeline_call_options(self) -> str:
+        """Keyword arguments, besides sigmas, with which the exported generator's pipeline is called."""
+        return f"guidance_scale=1.0, max_sequence_length={self.max_sequence_length}"
+
+    def generator_export(self, sigmas: tuple[float, ...]) -> tuple[Any, dict[str, Any]]:
+        """(scheduler, fdistill.json fields) of a generator at noise levels ``sigmas``: the pipeline is called with
+        their flow times t = sigma / (1 + sigma) as ``sigmas=`` (``flow_generator_scheduler``)."""
+        times = [float(s) / (1 + float(s)) for s in sigmas]
+        call = f"pipe(prompt, sigmas={times}, {self.pipeline_call_options()})"
+        return flow_generator_scheduler(self.scheduler, len(times)), {"diffusers_sigmas": times,
+                                                                       "diffusers_call": call}
+
+
+class StableDiffusion3Component(FlowMatchingComponent):
+    """The ``LatentDiffusionComponent`` of SD3, as ``StableDiffusionComponent`` is for SD1.5 / SDXL."""
+
+    kind = "sd3"
+
+    def __init__(self, parts: SD3Components, image_size: tuple[int, int],
+                 max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH):
+        super().__init__(parts, image_size, max_sequence_length)
+
+    def conditioning(self, captions: list[str], batch: dict[str, Any] | None = None) -> dict[str, Any]:
+        return sd3_conditioning(self._encoder, captions, self.max_sequence_length)
+
+    def pipeline(self, net: nn.Module | None = None, scheduler: Any = None):
+        return build_sd3_pipeline(self.parts, net, scheduler)
+
+
+class FluxComponent(FlowMatchingComponent):
+    """The ``LatentDiffusionComponent`` of Flux: T5 states and CLIP pooled embedding, packed latents, and for the
+    guidance-distilled models (``guidance_embeds``) the embedded guidance ``guidance`` in every conditioning.
+
+    Args:
+        guidance: the embedded guidance of FLUX.1-dev-like models (FluxPipeline's ``guidance_scale``; 3.5 there).
+    """
+
+    kind = "flux"
+    latent_packing = 4
+
+    def __init__(self, parts: FluxComponents, image_size: tuple[int, int],
+                 max_sequence_length: int = FLUX_MAX_SEQUENCE_LENGTH, guidance: float = FLUX_GUIDANCE):
+        self.guidance = float(guidance)
+        super().__init__(parts, image_size, max_sequence_length)
+
+    @torch.no_grad()
+    def conditioning(self, captions: list[str], batch: dict[str, Any] | None = None) -> dict[str, Any]:
+        device = next(self.parts.text_encoder.parameters()).device
+        embeds, pooled, _ = self._encoder.encode_prompt(prompt=list(captions), prompt_2=None, device=device,
+                                                        max_sequence_length=self.max_sequence_length)
+        cond = {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
+        if self.parts.transformer.config.guidance_embeds:
+            cond["guidance"] = torch.full((len(captions),), self.guidance, device=device)
+        return cond
+
+    def pipeline(self, net: nn.Module | None = None, scheduler: Any = None):
+        from diffusers import FluxPipeline
+
+        parts = self.parts
+        return FluxPipeline(transformer=net if net is not None else parts.transformer, vae=parts.vae,
+                            text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                            text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+                            scheduler=scheduler if scheduler is not None else parts.scheduler)
+
+    def pipeline_call_options(self) -> str:
+        return f"guidance_scale={self.guidance}, max_sequence_length={self.max_sequence_length}"

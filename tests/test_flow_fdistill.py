@@ -1,0 +1,129 @@
+"""f-distill of a rectified-flow teacher (tiny SD3 built from config, CPU): training runs, and the exported
+StableDiffusion3Pipeline generates the student's latents in the student's step count from the same noise."""
+import json
+
+import pytest
+import torch
+
+from fdistill.config import build_run, compose, validate
+from fdistill.data import captioned_shapes
+from fdistill.denoisers import load_denoiser
+from fdistill.flow_pipelines import tiny_sd3_components
+from fdistill.methods.fdistill import FDistillConfig, build
+from fdistill.training import Trainer
+
+PROMPTS = ["a red square", "a blue circle"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def test_one_step_sd3_fdistill_trains_and_exports_a_pipeline_with_the_students_latents(tmp_path):
+    import diffusers
+
+    spec = validate(compose(["experiment=sd_tiny_fdistill", "model=tiny_sd3", "model.image_size=8",
+                             "data.num_images=8", "data.resolution=8", "train.steps=2", "train.batch_size=2",
+                             "train.sample_every=2", "train.num_samples=2", "train.checkpoint_every=2",
+                             "train.progress=false", "train.mixed_precision=no", "method.student_update_freq=2",
+                             f"train.run_dir={tmp_path}"]))
+    run = build_run(spec, with_loggers=False)
+    method = run.method
+    assert method.domain.kind == "sd3" and method.domain.input_scaling == "flow"
+    before = {name: [p.detach().clone() for p in net.parameters()] for name, net in method.networks.items()}
+    trainer = Trainer(method, run.data, spec.train)
+    trainer.fit()
+    for name, net in method.networks.items():
+        assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), before[name])), name
+
+    sigma_g = method.generator_sigma
+    assert sigma_g == pytest.approx(method.frozen["teacher"].sigma_max)
+    assert method.generator_noise_scale == pytest.approx(1 + sigma_g)       # x_t = x / (1 + sigma) = z
+    info = json.loads((tmp_path / "model" / "fdistill.json").read_text())
+    assert (info["kind"], info["wrapper"]) == ("generator", "flow")
+    assert info["diffusers_sigmas"] == [pytest.approx(sigma_g / (1 + sigma_g))]
+    pipeline = diffusers.StableDiffusion3Pipeline.from_pretrained(tmp_path / "model")
+    z = torch.randn(2, *method.sample_shape, generator=torch.Generator().manual_seed(0))
+    latents = pipeline(PROMPTS, latents=z, sigmas=info["diffusers_sigmas"], guidance_scale=1.0,
+                       output_type="latent", height=8, width=8).images
+    method.eval()
+    with trainer.ema.swapped_in(), torch.no_grad():
+        expected = method.student_sample(z, method.condition_of({"caption": PROMPTS}, torch.device("cpu")))
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-4)
+
+    denoiser, loaded = load_denoiser(tmp_path / "model")
+    assert (loaded.kind, loaded.conditioning, loaded.wrapper) == ("generator", "text", "flow") and denoiser.flow
+    assert {"vae", "text_encoder", "text_encoder_3"} <= set(loaded.components)
+
+
+def test_few_step_sd3_generator_exports_a_stochastic_flow_match_pipeline_running_the_same_chain(tmp_path):
+    import diffusers
+
+    from fdistill.commands.sample import main
+
+    sigmas = [9.0, 1.0]                                  # flow times 0.9, 0.5
+    method = build(FDistillConfig(generator_sigmas=sigmas), tiny_sd3_components(image_size=8),
+                   captioned_shapes(8, resolution=8)).eval()
+    method.export(str(tmp_path / "model"))
+    info = json.loads((tmp_path / "model" / "fdistill.json").read_text())
+    assert info["diffusers_sigmas"] == pytest.approx([0.9, 0.5])
+    pipeline = diffusers.StableDiffusion3Pipeline.from_pretrained(tmp_path / "model")
+    assert pipeline.scheduler.config.stochastic_sampling and pipeline.scheduler.config.shift == 1.0
+    z = torch.randn(1, 4, 8, 8)
+    torch.manual_seed(5)                                 # the scheduler re-noises with torch.randn_like
+    latents = pipeline(["a red square"], latents=z, sigmas=info["diffusers_sigmas"], guidance_scale=1.0,
+                       output_type="latent", height=8, width=8).images
+    torch.manual_seed(5)
+    renoise = torch.randn(1, 1, 4, 8, 8)
+    with torch.no_grad():
+        expected = method.student_sample(z, method.condition_of({"caption": ["a red square"]}, torch.device("cpu")),
+                                         renoise)
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-4)
+    assert main(["--model", str(tmp_path / "model"), "--prompt", "a red square", "--num", "2",
+                 "--out", str(tmp_path / "gen"), "--no-progress"]) == 0
+
+
+def test_flux_fdistill_one_step_export_generates_the_students_packed_latents(tmp_path):
+    import diffusers
+
+    from fdistill.denoisers.flow import pack_latents, unpack_latents
+    from fdistill.flow_pipelines import tiny_flux_components
+
+    method = build(FDistillConfig(student_update_freq=2), tiny_flux_components(image_size=8),
+                   captioned_shapes(8, resolution=8))
+    assert method.domain.kind == "flux" and tuple(method.sample_shape) == (4, 8, 8)
+    cond = method.condition_of({"caption": PROMPTS}, torch.device("cpu"))
+    assert cond["guidance"].tolist() == [3.5, 3.5]                  # the embedded guidance of FLUX.1-dev
+    method.eval().export(str(tmp_path / "model"))
+    info = json.loads((tmp_path / "model" / "fdistill.json").read_text())
+    pipeline = diffusers.FluxPipeline.from_pretrained(tmp_path / "model")
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    packed = pipeline(PROMPTS, latents=pack_latents(z), sigmas=info["diffusers_sigmas"], guidance_scale=3.5,
+                      max_sequence_length=512, output_type="latent", height=8, width=8).images
+    with torch.no_grad():
+        expected = method.student_sample(z, cond)
+    torch.testing.assert_close(unpack_latents(packed, 8, 8), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("experiment, model", [("sd3_fdistill", "tiny_sd3"), ("flux_fdistill", "tiny_flux"),
+                                               ("sd3_dpo", "tiny_sd3")])
+def test_flow_recipes_build_on_tiny_models(experiment, model):
+    dpo = experiment.endswith("dpo")
+    data = "data=preference_builtin" if dpo else "data=captioned_shapes"
+    spec = validate(compose([f"experiment={experiment}", f"model={model}", "model.image_size=8", data,
+                             "data.resolution=8", "train.device=cpu", "model.torch_dtype=null"]))
+    method = build_run(spec, with_loggers=False).method
+    assert (method.sd if dpo else method.domain).kind == model.removeprefix("tiny_")
+
+
+def test_rehearsal_rows_count_the_published_sd3_and_flux_networks_without_building_them():
+    from fdistill.rehearsal import GIB, REHEARSALS, estimate_gib
+
+    # SD3 medium DPO full: transformer trained (fp32 weights and gradients; the estimate counts no Adafactor state)
+    # + frozen fp32 reference; bf16 VAE, CLIP-L, CLIP-G and T5-XXL
+    transformer, vae, clip_l, clip_g, t5 = 2_028_328_000, 83_819_683, 123_650_304, 694_659_840, 4_762_310_656
+    expected = (transformer * (4 + 4 + 4) + 2 * (vae + clip_l + clip_g + t5)) / GIB
+    assert estimate_gib(REHEARSALS["sd3_dpo_full"], frozen_dtype="bfloat16") == pytest.approx(expected)
+    flux = estimate_gib(REHEARSALS["flux_fdistill"], frozen_dtype="bfloat16")
+    assert flux > 11_901_408_320 * (2 * 16 + 4) / GIB                   # student + fake score (AdamW) + teacher
