@@ -19,7 +19,7 @@ Self-play rounds (``rounds=K``, ``steps_per_round=S``) are phases plus the metho
 - once replaced, the reference (and the best snapshot) are part of ``checkpoint_state_dict``, and the round counter
   and per-round history are buffers: a killed run resumes into the right round with the right reference.
 The last round ends with ``finish()`` (called by ``export``): final evaluation, the per-round table printed and
-written as JSON (``summary_path``), and the best snapshot loaded into the target.
+written as JSON (``summary_path``), and the best snapshot loaded into the target (helpers: ``ddo_rounds``).
 """
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ class DDOConfig:
         for name in ("fake_pool_size", "eval_every"):
             require(getattr(self, name) >= 0, f"method.{name} must be >= 0, got {getattr(self, name)}")
         require(0 <= self.label_dropout < 1, f"method.label_dropout must be in [0, 1), got {self.label_dropout}")
-        require(self.evaluator in EVALUATORS, f"method.evaluator must be one of {sorted(EVALUATORS)}, got {self.evaluator!r}")
+        require(self.evaluator in EVALUATORS,
+                f"method.evaluator must be one of {sorted(EVALUATORS)}, got {self.evaluator!r}")
         require(self.eval_samples >= 2, f"method.eval_samples must be >= 2, got {self.eval_samples}")
         self.sampler = as_sampler_config(self.sampler)
 
