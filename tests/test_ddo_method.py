@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
+from fdistill.evaluation.frechet import FeatureStats, fid_from_stats
 from fdistill.methods.base import StepContext, run_step_callbacks
-from fdistill.methods.ddo import DDO, DDOConfig, build, class_balanced_labels
+from fdistill.methods.ddo import DDO, DDOConfig, build, class_balanced_labels, sample_with
 from fdistill.networks import MLPDenoiser
 
 SAMPLER = {"solver": "dpmpp_2m", "steps": 4, "sigma_min": 0.01, "sigma_max": 10.0}
@@ -193,7 +194,14 @@ def test_build_with_evaluator_and_finish_writes_summary(tmp_path):
     written = json.loads((tmp_path / "ddo_rounds.json").read_text())
     assert written == summary and len(summary["rounds"]) == 1
     row = summary["rounds"][0]
-    assert row["start_score"] > 0 and row["end_score"] > 0
+    # the start score is raw_frechet of the round's first target (a copy of the reference) on the seeded draw
+    eval_noise = torch.Generator().manual_seed(config.seed)
+    samples = sample_with(method.frozen["reference"], config.eval_samples, (2,), config.sampler, None, eval_noise,
+                          config.generation_batch)
+    dataset = FeatureStats().update(torch.stack([item["x"] for item in data.dataset]).double())
+    assert row["start_score"] == pytest.approx(fid_from_stats(FeatureStats().update(samples.double()), dataset),
+                                               rel=1e-6)
+    assert row["end_score"] != row["start_score"]                       # two steps moved the target
     assert row["best_score"] == min(row["start_score"], row["end_score"])
 
 

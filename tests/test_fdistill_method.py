@@ -259,7 +259,10 @@ def test_build_from_analytic_teacher_needs_a_network_spec_and_generates():
         build(FDistillConfig(), None, data)
     spec = {"_target_": "fdistill.networks.MLPDenoiser", "dim": 2, "hidden": 16, "depth": 1}
     method = build(FDistillConfig(network=spec, generator_sigma=2.5), None, data)
-    assert isinstance(method.frozen["teacher"], GaussianMixtureDenoiser)
+    x, sigma = torch.randn(5, 2, generator=torch.Generator().manual_seed(1)), torch.full((5,), 0.7)
+    torch.testing.assert_close(method.frozen["teacher"](x, sigma), gmm(TEACHER)(x, sigma))   # the data's exact one
+    student_size = sum(p.numel() for p in method.networks["student"].parameters())
+    assert student_size == sum(p.numel() for p in MLPDenoiser(dim=2, hidden=16, depth=1).parameters())  # the spec's
     assert method.networks["discriminator"].backbone is not None      # analytic teacher: own feature net
     samples = method.generate(10, torch.Generator().manual_seed(0))
     assert samples.shape == (10, 2) and torch.isfinite(samples).all()

@@ -236,7 +236,9 @@ def test_metrics_jsonl_and_sample_grid_png(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
-        assert {"loss", "grad_norm", "lr", "steps_per_sec"} <= record.keys() and record["loss"] > 0
+        assert {"loss", "grad_norm", "lr", "steps_per_sec"} <= record.keys()
+        # EDM-weighted loss of a barely trained network: about 1 per pixel (a sum over the 64 pixels would be ~100)
+        assert 0.5 < record["loss"] < 5, record
     assert records[0]["lr"] == pytest.approx(2e-3 / 100)                 # digits_teacher: 100 warm-up steps
     with Image.open(tmp_path / "samples" / "step_000002.png") as grid:
         assert grid.size[0] == 2 * 8 * 16 + 3 and grid.size[1] > 256      # 2 x 2 digits enlarged 16x, captioned

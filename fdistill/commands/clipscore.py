@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from fdistill.commands import UsageError, bounded_int, finite_float, one_line
-from fdistill.commands.sample_options import MAX_BATCH, add_prompt_arguments, add_sampler_arguments
+from fdistill.commands import UsageError, bounded_int, one_line
+from fdistill.commands.sample_options import MAX_BATCH, add_clip_arguments, add_prompt_arguments, add_sampler_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,11 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--images", help="image folder (sorted by path; grid.png skipped)")
     source.add_argument("--gen", help="text-to-image pipeline directory / hub id, sampled on --prompts")
     add_prompt_arguments(parser)
-    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name, local-dir:PATH or hf-hub:ID")
-    parser.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag or weights file")
-    parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance weight (--gen)")
+    add_clip_arguments(parser)
     add_sampler_arguments(parser, solver=None, steps=None, solver_help="sampler for --gen (default: fdistill sample's)",
-                          steps_help="solver steps for --gen")
+                          steps_help="solver steps for --gen", guidance_help="classifier-free guidance weight (--gen)")
     parser.add_argument("--seed", type=int, default=0, help="image i of --gen uses noise seeded by (seed, i)")
     parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=64)
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers reading --images")

@@ -30,7 +30,6 @@ from .train import run_training
 
 DEFAULT_EXPERIMENT = "digits_fdistill"
 EVAL_SAMPLES = 2000
-TEACHER_STEPS = 20
 
 USAGE = """usage: fdistill distill [KEY=VALUE ...]   (Hydra overrides on top of experiment=digits_fdistill)
 
@@ -75,17 +74,18 @@ def balanced_digit_metrics(images: torch.Tensor) -> dict[str, float]:
 
 
 def teacher_samples(method, num: int, generator: torch.Generator) -> torch.Tensor:
-    """``num`` samples of the (guided) teacher with DPM-Solver++(2M), 20 Karras steps over the method's sigma range."""
+    """``num`` samples of the (guided) teacher with the default sampler (SamplerConfig: DPM-Solver++(2M), 20 Karras
+    steps) over the method's sigma range."""
     from ..samplers import SamplerConfig, noise_levels, sample
 
     config = method.config
-    levels = noise_levels(SamplerConfig(steps=TEACHER_STEPS, schedule="karras", sigma_min=config.sigma_min,
-                                        sigma_max=config.sigma_max), method.frozen["teacher"])
+    sampler = SamplerConfig(sigma_min=config.sigma_min, sigma_max=config.sigma_max)
+    levels = noise_levels(sampler, method.frozen["teacher"])
     noise = levels[0] * torch.randn(num, *method.sample_shape, generator=generator, dtype=torch.float64)
     cond = torch.arange(num) % method.num_classes if method.num_classes else None
     device = method.device()     # noise drawn on the CPU: the same samples on any device
     with torch.no_grad():
-        return sample(method.guided_teacher, noise.float().to(device), levels.float().to(device), solver="dpmpp_2m",
+        return sample(method.guided_teacher, noise.float().to(device), levels.float().to(device), solver=sampler.solver,
                       cond=None if cond is None else cond.to(device))
 
 
@@ -96,8 +96,10 @@ def evaluate_digits(method, data, num: int = EVAL_SAMPLES) -> dict[str, Any]:
     student_seconds = time.perf_counter() - started
     started = time.perf_counter()
     teacher = balanced_digit_metrics(teacher_samples(method, num, torch.Generator().manual_seed(2)))
+    from ..samplers import SamplerConfig
+
     return {"samples": num, "student": {**student, "nfe": len(method.generator_sigmas), "seconds": student_seconds},
-            "teacher": {**teacher, "nfe": TEACHER_STEPS, "solver": "dpmpp_2m",
+            "teacher": {**teacher, "nfe": SamplerConfig.steps, "solver": SamplerConfig.solver,
                         "seconds": time.perf_counter() - started}}
 
 

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from fdistill.commands import UsageError, bounded_int, finite_float, one_line
-from fdistill.commands.sample_options import MAX_BATCH, add_prompt_arguments, add_sampler_arguments
+from fdistill.commands import UsageError, bounded_int, one_line
+from fdistill.commands.sample_options import MAX_BATCH, add_clip_arguments, add_prompt_arguments, add_sampler_arguments
 from fdistill.evaluation.extractors import EXTRACTORS, build_feature_extractor
 from fdistill.evaluation.fid import SourceOptions, compute_metrics
 from fdistill.evaluation.preprocess import MODES
 from fdistill.evaluation.sources import FLOAT_RANGES, UnstatedRangeError
+from fdistill.samplers.config import SamplerConfig
 
 MAX_IMAGES = 10_000_000          # statistics are streamed: the bound only catches typos (1e12)
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reference images to use (default all)")
     parser.add_argument("--float-range", choices=list(FLOAT_RANGES), default=None,
                         help="value range of float images in an npz (write --float-range=-1..1 for the negative one)")
-    parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=64)
+    parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH), default=SourceOptions.batch_size)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers decoding and resizing images")
     parser.add_argument("--features", choices=sorted(EXTRACTORS), default="inception")
@@ -56,16 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inception-weights", default=None, help="inception-2015-12-05.pt to use knowingly, even if "
                         "its SHA-256 is not the published one (else $FDISTILL_INCEPTION_WEIGHTS, then the verified "
                         "cache or a verified download)")
-    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name, local-dir:PATH or hf-hub:ID")
-    parser.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag or weights file")
+    add_clip_arguments(parser)
     parser.add_argument("--kid", action="store_true", help="also compute KID (keeps features in memory)")
     parser.add_argument("--pr", action="store_true", help="also compute precision / recall (k = 3)")
-    add_sampler_arguments(parser, solver="dpmpp_2m", steps=18, solver_help="sampler for a denoiser --gen",
-                          steps_help="solver steps for a denoiser --gen")
+    add_sampler_arguments(parser, solver=SamplerConfig.solver, steps=18, solver_help="sampler for a denoiser --gen",
+                          steps_help="solver steps for a denoiser --gen",
+                          guidance_help="classifier-free guidance weight of a --prompts pipeline (1 = off)")
     parser.add_argument("--seed", type=int, default=0)
     add_prompt_arguments(parser)                        # a text-to-image --gen pipeline sampled on a prompt file
-    parser.add_argument("--guidance", type=finite_float, default=1.0,
-                        help="classifier-free guidance weight of a --prompts pipeline (1 = off)")
     parser.add_argument("--no-cache", action="store_true", help="do not read / write cached reference statistics")
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device: str):
     """``generate_fn(num, generator, cond=None) -> [-1, 1] images`` sampling a model directory / hub id."""
     from fdistill.denoisers import load_denoiser
-    from fdistill.samplers import SamplerConfig, generator_sample, noise_levels, sample
+    from fdistill.samplers import generator_sample, noise_levels, sample
 
     denoiser, info = load_denoiser(path, device=device)
     if info.conditioning == "text" or info.components.get("vae"):

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fdistill.commands import UsageError, bounded_int, finite_float, one_line
+from fdistill.commands import UsageError, bounded_int, one_line
 from fdistill.commands.sample_models import BUILTIN_MODELS, DTYPES, Model, guided, load_model
 from fdistill.commands.sample_options import (MAX_BATCH, MAX_NUM, add_prompt_arguments,
                                               add_sampler_arguments)
 from fdistill.commands.sample_output import SampleWriter, launched_processes, require_finite
+from fdistill.samplers.config import SamplerConfig
 
 DEFAULT_NUM = 64                 # images without --prompts
 
@@ -69,7 +70,7 @@ def batch_condition(model: Model, args: argparse.Namespace, start: int, count: i
 
 def noise_levels(model: Model, args: argparse.Namespace) -> Tensor:
     """The sampler's decreasing sigmas (ending at 0), defaults from the model's noise range."""
-    from fdistill.samplers import SamplerConfig, noise_levels as sampler_noise_levels
+    from fdistill.samplers import noise_levels as sampler_noise_levels
 
     sigma_min = args.sigma_min if args.sigma_min is not None else model.info.sigma_min
     sigma_max = args.sigma_max if args.sigma_max is not None else model.info.sigma_max
@@ -117,12 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(parser, solver=None, steps=None,
                           solver_help="sampler (None: the most accurate one for --steps, "
                                       "fdistill.samplers.recommended_solver)",
-                          steps_help="solver steps (default 1 for one-step generators, 20 otherwise)")
+                          steps_help="solver steps (default: a generator's own steps, SamplerConfig.steps otherwise)",
+                          guidance_help="classifier-free guidance weight (1 = off)")
     parser.add_argument("--ems", default=None, help="DPM-Solver-v3 statistics of this model (scripts/compute_ems.py"
                         " output); implies --solver dpm_solver_v3, which needs it")
     parser.add_argument("--sigma-min", type=float, default=None, help="smallest noise level (default: the model's)")
     parser.add_argument("--sigma-max", type=float, default=None, help="largest noise level (default: the model's)")
-    parser.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance weight (1 = off)")
     parser.add_argument("--class", dest="class_label", type=int, default=None,
                         help="class label of all images (default: classes cycle 0, 1, ...)")
     parser.add_argument("--prompt", default="", help="text prompt (text-to-image models)")
@@ -159,7 +160,7 @@ def check_arguments(model: Model, args: argparse.Namespace) -> None:
     info = model.info
     args.solver_options = solver_options(args, tuple(info.sample_shape))
     if args.steps is None:
-        args.steps = len(info.generator_chain) if info.kind == "generator" else 20
+        args.steps = len(info.generator_chain) if info.kind == "generator" else SamplerConfig.steps
     if info.kind == "generator" and args.steps != len(info.generator_chain):
         raise UsageError(f"--steps {args.steps}: {args.model} is a {len(info.generator_chain)}-step generator; "
                          f"allowed: --steps {len(info.generator_chain)}")

@@ -45,8 +45,8 @@ def digits_exact(dtype: torch.dtype, device: str) -> Model:
     from fdistill.denoisers.io import ModelInfo
 
     images, labels = digits_images(8)
-    info = ModelInfo(sample_shape=(1, 8, 8), num_classes=10, conditioning="class", sigma_min=0.002, sigma_max=80.0,
-                     wrapper="analytic", source="digits-exact")
+    info = ModelInfo(sample_shape=(1, 8, 8), num_classes=10, conditioning="class", wrapper="analytic",
+                     source="digits-exact")       # the default EDM noise range
     return Model(EmpiricalDenoiser(images, labels).to(device), info, uncond=lambda cond: None)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from fdistill.commands import bounded_int
+from fdistill.commands import bounded_int, finite_float
+from fdistill.evaluation.clip import CLIP_MODEL, CLIP_PRETRAINED
 from fdistill.evaluation.prompts import DEFAULT_CAPTION_COLUMN
 
 MAX_NUM = 10_000_000             # images are written / streamed batch by batch: the bound only catches typos (1e12)
@@ -21,12 +22,20 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-prompt", type=bounded_int(1, MAX_NUM), default=1, help="images per --prompts prompt")
 
 
+def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """--clip-model, --clip-pretrained (shared by ``fdistill fid --features clip`` and ``fdistill clipscore``)."""
+    parser.add_argument("--clip-model", default=CLIP_MODEL, help="open_clip model name, local-dir:PATH or hf-hub:ID")
+    parser.add_argument("--clip-pretrained", default=CLIP_PRETRAINED, help="open_clip pretrained tag or weights file")
+
+
 def add_sampler_arguments(parser: argparse.ArgumentParser, solver: str | None, steps: int | None,
-                          solver_help: str, steps_help: str) -> None:
-    """--solver (fdistill.samplers.SOLVERS), --steps (1 .. MAX_STEPS) and --schedule (SIGMA_SCHEDULES, default
-    karras) with the command's own defaults and help."""
-    from fdistill.samplers import SIGMA_SCHEDULES, SOLVERS
+                          solver_help: str, steps_help: str, guidance_help: str) -> None:
+    """--solver (fdistill.samplers.SOLVERS), --steps (1 .. MAX_STEPS) with the command's own defaults and help, and
+    --schedule (SIGMA_SCHEDULES) and --guidance (>= 0) whose defaults are SamplerConfig's."""
+    from fdistill.samplers import SIGMA_SCHEDULES, SOLVERS, SamplerConfig
 
     parser.add_argument("--solver", choices=list(SOLVERS), default=solver, help=solver_help)
     parser.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=steps, help=steps_help)
-    parser.add_argument("--schedule", choices=list(SIGMA_SCHEDULES), default="karras", help="noise-level spacing")
+    parser.add_argument("--schedule", choices=list(SIGMA_SCHEDULES), default=SamplerConfig.schedule,
+                        help="noise-level spacing")
+    parser.add_argument("--guidance", type=finite_float, default=SamplerConfig.guidance, help=guidance_help)

@@ -23,13 +23,10 @@ beside it or in ../scheduler), and EDM model directories (config.json of format 
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +38,8 @@ from ..edm.pretrained import is_edm_config
 from ..edm.precond import EDMNetworkDenoiser
 from .diffusers import DiffusersDenoiser
 from .edm import EDMPrecond
+from .model_info import ModelInfo
+from .model_source import HUB_ID, MODEL_CLASSES, ModelSource  # noqa: F401 (importable from here)
 
 FORMAT_FILE = "fdistill.json"
 FORMAT_VERSION = 1
@@ -50,68 +49,6 @@ SCHEDULER_DIR = "scheduler"
 PIPELINE_MODEL_COMPONENTS = ("unet", "transformer")
 LORA_EXPORT_FILE = "fdistill_dpo.json"           # written by method diffusion_dpo's export
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-# model_class name in a config / fdistill.json -> module that defines it.
-MODEL_CLASSES = {
-    "UNet2DModel": "diffusers",
-    "UNet2DConditionModel": "diffusers",
-    "DiTTransformer2DModel": "diffusers",
-    "SD3Transformer2DModel": "diffusers",
-    "FluxTransformer2DModel": "diffusers",
-    "MLPNetwork": "fdistill.networks",
-    "SongUNet": "fdistill.edm",
-    "DhariwalUNet": "fdistill.edm",
-    "EDM2UNet": "fdistill.edm",
-}
-
-
-@dataclass
-class ModelInfo:
-    """What a model directory says about its model.
-
-    Attributes:
-        kind: "denoiser" (multi-step sampling) or "generator" (one step: x = D(c * z, generator_sigma)).
-        generator_sigma: noise level of a generator's input (None for denoisers).
-        generator_sigmas: a few-step generator's noise levels sigma_1 > ... > sigma_K (sigma_1 = generator_sigma):
-            x_1 = c z, x_{k+1} = D(x_k, sigma_k) + sigma_{k+1} eps_k, output D(x_K, sigma_K); None = one step.
-        generator_noise_scale: c, the scale of the generator's input noise z ~ N(0, I); None = generator_sigma.
-            Generators distilled from a discrete VP model use sqrt(1 + sigma^2), the "pure noise" input x_t = z of
-            Diffusers pipelines (one-step DDIM at t = T - 1).
-        sample_shape: shape of one sample (C, H, W) or (dim,) (latents for latent-diffusion pipelines).
-        num_classes: real classes of a class-conditional model (the null class index), else None.
-        conditioning: "none", "class" (labels [B]) or "text" (encoder_hidden_states).
-        sigma_min, sigma_max: noise range of the model.
-        wrapper: "edm", "vp" or "flow" (rectified flow: SD3, Flux).
-        source: the path or hub id it was loaded from.
-        base_model: a LoRA export's base pipeline (path or hub id) the LoRA was fused into; None otherwise.
-        components: other pipeline parts by name -> (path or hub id, subfolder), e.g. {"vae": ("sd-dir", "vae")},
-            loadable with ``<Class>.from_pretrained(root, subfolder=subfolder)``.
-    """
-
-    kind: str = "denoiser"
-    generator_sigma: float | None = None
-    generator_sigmas: tuple[float, ...] | None = None
-    generator_noise_scale: float | None = None
-    sample_shape: tuple[int, ...] = ()
-    num_classes: int | None = None
-    conditioning: str = "none"
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    wrapper: str = "edm"
-    source: str = ""
-    base_model: str | None = None
-    components: dict[str, tuple[str, str]] = field(default_factory=dict)
-
-    @property
-    def generator_input_scale(self) -> float:
-        """c of a generator's input c * z (``generator_noise_scale``, else ``generator_sigma``)."""
-        return self.generator_noise_scale or self.generator_sigma
-
-    @property
-    def generator_chain(self) -> tuple[float, ...]:
-        """A generator's noise levels, one per step (``generator_sigmas``, else (generator_sigma,))."""
-        return tuple(self.generator_sigmas or (self.generator_sigma,))
 
 
 # ---------------------------------------------------------------------------------------------------- saving
@@ -230,69 +167,11 @@ def _replace_directory(new: Path, target: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-class _Source:
-    """A local directory or a Hugging Face hub repository, read file by file (hub files are fetched on demand)."""
-
-    def __init__(self, path_or_hub_id: str | os.PathLike, subfolder: str | None):
-        self.name = str(path_or_hub_id)
-        self.local = Path(path_or_hub_id).exists()
-        if not self.local and (os.path.isabs(self.name) or not HUB_ID.match(self.name)):
-            raise FileNotFoundError(f"model path {self.name!r} does not exist (and is not a hub id 'owner/name')")
-        self.subfolder = subfolder
-
-    def join(self, *parts: str) -> str:
-        """Path (local) or subfolder (hub) of ``parts`` under the source's subfolder."""
-        parts = tuple(p for p in (self.subfolder, *parts) if p)
-        return "/".join(parts)
-
-    def read_json(self, *parts: str) -> dict | None:
-        """The JSON file at ``parts`` or None when it does not exist."""
-        relative = self.join(*parts)
-        if self.local:
-            path = Path(self.name) / relative
-            return _parse_json(path.read_text(), path) if path.is_file() else None
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-        try:
-            downloaded = Path(hf_hub_download(self.name, relative))
-        except Exception as error:
-            if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
-                return None              # the repository exists and lacks this file: try the next layout
-            # offline (LocalEntryNotFoundError), unknown repo, gated...: say which source failed
-            raise FileNotFoundError(f"model {self.name!r} is not a local path and could not be read from the "
-                                    f"Hugging Face hub: {error}") from error
-        return _parse_json(downloaded.read_text(), self.location(*parts))
-
-    def location(self, *parts: str) -> str:
-        """A readable name of ``parts`` inside the source, for error messages."""
-        relative = self.join(*parts)
-        return str(Path(self.name) / relative) if self.local else ":".join(filter(None, (self.name, relative)))
-
-    def load_model(self, class_name: str, component: str | None) -> nn.Module:
-        if class_name not in MODEL_CLASSES:
-            raise ValueError(f"{self.name}: model class {class_name!r} not supported; allowed: {sorted(MODEL_CLASSES)}")
-        cls = getattr(importlib.import_module(MODEL_CLASSES[class_name]), class_name)
-        if self.local:
-            return cls.from_pretrained(Path(self.name) / self.join(component or ""))
-        return cls.from_pretrained(self.name, subfolder=self.join(component or "") or None)
-
-
-def _parse_json(text: str, where) -> dict:
-    """A JSON object, or a ValueError naming the file and the position of the syntax error."""
-    try:
-        content = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error})") from error
-    if not isinstance(content, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(content).__name__}")
-    return content
-
-
 REQUIRED_FIELDS = ("model_class", "wrapper", "kind", "generator_sigma", "feature_block")
 EDM_FIELDS = ("sigma_data", "sigma_min", "sigma_max")
 
 
-def _load_fdistill(source: _Source, meta: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
+def _load_fdistill(source: ModelSource, meta: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
     required = REQUIRED_FIELDS + (EDM_FIELDS if meta.get("wrapper") == "edm" else ())
     missing = [name for name in required if name not in meta]
     if missing:
@@ -320,14 +199,14 @@ def _load_fdistill(source: _Source, meta: dict, dtype: torch.dtype | None) -> tu
     return denoiser, info
 
 
-def _required_json(source: _Source, *parts: str) -> dict:
+def _required_json(source: ModelSource, *parts: str) -> dict:
     content = source.read_json(*parts)
     if content is None:
         raise FileNotFoundError(f"{source.name}: missing {source.join(*parts)}")
     return content
 
 
-def _load_pipeline(source: _Source, index: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
+def _load_pipeline(source: ModelSource, index: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
     component = next((c for c in PIPELINE_MODEL_COMPONENTS if c in index), None)
     if component is None:
         raise ValueError(f"{source.name}: model_index.json has none of the components {PIPELINE_MODEL_COMPONENTS}")
@@ -338,14 +217,14 @@ def _load_pipeline(source: _Source, index: dict, dtype: torch.dtype | None) -> t
     return denoiser, ModelInfo(wrapper=_wrapper_name(denoiser), components=others)
 
 
-def _other_components(source: _Source, index: dict, model_component: str) -> dict[str, tuple[str, str]]:
+def _other_components(source: ModelSource, index: dict, model_component: str) -> dict[str, tuple[str, str]]:
     """The pipeline parts of model_index.json besides the model and the scheduler: name -> (root, subfolder)."""
     return {name: (source.name, source.join(name)) for name, value in index.items()
             if not name.startswith("_") and name not in (model_component, SCHEDULER_DIR) and isinstance(value, list)
             and value[0] is not None}
 
 
-def _load_lora_export(source: _Source, meta: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
+def _load_lora_export(source: ModelSource, meta: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
     """The base pipeline named by ``meta["base_model"]`` with the export's LoRA fused into its UNet (the
     pipeline's VAE and text encoders come from the base)."""
     base = meta.get("base_model")
@@ -363,7 +242,7 @@ def _load_lora_export(source: _Source, meta: dict, dtype: torch.dtype | None) ->
     return denoiser, info
 
 
-def _load_bare_model(source: _Source, config: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
+def _load_bare_model(source: ModelSource, config: dict, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
     scheduler = source.read_json("scheduler_config.json") or source.read_json("..", SCHEDULER_DIR,
                                                                               "scheduler_config.json")
     if scheduler is None:
@@ -374,7 +253,7 @@ def _load_bare_model(source: _Source, config: dict, dtype: torch.dtype | None) -
     return denoiser, ModelInfo(wrapper=_wrapper_name(denoiser))
 
 
-def _load_edm_directory(source: _Source, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
+def _load_edm_directory(source: ModelSource, dtype: torch.dtype | None) -> tuple[nn.Module, ModelInfo]:
     if not source.local:
         raise ValueError(f"{source.name}: EDM model directories are read from a local path, not the hub")
     return load_edm_denoiser(Path(source.name) / source.join(), dtype=dtype), ModelInfo(wrapper="edm_network")
@@ -392,7 +271,7 @@ def load_denoiser(path_or_hub_id: str | os.PathLike, subfolder: str | None = Non
     (inputs and outputs stay float32).
     Raises FileNotFoundError for a missing path, ValueError for a directory that is none of these.
     """
-    source = _Source(path_or_hub_id, subfolder)
+    source = ModelSource(path_or_hub_id, subfolder)
     if (meta := source.read_json(FORMAT_FILE)) is not None:
         denoiser, info = _load_fdistill(source, meta, dtype)
     elif (index := source.read_json("model_index.json")) is not None:

@@ -20,6 +20,9 @@ from torch import Tensor, nn
 
 from .preprocess import quantize_to_uint8
 
+CLIP_MODEL = "ViT-B-32"         # the default open_clip model of CLIP scores and CLIP features
+CLIP_PRETRAINED = "openai"      # ... and its pretrained tag
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -90,7 +93,7 @@ def _image_size(model: nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def load_clip(model_name: str = "ViT-B-32", pretrained: str | None = "openai", device="cpu",
+def load_clip(model_name: str = CLIP_MODEL, pretrained: str | None = CLIP_PRETRAINED, device="cpu",
               load_weights: bool = True) -> ClipModel:
     """Load an open_clip model (see module docstring); eval mode, frozen. ``load_weights=False``: the architecture
     only (random init, also for ``local-dir:``), for weights loaded afterwards from a fine-tuned checkpoint."""

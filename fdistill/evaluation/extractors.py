@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .clip import CLIP_MODEL, CLIP_PRETRAINED
 from .preprocess import inception_input
 
 
@@ -118,7 +119,7 @@ def clip_weights_id(clip_model: str, clip_pretrained: str | None, network: nn.Mo
     return f"sha256:{state_dict_sha256(network)}"
 
 
-def _clip(clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai", **_) -> FeatureExtractor:
+def _clip(clip_model: str = CLIP_MODEL, clip_pretrained: str | None = CLIP_PRETRAINED, **_) -> FeatureExtractor:
     from .clip import load_clip
 
     clip = load_clip(clip_model, clip_pretrained)

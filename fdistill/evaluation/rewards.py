@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .clip import ClipModel, load_clip
+from .clip import CLIP_MODEL, CLIP_PRETRAINED, ClipModel, load_clip
 from .preprocess import quantize_to_uint8
 
 Scorer = Callable[[Tensor, list[str]], Tensor]
@@ -83,8 +83,8 @@ def _cosine(clip: ClipModel, images: Tensor, prompts: list[str]) -> Tensor:
 def clip_scorer(model: str | None = None, processor: str | None = None, device: str | torch.device = "cpu",
                 batch_size: int = 64) -> Scorer:
     """CLIP score per image: 100 * max(cos(E_img, E_txt), 0) (Hessel et al. 2021, Eq. 1), [N] float32."""
-    model = model or "ViT-B-32"
-    pretrained = None if model.startswith(("local-dir:", "hf-hub:")) else (processor or "openai")
+    model = model or CLIP_MODEL
+    pretrained = None if model.startswith(("local-dir:", "hf-hub:")) else (processor or CLIP_PRETRAINED)
     clip = _load_open_clip(model, pretrained, device, "model='local-dir:/path' (open_clip_config.json + weights) or "
                            "processor='/path/to/weights.bin'")
     return _batched(lambda images, prompts: 100 * _cosine(clip, images, prompts).clamp_min(0), batch_size)

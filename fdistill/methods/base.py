@@ -32,6 +32,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..validation import require
+
 OPTIMIZERS = ("adamw", "adam", "adafactor")
 
 
@@ -64,37 +66,22 @@ class Phase:
     last_step: int | None = None
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"phase {self.name!r}: lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"phase {self.name!r}: weight_decay must be >= 0, got {self.weight_decay}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"phase {self.name!r}: optimizer {self.optimizer!r} not in {OPTIMIZERS}")
-        if not self.networks:
-            raise ValueError(f"phase {self.name!r}: trains no network")
-        if self.last_step is not None and self.last_step < 0:
-            raise ValueError(f"phase {self.name!r}: last_step must be >= 0 or None, got {self.last_step}")
+        # lr, weight_decay and optimizer come from the method's config, which validates them (check_optimizer_fields)
+        require(bool(self.networks), f"phase {self.name!r}: trains no network")
+        require(self.last_step is None or self.last_step >= 0,
+                f"phase {self.name!r}: last_step must be >= 0 or None, got {self.last_step}")
 
 
-def optimizer_checks(config) -> list[tuple[bool, str]]:
-    """(condition, message) checks of the optimizer fields method configs share: lr, weight_decay, betas, optimizer,
-    max_grad_norm (messages name ``method.<field>`` and the allowed values)."""
-    return [
-        (config.lr > 0, f"method.lr must be > 0, got {config.lr}"),
-        (config.weight_decay >= 0, f"method.weight_decay must be >= 0, got {config.weight_decay}"),
-        (len(config.betas) == 2 and all(0 <= b < 1 for b in config.betas),
-         f"method.betas must be two values in [0, 1), got {list(config.betas)}"),
-        (config.optimizer in OPTIMIZERS, f"method.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}"),
-        (config.max_grad_norm is None or config.max_grad_norm > 0,
-         f"method.max_grad_norm must be > 0 or null, got {config.max_grad_norm}"),
-    ]
-
-
-def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
-    """ValueError with the message of the first failed (condition, message) check."""
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+def check_optimizer_fields(config) -> None:
+    """Validate the optimizer fields method configs share: lr, weight_decay, betas, optimizer, max_grad_norm (the
+    ValueError names ``method.<field>`` and the allowed values). The Phases a method builds take these values."""
+    require(config.lr > 0, f"method.lr must be > 0, got {config.lr}")
+    require(config.weight_decay >= 0, f"method.weight_decay must be >= 0, got {config.weight_decay}")
+    require(len(config.betas) == 2 and all(0 <= b < 1 for b in config.betas),
+            f"method.betas must be two values in [0, 1), got {list(config.betas)}")
+    require(config.optimizer in OPTIMIZERS, f"method.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    require(config.max_grad_norm is None or config.max_grad_norm > 0,
+            f"method.max_grad_norm must be > 0 or null, got {config.max_grad_norm}")
 
 
 def _identity(t: Tensor) -> Tensor:

@@ -19,13 +19,11 @@ Self-play rounds (``rounds=K``, ``steps_per_round=S``) are phases plus the metho
 - once replaced, the reference (and the best snapshot) are part of ``checkpoint_state_dict``, and the round counter
   and per-round history are buffers: a killed run resumes into the right round with the right reference.
 The last round ends with ``finish()`` (called by ``export``): final evaluation, the per-round table printed and
-written as JSON (``summary_path``), and the best snapshot loaded into the target.
+written as JSON (``summary_path``), and the best snapshot loaded into the target (helpers: ``ddo_rounds``).
 """
 from __future__ import annotations
 
 import copy
-import itertools
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,67 +32,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..losses.ddo import ddo_log_ratio, ddo_loss, likelihood_mode
+from ..losses.ddo import ddo_log_ratio, ddo_loss
 from ..samplers.config import SamplerConfig, as_sampler_config
-from .base import Method, Phase, StepCallback, StepContext, optimizer_checks, raise_first_failure
+from ..validation import require
+from .base import Method, Phase, StepCallback, StepContext, check_optimizer_fields
+from .ddo_rounds import (EVALUATORS, HISTORY_COLUMNS, Evaluate, class_balanced_labels,  # noqa: F401 (public here)
+                         draw_samples, format_round_table, resolve_evaluator, round_rows, sample_with, write_json)
 from .denoising import drop_labels
-
-Evaluate = Callable[[Tensor], float]
-HISTORY_COLUMNS = ("start_score", "best_score", "best_step", "end_score")
-
-
-def _digits_fd(data) -> Evaluate:
-    from ..evaluation.digits import digits_fd
-
-    return digits_fd
-
-
-def _dataset_points(data) -> Tensor:
-    """[N, D] float64: the whole dataset's samples, flattened."""
-    return torch.stack([item["x"] for item in data.dataset]).flatten(1).double()
-
-
-def _raw_frechet(data) -> Evaluate:
-    """Frechet distance of the raw (flattened) samples to the whole dataset: two moments only (a single Gaussian with
-    a mixture's mean and covariance scores 0), kept for comparison."""
-    from ..evaluation.frechet import FeatureStats, fid_from_stats
-
-    reference = FeatureStats().update(_dataset_points(data))
-    return lambda samples: fid_from_stats(FeatureStats().update(samples.flatten(1).double()), reference)
-
-
-def _sliced_wasserstein(data) -> Evaluate:
-    """Sliced Wasserstein-1 of the raw samples to the whole dataset (``fdistill.evaluation.distribution``: 256
-    directions from a fixed seed, exact 1-D W1): a distribution-level distance for low-dimensional point data."""
-    from ..evaluation.distribution import sliced_wasserstein_1
-
-    reference = _dataset_points(data)
-    return lambda samples: sliced_wasserstein_1(samples, reference)
-
-
-def _mode_tv(data) -> Evaluate:
-    """Total variation of the samples' nearest-mode histogram to the mixture weights (blind to samples between the
-    modes: a wide Gaussian split evenly between two equal modes scores 0); needs a Gaussian-mixture data source
-    (``data=gaussian_mixture``: its exact denoiser in ``extras["denoiser"]`` holds the means and weights)."""
-    from ..evaluation.distribution import mode_total_variation
-
-    mixture = getattr(data, "extras", {}).get("denoiser")
-    if mixture is None or not hasattr(mixture, "weights"):
-        raise ValueError("method.evaluator=mode_tv needs Gaussian-mixture data (data=gaussian_mixture)")
-    return lambda samples: mode_total_variation(samples, mixture.means, mixture.weights)
-
-
-EVALUATORS: dict[str, Callable[[Any], Evaluate] | None] = {
-    "none": None, "digits_fd": _digits_fd, "raw_frechet": _raw_frechet, "sliced_wasserstein": _sliced_wasserstein,
-    "mode_tv": _mode_tv,
-}
-
-
-def resolve_evaluator(name: str, sample_shape: tuple[int, ...]) -> str:
-    """``auto``: sliced Wasserstein for vector data (one sample is [D]), none for images; other names unchanged."""
-    if name != "auto":
-        return name
-    return "sliced_wasserstein" if len(sample_shape) == 1 else "none"
 
 
 @dataclass
@@ -159,23 +103,19 @@ class DDOConfig:
     sampler: SamplerConfig | None = None
 
     def __post_init__(self):
-        checks = optimizer_checks(self) + [
-            (0.5 <= self.alpha <= 6, f"method.alpha must be in [0.5, 6], got {self.alpha}"),
-            (0.01 <= self.beta <= 0.1, f"method.beta must be in [0.01, 0.1], got {self.beta}"),
-            (self.num_draws >= 1, f"method.num_draws must be >= 1, got {self.num_draws}"),
-            (self.p_std > 0, f"method.p_std must be > 0, got {self.p_std}"),
-            (self.sigma_data > 0, f"method.sigma_data must be > 0, got {self.sigma_data}"),
-            (0 <= self.label_dropout < 1, f"method.label_dropout must be in [0, 1), got {self.label_dropout}"),
-            (self.fake_pool_size >= 0, f"method.fake_pool_size must be >= 0, got {self.fake_pool_size}"),
-            (self.generation_batch >= 1, f"method.generation_batch must be >= 1, got {self.generation_batch}"),
-            (self.rounds >= 1, f"method.rounds must be >= 1, got {self.rounds}"),
-            (self.steps_per_round >= 1, f"method.steps_per_round must be >= 1, got {self.steps_per_round}"),
-            (self.eval_every >= 0, f"method.eval_every must be >= 0, got {self.eval_every}"),
-            (self.evaluator in EVALUATORS or self.evaluator == "auto",
-             f"method.evaluator must be one of {sorted([*EVALUATORS, 'auto'])}, got {self.evaluator!r}"),
-            (self.eval_samples >= 2, f"method.eval_samples must be >= 2, got {self.eval_samples}"),
-        ]
-        raise_first_failure(checks)
+        check_optimizer_fields(self)
+        require(0.5 <= self.alpha <= 6, f"method.alpha must be in [0.5, 6], got {self.alpha}")
+        require(0.01 <= self.beta <= 0.1, f"method.beta must be in [0.01, 0.1], got {self.beta}")
+        for name in ("num_draws", "generation_batch", "rounds", "steps_per_round"):
+            require(getattr(self, name) >= 1, f"method.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("p_std", "sigma_data"):
+            require(getattr(self, name) > 0, f"method.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("fake_pool_size", "eval_every"):
+            require(getattr(self, name) >= 0, f"method.{name} must be >= 0, got {getattr(self, name)}")
+        require(0 <= self.label_dropout < 1, f"method.label_dropout must be in [0, 1), got {self.label_dropout}")
+        require(self.evaluator in EVALUATORS or self.evaluator == "auto",
+                f"method.evaluator must be one of {sorted([*EVALUATORS, 'auto'])}, got {self.evaluator!r}")
+        require(self.eval_samples >= 2, f"method.eval_samples must be >= 2, got {self.eval_samples}")
         self.sampler = as_sampler_config(self.sampler)
 
     def check_train(self, train) -> None:
@@ -187,33 +127,6 @@ class DDOConfig:
 
 
 Config = DDOConfig
-
-
-def class_balanced_labels(num: int, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
-    """[num] labels with every class equally often (counts differ by at most one), in random order."""
-    labels = torch.arange(num) % num_classes
-    return labels[torch.randperm(num, generator=generator)]
-
-
-@torch.no_grad()
-def sample_with(denoiser: nn.Module, num: int, sample_shape: tuple[int, ...], sampler: SamplerConfig,
-                cond: Tensor | None = None, generator: torch.Generator | None = None, batch: int = 512) -> Tensor:
-    """``num`` samples [num, *sample_shape] from a denoiser with a multi-step sampler, in batches; images
-    ([C, H, W]) are clamped to [-1, 1], point data is left as is."""
-    from .. import samplers
-
-    device = next(itertools.chain(denoiser.parameters(), denoiser.buffers())).device   # analytic teachers: buffers only
-    schedule = samplers.noise_levels(sampler, denoiser)
-    noise = torch.randn(num, *sample_shape, generator=generator) * schedule[0]    # CPU generator: same on any device
-    schedule = schedule.to(device)
-    chunks = []
-    with likelihood_mode(denoiser):     # eval mode (no dropout), fp32
-        for start in range(0, num, batch):
-            chunk_cond = None if cond is None else cond[start:start + batch].to(device)
-            chunks.append(samplers.sample(denoiser, noise[start:start + batch].to(device), schedule,
-                                          solver=sampler.solver, cond=chunk_cond))
-    samples = torch.cat(chunks)
-    return samples.clamp(-1, 1) if len(sample_shape) == 3 else samples
 
 
 class DDO(Method, StepCallback):
@@ -273,10 +186,8 @@ class DDO(Method, StepCallback):
         if self.evaluate is None:
             return None
         c = self.config
-        generator = torch.Generator().manual_seed(c.seed)
-        cond = class_balanced_labels(c.eval_samples, self.num_classes, generator) if self.num_classes else None
-        samples = sample_with(self.networks["model"], c.eval_samples, self.sample_shape, c.sampler, cond, generator,
-                              c.generation_batch)
+        samples, _ = draw_samples(self.networks["model"], c.eval_samples, self.sample_shape, c.sampler,
+                                  self.num_classes, c.seed, c.generation_batch)
         score = float(self.evaluate(samples))
         if all_reduce_mean is not None:
             score = float(all_reduce_mean(torch.tensor(score, dtype=torch.float64, device=self.best_score.device)))
@@ -340,26 +251,18 @@ class DDO(Method, StepCallback):
         summary = self.round_summary()
         print(format_round_table(summary))
         if self.config.summary_path:
-            Path(self.config.summary_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.config.summary_path).write_text(json.dumps(summary, indent=2))
+            write_json(summary, self.config.summary_path)
         return summary
 
     def round_summary(self) -> dict[str, Any]:
         """Per-round scores so far: {'evaluator', 'rounds': [{'round', 'start_score', 'best_score', ...}]}."""
-        rows = []
-        for r in range(int(self.round_index) + 1):
-            values = [None if math.isnan(v) else v for v in self.history[r].tolist()]
-            rows.append({"round": r, **dict(zip(HISTORY_COLUMNS, values))})
-        return {"evaluator": self.config.evaluator, "rounds": rows}
+        return {"evaluator": self.config.evaluator, "rounds": round_rows(self.history, int(self.round_index) + 1)}
 
     # ----------------------------------------------------------------------------------------------- fakes
     def _generate_fakes(self, num: int, seed: int | None = None) -> tuple[Tensor, Tensor | None]:
         """``num`` samples of the reference [num, *shape] and their class-balanced labels [num] (None if uncond.)."""
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        labels = class_balanced_labels(num, self.num_classes, generator) if self.num_classes else None
-        x = sample_with(self.frozen["reference"], num, self.sample_shape, self.config.sampler, labels, generator,
-                        self.config.generation_batch)
-        return x, labels
+        return draw_samples(self.frozen["reference"], num, self.sample_shape, self.config.sampler, self.num_classes,
+                            seed, self.config.generation_batch)
 
     def _refresh_pool(self) -> None:
         """Draw the fake pool of the current round (seed + round) unless it is drawn already (or fakes are online)."""
@@ -430,15 +333,6 @@ class DDO(Method, StepCallback):
 
         self.finish()
         save_denoiser(self.networks["model"], directory)
-
-
-def format_round_table(summary: dict[str, Any]) -> str:
-    """Markdown table of ``DDO.round_summary()``."""
-    lines = [f"| round | start {summary['evaluator']} | best | best step | end |", "|---|---|---|---|---|"]
-    for row in summary["rounds"]:
-        cells = ["-" if v is None else f"{v:.4g}" for v in (row[c] for c in HISTORY_COLUMNS)]
-        lines.append(f"| {row['round']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def build(config: DDOConfig, model: nn.Module, data, evaluate: Evaluate | None = None) -> DDO:

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from ..denoisers.guidance import ClassifierFreeGuidance
 from ..losses.denoising import LOSS_WEIGHTS, lognormal_sigmas, noisy_sample, table_sigmas, weighted_denoising_loss
 from ..samplers.config import SamplerConfig, as_sampler_config
-from .base import Method, Phase, StepContext, optimizer_checks, raise_first_failure
+from ..validation import require
+from .base import Method, Phase, StepContext, check_optimizer_fields
 
 SIGMA_DISTRIBUTIONS = ("lognormal", "table")
 
@@ -57,15 +58,13 @@ class DenoisingConfig:
     sampler: SamplerConfig | None = None
 
     def __post_init__(self):
-        checks = optimizer_checks(self) + [
-            (self.weighting in LOSS_WEIGHTS, f"method.weighting must be one of {sorted(LOSS_WEIGHTS)}, got {self.weighting!r}"),
-            (self.sigma_distribution in SIGMA_DISTRIBUTIONS,
-             f"method.sigma_distribution must be one of {SIGMA_DISTRIBUTIONS}, got {self.sigma_distribution!r}"),
-            (self.p_std > 0, f"method.p_std must be > 0, got {self.p_std}"),
-            (self.sigma_data > 0, f"method.sigma_data must be > 0, got {self.sigma_data}"),
-            (0 <= self.label_dropout < 1, f"method.label_dropout must be in [0, 1), got {self.label_dropout}"),
-        ]
-        raise_first_failure(checks)
+        check_optimizer_fields(self)
+        require(self.weighting in LOSS_WEIGHTS, f"method.weighting must be one of {sorted(LOSS_WEIGHTS)}, got {self.weighting!r}")
+        require(self.sigma_distribution in SIGMA_DISTRIBUTIONS,
+                f"method.sigma_distribution must be one of {SIGMA_DISTRIBUTIONS}, got {self.sigma_distribution!r}")
+        require(self.p_std > 0, f"method.p_std must be > 0, got {self.p_std}")
+        require(self.sigma_data > 0, f"method.sigma_data must be > 0, got {self.sigma_data}")
+        require(0 <= self.label_dropout < 1, f"method.label_dropout must be in [0, 1), got {self.label_dropout}")
         self.sampler = as_sampler_config(self.sampler)
 
 

@@ -31,7 +31,8 @@ from ..losses.dpo import diffusion_dpo_loss, dpo_logits, sft_loss
 from ..flow_pipelines import FluxComponents, SD3Components
 from ..pipelines import SDComponents, latent_component
 from ..samplers.config import SamplerConfig
-from .base import Method, Phase, StepContext, optimizer_checks, raise_first_failure
+from ..validation import require
+from .base import Method, Phase, StepContext, check_optimizer_fields
 from .dpo_cache import cached_dataset
 
 FINETUNE_MODES = ("full", "lora")
@@ -97,17 +98,15 @@ class DiffusionDPOConfig:
     sampler: SamplerConfig | None = None
 
     def __post_init__(self):
-        checks = optimizer_checks(self) + [
-            (self.objective in OBJECTIVES, f"method.objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}"),
-            (self.beta > 0, f"method.beta must be > 0, got {self.beta}"),
-            (self.finetune in FINETUNE_MODES, f"method.finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}"),
-            (self.lora_rank >= 1, f"method.lora_rank must be >= 1, got {self.lora_rank}"),
-            (self.lora_alpha > 0, f"method.lora_alpha must be > 0, got {self.lora_alpha}"),
-            (len(self.lora_targets) > 0, "method.lora_targets must name at least one module"),
-            (self.sdxl_micro_conditioning in MICRO_CONDITIONINGS, f"method.sdxl_micro_conditioning must be one of "
-             f"{MICRO_CONDITIONINGS}, got {self.sdxl_micro_conditioning!r}"),
-        ]
-        raise_first_failure(checks)
+        check_optimizer_fields(self)
+        require(self.objective in OBJECTIVES, f"method.objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+        require(self.beta > 0, f"method.beta must be > 0, got {self.beta}")
+        require(self.finetune in FINETUNE_MODES, f"method.finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
+        require(self.lora_rank >= 1, f"method.lora_rank must be >= 1, got {self.lora_rank}")
+        require(self.lora_alpha > 0, f"method.lora_alpha must be > 0, got {self.lora_alpha}")
+        require(len(self.lora_targets) > 0, "method.lora_targets must name at least one module")
+        require(self.sdxl_micro_conditioning in MICRO_CONDITIONINGS, f"method.sdxl_micro_conditioning must be one of "
+                f"{MICRO_CONDITIONINGS}, got {self.sdxl_micro_conditioning!r}")
         if isinstance(self.sampler, dict):  # built from plain Python rather than through Hydra
             self.sampler = SamplerConfig(**self.sampler)
         self._global_batch: int | None = None
