@@ -73,3 +73,19 @@ class LatentDiffusionComponent(Protocol):
 
     def save_lora(self, directory: str | Path, net: nn.Module) -> None:
         """Write the PEFT adapters of ``net`` in Diffusers format (``pipe.load_lora_weights(directory)``)."""
+
+
+def latent_component(parts: Any, image_size: tuple[int, int]):
+    """The ``LatentDiffusionComponent`` of pipeline parts: ``StableDiffusionComponent`` for ``SDComponents``,
+    ``fdistill.flow_pipelines.StableDiffusion3Component`` / ``FluxComponent`` for ``SD3Components`` / ``FluxComponents``."""
+    from .flow_pipelines import FluxComponent, FluxComponents, SD3Components, StableDiffusion3Component
+    from .pipelines import SDComponents, StableDiffusionComponent
+
+    if isinstance(parts, SDComponents):
+        return StableDiffusionComponent(parts, image_size)
+    if isinstance(parts, SD3Components):
+        return StableDiffusion3Component(parts, image_size)
+    if isinstance(parts, FluxComponents):
+        return FluxComponent(parts, image_size)
+    raise TypeError(f"no latent component for {type(parts).__name__}; supported: SDComponents, SD3Components, "
+                    "FluxComponents")

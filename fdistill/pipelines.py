@@ -265,21 +265,6 @@ def save_components(components: SDComponents, directory: str) -> None:
 
 # ------------------------------------------------------------------------------------------ the component
 
-def latent_component(parts: Any, image_size: tuple[int, int]):
-    """The ``LatentDiffusionComponent`` of pipeline parts: ``StableDiffusionComponent`` for ``SDComponents``,
-    ``fdistill.flow_pipelines.StableDiffusion3Component`` / ``FluxComponent`` for ``SD3Components`` / ``FluxComponents``."""
-    if isinstance(parts, SDComponents):
-        return StableDiffusionComponent(parts, image_size)
-    from .flow_pipelines import FluxComponent, FluxComponents, SD3Components, StableDiffusion3Component
-
-    if isinstance(parts, SD3Components):
-        return StableDiffusion3Component(parts, image_size)
-    if isinstance(parts, FluxComponents):
-        return FluxComponent(parts, image_size)
-    raise TypeError(f"no latent component for {type(parts).__name__}; supported: SDComponents, SD3Components, "
-                    "FluxComponents")
-
-
 class StableDiffusionComponent:
     """The ``fdistill.latent_component.LatentDiffusionComponent`` of Stable Diffusion 1.5 / SDXL: the pipeline parts
     (``SDComponents``) and the image size; each method is this module's function of the same job.

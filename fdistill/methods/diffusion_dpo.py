@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from ..losses.denoising import noisy_sample, table_sigmas, weighted_denoising_loss
 from ..losses.dpo import diffusion_dpo_loss, dpo_logits, sft_loss
 from ..flow_pipelines import FluxComponents, SD3Components
-from ..pipelines import SDComponents, latent_component
+from ..latent_component import latent_component
+from ..pipelines import SDComponents
 from ..samplers.config import SamplerConfig
 from ..validation import require
 from .base import Method, Phase, StepContext, check_optimizer_fields

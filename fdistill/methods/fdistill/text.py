@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from ...denoisers import DiffusersDenoiser
 from ...denoisers.io import save_denoiser
-from ...latent_component import LatentDiffusionComponent
-from ...pipelines import SDComponents, integer_timesteps, latent_component
+from ...latent_component import LatentDiffusionComponent, latent_component
+from ...pipelines import SDComponents, integer_timesteps
 from .config import FDistillConfig
 from .method import FDistill
 
