@@ -1,6 +1,6 @@
 """Stable Diffusion 3 (rectified-flow transformer) as a ``fdistill.latent_component.LatentDiffusionComponent``:
-load its parts, encode prompts as ``StableDiffusion3Pipeline`` does, rebuild the pipeline; tiny SD3 built from
-config for tests and CPU runs.
+load its parts, encode prompts as ``StableDiffusion3Pipeline`` does, rebuild the pipeline (tiny SD3 / Flux built
+from config: ``fdistill.tiny_flow``).
 
 SD3 conditioning (Esser et al. 2024, Sec. 4 and Fig. 2; Diffusers ``StableDiffusion3Pipeline.encode_prompt``):
 ``encoder_hidden_states`` = [CLIP-L and CLIP-G penultimate states concatenated along features, zero-padded to the T5
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoisers.flow import flux_mu
+from .export_schedulers import flow_generator_scheduler
 from .pipelines import as_torch_dtype, decode_latents, encode_latents
 
 SD3_MAX_SEQUENCE_LENGTH = 256       # StableDiffusion3Pipeline's default T5 sequence length
@@ -84,40 +85,7 @@ def load_sd3_components(pretrained: str, revision: str | None = None, variant: s
         source=str(Path(pretrained).resolve()) if local else str(pretrained))
 
 
-def tiny_sd3_components(image_size: int = 16, seed: int = 0, shift: float = 3.0,
-                        torch_dtype: torch.dtype | str | None = None) -> SD3Components:
-    """A randomly initialised SD3 built from config (no download): a 2-layer ``SD3Transformer2DModel`` (patch 2), a
-    one-level VAE (latents at image resolution, SD3's shift / scaling factors), two tiny projected CLIP encoders and
-    a tiny T5 encoder sharing the offline CLIP tokenizer of ``fdistill.tiny_sd``; frozen parts in ``torch_dtype``
-    (as ``load_sd3_components``, so the recipes run on it)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import T5Config, T5EncoderModel
-
-    from .tiny_sd import _tiny_text_encoder, tiny_clip_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizers = [tiny_clip_tokenizer() for _ in range(3)]
-    clip_width, t5_width = 32, 64          # T5 width >= both CLIP widths: the CLIP states are zero-padded to it
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizers[2]), d_model=t5_width, d_kv=8, d_ff=64, num_layers=1,
-                                 num_heads=4, relative_attention_num_buckets=8,
-                                 pad_token_id=tokenizers[2].pad_token_id))
-    parts = SD3Components(
-        transformer=SD3Transformer2DModel(sample_size=image_size, patch_size=2, in_channels=4, out_channels=4,
-                                          num_layers=2, attention_head_dim=8, num_attention_heads=4,
-                                          joint_attention_dim=t5_width, caption_projection_dim=32,
-                                          pooled_projection_dim=2 * 32, pos_embed_max_size=image_size),
-        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16,),
-                          down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                          norm_num_groups=8, layers_per_block=1, sample_size=image_size, shift_factor=0.1,
-                          scaling_factor=1.5),
-        text_encoder=_tiny_text_encoder(tokenizers[0], clip_width, True, projection_dim=32),
-        text_encoder_2=_tiny_text_encoder(tokenizers[1], clip_width, True, projection_dim=32),
-        text_encoder_3=t5, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], tokenizer_3=tokenizers[2],
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift))
-    return _frozen_parts_in(parts, torch_dtype)
-
-
-def _frozen_parts_in(parts: Any, torch_dtype: torch.dtype | str | None) -> Any:
+def frozen_parts_in(parts: Any, torch_dtype: torch.dtype | str | None) -> Any:
     """``parts`` with the VAE and text encoders cast to ``torch_dtype`` (None: unchanged)."""
     dtype = as_torch_dtype(torch_dtype)
     if dtype is not None:
@@ -183,39 +151,6 @@ def load_flux_components(pretrained: str, revision: str | None = None, variant: 
         resolution=resolution, source=str(Path(pretrained).resolve()) if local else str(pretrained))
 
 
-def tiny_flux_components(image_size: int = 16, seed: int = 0, guidance_embeds: bool = True,
-                         torch_dtype: torch.dtype | str | None = None) -> FluxComponents:
-    """A randomly initialised Flux built from config (no download): a ``FluxTransformer2DModel`` with one joint and
-    one single block (16 packed channels = 4 latent channels x 2 x 2), a one-level VAE, a tiny CLIP and a tiny T5
-    sharing the offline tokenizer of ``fdistill.tiny_sd``, and the dynamically shifted scheduler of FLUX.1; frozen
-    parts in ``torch_dtype``."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
-
-    from .tiny_sd import _tiny_text_encoder, tiny_clip_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizers = [tiny_clip_tokenizer() for _ in range(2)]
-    parts = FluxComponents(
-        transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                           pooled_projection_dim=32, guidance_embeds=guidance_embeds,
-                                           axes_dims_rope=(4, 2, 2)),
-        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16,),
-                          down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                          norm_num_groups=8, layers_per_block=1, sample_size=image_size, shift_factor=0.1,
-                          scaling_factor=1.5),
-        text_encoder=_tiny_text_encoder(tokenizers[0], 32, False),
-        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tokenizers[1]), d_model=32, d_kv=8, d_ff=64,
-                                               num_layers=1, num_heads=4, relative_attention_num_buckets=8,
-                                               pad_token_id=tokenizers[1].pad_token_id)),
-        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], resolution=image_size,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True,
-                                                  base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                  max_image_seq_len=4096))
-    return _frozen_parts_in(parts, torch_dtype)
-
-
 def build_sd3_pipeline(parts: SD3Components, transformer: nn.Module | None = None, scheduler: Any = None):
     """A ``StableDiffusion3Pipeline`` of the parts, with another transformer or scheduler if given."""
     from diffusers import StableDiffusion3Pipeline
@@ -236,34 +171,6 @@ def sd3_conditioning(pipeline: Any, captions: list[str],
                                                   max_sequence_length=max_sequence_length,
                                                   device=next(pipeline.text_encoder.parameters()).device)
     return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
-
-
-def sd3_prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, str]], device: str,
-                       max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH):
-    """captions -> transformer conditioning with the text encoders of a saved SD3 pipeline (``components``: name ->
-    (root, subfolder), ``fdistill.denoisers.ModelInfo.components``); the empty prompt's encoding becomes the
-    denoiser's null condition (classifier-free guidance)."""
-    from diffusers import StableDiffusion3Pipeline
-
-    root = components["text_encoder"][0]
-    pipeline = StableDiffusion3Pipeline.from_pretrained(root, transformer=denoiser.net, vae=None).to(device)
-
-    def encode(captions: list[str]) -> dict[str, Tensor]:
-        return sd3_conditioning(pipeline, captions, max_sequence_length)
-
-    denoiser.null_cond = encode([""])
-    return encode
-
-
-def flow_generator_scheduler(scheduler: Any, steps: int):
-    """The scheduler of an exported one- / few-step flow generator: ``FlowMatchEulerDiscreteScheduler`` with shift 1
-    (the generator's times are passed as ``sigmas=`` unshifted) and, for several steps, stochastic sampling: each
-    step takes x0 = x_t - t v and re-noises it to the next time, x_t' = (1 - t') x0 + t' eps, the chain of
-    ``fdistill.samplers.generator_sample`` in flow units."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, shift=1.0, use_dynamic_shifting=False,
-                                                       stochastic_sampling=steps > 1)
 
 
 class FlowMatchingComponent:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fdistill.data.preference import shape_preferences
-from fdistill.flow_pipelines import tiny_sd3_components
+from fdistill.tiny_flow import tiny_sd3_components
 from fdistill.losses import diffusion_dpo_loss
 from fdistill.methods.base import StepContext
 from fdistill.methods.diffusion_dpo import DiffusionDPOConfig, build

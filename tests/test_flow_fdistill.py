@@ -8,7 +8,7 @@ import torch
 from fdistill.config import build_run, compose, validate
 from fdistill.data import captioned_shapes
 from fdistill.denoisers import load_denoiser
-from fdistill.flow_pipelines import tiny_sd3_components
+from fdistill.tiny_flow import tiny_sd3_components
 from fdistill.methods.fdistill import FDistillConfig, build
 from fdistill.training import Trainer
 
@@ -88,7 +88,7 @@ def test_flux_fdistill_one_step_export_generates_the_students_packed_latents(tmp
     import diffusers
 
     from fdistill.denoisers.flow import pack_latents, unpack_latents
-    from fdistill.flow_pipelines import tiny_flux_components
+    from fdistill.tiny_flow import tiny_flux_components
 
     method = build(FDistillConfig(student_update_freq=2), tiny_flux_components(image_size=8),
                    captioned_shapes(8, resolution=8))

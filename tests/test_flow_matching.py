@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fdistill.denoisers import DiffusersDenoiser, load_denoiser
-from fdistill.flow_pipelines import StableDiffusion3Component, tiny_sd3_components
+from fdistill.flow_pipelines import StableDiffusion3Component
+from fdistill.tiny_flow import tiny_sd3_components
 from fdistill.samplers import sample
 
 PROMPTS = ["a red square", "a blue circle"]

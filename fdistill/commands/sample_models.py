@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from fdistill.commands import UsageError
 from fdistill.denoisers import ClassifierFreeGuidance
+from fdistill.flow_pipelines import SD3_MAX_SEQUENCE_LENGTH, sd3_conditioning
 from fdistill.pipelines import decode_latents
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -107,7 +108,6 @@ def load_model(name: str, dtype: torch.dtype, device: str) -> Model:
             raise UsageError(f"--model {name}: fdistill sample does not encode Flux prompts yet; run the directory "
                              "with diffusers.FluxPipeline (its fdistill.json 'diffusers_call')")
         if "text_encoder_3" in info.components:     # SD3's CLIP + CLIP + T5 (fdistill.flow_pipelines)
-            from fdistill.flow_pipelines import sd3_prompt_encoder
             model.encode_prompts = sd3_prompt_encoder(denoiser, info.components, device)
         else:
             model.encode_prompts = _prompt_encoder(denoiser, info.components, image_size, device)
@@ -121,3 +121,20 @@ def guided(model: Model, scale: float) -> nn.Module:
     if model.info.conditioning == "none":
         raise UsageError("--guidance needs a conditional model (class labels or text); this model is unconditional")
     return ClassifierFreeGuidance(model.denoiser, scale, uncond=model.uncond)
+
+
+def sd3_prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, str]], device: str,
+                       max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH):
+    """captions -> transformer conditioning with the text encoders of a saved SD3 pipeline (``components``: name ->
+    (root, subfolder), ``fdistill.denoisers.ModelInfo.components``); the empty prompt's encoding becomes the
+    denoiser's null condition (classifier-free guidance)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    root = components["text_encoder"][0]
+    pipeline = StableDiffusion3Pipeline.from_pretrained(root, transformer=denoiser.net, vae=None).to(device)
+
+    def encode(captions: list[str]) -> dict[str, Tensor]:
+        return sd3_conditioning(pipeline, captions, max_sequence_length)
+
+    denoiser.null_cond = encode([""])
+    return encode

@@ -1,16 +1,13 @@
 """Method ``ddo``: Direct Discriminative Optimization (Zheng et al. 2025, arXiv 2503.01103) with self-play rounds.
 
-The target model starts as a copy of the reference (the pre-trained model, frozen). Each step contrasts real data with
-fakes sampled from the reference (1:1) through the implicit discriminator beta * log(p_theta / p_ref)
-(``fdistill.losses.ddo``). Fakes come from a pool drawn with fdistill's samplers at the start of each round
+The target starts as a copy of the frozen reference (the pre-trained model). Each step contrasts real data with
+reference fakes (1:1) through the implicit discriminator beta * log(p_theta / p_ref) (``fdistill.losses.ddo``). Fakes come from a pool drawn with fdistill's samplers at the start of each round
 (``fake_pool_size``) or online (``fake_pool_size=0``); for class-conditional models their labels are class-balanced.
 
 Self-play rounds (``rounds=K``, ``steps_per_round=S``) are phases plus the method's step callbacks
 (``Method.callbacks``, ``fdistill.methods.base.StepCallback``), which the one trainer runs between steps:
-- round r covers global steps [r S, (r + 1) S) and trains in its own Phase ``round_r``: the trainer builds one
-  optimizer per phase, so every round starts with a fresh optimizer (its state is allocated on its first step), and
-  frees it after the round's last step (``Phase.last_step``): one round's moments live at a time, on the device and
-  in checkpoints;
+- round r covers global steps [r S, (r + 1) S) in its own Phase ``round_r``: a fresh optimizer per round, freed
+  after the round's last step (``Phase.last_step``), so one round's moments live at a time (device and checkpoints);
 - ``on_step_start``: the target is evaluated (``evaluator``, lower is better) at the round start and every
   ``eval_every`` steps; the best snapshot is kept (the round's start counts, so a round never makes things worse);
   the fake pool is drawn from the reference when the round is new;
@@ -18,8 +15,8 @@ Self-play rounds (``rounds=K``, ``steps_per_round=S``) are phases plus the metho
   becomes the new reference AND the target's starting point;
 - once replaced, the reference (and the best snapshot) are part of ``checkpoint_state_dict``, and the round counter
   and per-round history are buffers: a killed run resumes into the right round with the right reference.
-The last round ends with ``finish()`` (called by ``export``): final evaluation, the per-round table printed and
-written as JSON (``summary_path``), and the best snapshot loaded into the target (helpers: ``ddo_rounds``).
+The last round ends with ``finish()`` (``export``): final evaluation, the per-round table printed and written as JSON
+(``summary_path``), the best snapshot loaded into the target (helpers: ``ddo_rounds``).
 """
 from __future__ import annotations
 

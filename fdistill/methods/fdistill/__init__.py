@@ -19,7 +19,8 @@ from .config import FDistillConfig
 from .build import build, teacher_from
 from .domain import Domain, PixelDomain
 from .heads import Discriminator, DiscriminatorHead, NoisyInputFeatures
-from .method import FDistill, PreparedBatch
+from .method import FDistill
+from .prepared import PreparedBatch
 from .ratio import RatioNormaliser
 
 Config = FDistillConfig

@@ -11,10 +11,10 @@ The method is ``FDistill`` with a ``TextToImageDomain``: it works in the VAE's l
   has none: then only distribution matching without a discriminator runs (``divergence=rkl``, ``gan_weight=0``).
 - generator: x = D_student(sqrt(1 + sigma_g^2) z, sigma_g) with sigma_g the teacher's largest sigma (t = T - 1) by
   default. In the UNet's VP units its input is x_T = z, the pure noise Diffusers pipelines start from, so the
-  exported pipeline (one DDIM step at t = T - 1, ``fdistill.pipelines.one_step_scheduler``) generates the same
+  exported pipeline (one DDIM step at t = T - 1, ``fdistill.export_schedulers.one_step_scheduler``) generates the same
   latents from the same noise. A few-step student (``method.generator_sigmas``, noise levels of integer timesteps,
   e.g. DMD2's t = 999, 749, 499, 249 of the SD schedule: [14.61465, 4.08173, 1.61289, 0.69321]) exports with an
-  LCM scheduler that runs the same chain (``fdistill.pipelines.few_step_scheduler``).
+  LCM scheduler that runs the same chain (``fdistill.export_schedulers.few_step_scheduler``).
 - SD3 / Flux (rectified flow, ``fdistill.flow_pipelines``): the same with the transformer; the student's input
   (1 + sigma_g) z is the pipeline's x_t = z, and the export is a ``FlowMatchEulerDiscreteScheduler`` run at the generator's times.
 """
@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from ...denoisers import DiffusersDenoiser
 from ...denoisers.io import save_denoiser
 from ...latent_component import LatentDiffusionComponent, latent_component
-from ...pipelines import SDComponents, integer_timesteps
+from ...export_schedulers import integer_timesteps
+from ...pipelines import SDComponents
 from .config import FDistillConfig
 from .method import FDistill
 
