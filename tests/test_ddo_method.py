@@ -230,11 +230,11 @@ def test_snapshot_selection_follows_the_evaluator_where_frechet_and_sliced_wasse
         monkeypatch, evaluator, expected_best):
     """Step 0 samples a moment-matched single Gaussian, step 1 the unbalanced two modes: the two-moment Frechet
     distance prefers the Gaussian, sliced Wasserstein (the default for vector data) the modes."""
-    import fdistill.methods.ddo as ddo_module
+    import fdistill.methods.ddo_rounds as rounds_module
 
     data = two_mode_data()
     candidates = list(moment_matched_gaussian_and_unbalanced_modes(data))
-    monkeypatch.setattr(ddo_module, "sample_with", lambda *args, **kwargs: candidates.pop(0))
+    monkeypatch.setattr(rounds_module, "sample_with", lambda *args, **kwargs: candidates.pop(0))
     method = build(tiny_config(rounds=1, evaluator=evaluator), tiny_denoiser(), data)
     scores = [method._evaluate_target(step) for step in (0, 1)]
     assert (scores[0] < scores[1]) == (expected_best == 0), scores
