@@ -19,6 +19,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
+from fdistill.denoisers.base import EDM_SIGMA_MAX, EDM_SIGMA_MIN
 from fdistill.denoisers.edm import EDMPrecond
 
 # The trained digits teacher shipped with the package (an fdistill model directory; scripts/train_digits_teacher.py)
@@ -152,8 +153,8 @@ class MLPDenoiser(EDMPrecond):
     """
 
     def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, embed_dim: int = 64,
-                 num_classes: int | None = None, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0):
+                 num_classes: int | None = None, sigma_data: float = 0.5, sigma_min: float = EDM_SIGMA_MIN,
+                 sigma_max: float = EDM_SIGMA_MAX):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         net = MLPNetwork(dim=dim, hidden=hidden, depth=depth, embed_dim=embed_dim,

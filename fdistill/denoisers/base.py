@@ -12,6 +12,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+# The noise range of EDM (Karras et al. 2022, Sec. 5 / Table 1: sigma in [0.002, 80]): the default range of
+# fdistill's networks, noise-level samplers and sampler schedules (one source).
+EDM_SIGMA_MIN = 0.002
+EDM_SIGMA_MAX = 80.0
+
 
 @runtime_checkable
 class Denoiser(Protocol):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import append_dims, as_sigma_batch
+from .base import EDM_SIGMA_MAX, EDM_SIGMA_MIN, append_dims, as_sigma_batch
 from .features import FeatureMixin
 
 TIMESTEP_SCALE = 1000.0
@@ -64,7 +64,8 @@ class EDMPrecond(FeatureMixin, nn.Module):
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, dtype: torch.dtype | None = None,
-                 feature_block: str = "mid_block", sigma_min: float = 0.002, sigma_max: float = 80.0):
+                 feature_block: str = "mid_block", sigma_min: float = EDM_SIGMA_MIN,
+                 sigma_max: float = EDM_SIGMA_MAX):
         super().__init__()
         if sigma_data <= 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .base import EDM_SIGMA_MAX, EDM_SIGMA_MIN
+
 
 @dataclass
 class ModelInfo:
@@ -35,8 +37,8 @@ class ModelInfo:
     sample_shape: tuple[int, ...] = ()
     num_classes: int | None = None
     conditioning: str = "none"
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_min: float = EDM_SIGMA_MIN
+    sigma_max: float = EDM_SIGMA_MAX
     wrapper: str = "edm"
     source: str = ""
     base_model: str | None = None

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..denoisers.base import append_dims, as_sigma_batch
+from ..denoisers.base import EDM_SIGMA_MAX, EDM_SIGMA_MIN, append_dims, as_sigma_batch
 from ..denoisers.edm import edm_scalings
 from ..denoisers.features import FeatureMixin
 
@@ -45,8 +45,8 @@ class Preconditioning:
     beta_d: float = 19.9
     beta_min: float = 0.1
     M: int = 1000
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_min: float = EDM_SIGMA_MIN
+    sigma_max: float = EDM_SIGMA_MAX
 
     def __post_init__(self):
         if self.kind not in PRECOND_KINDS:

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..denoisers.base import EDM_SIGMA_MAX, EDM_SIGMA_MIN
 from ..validation import require
 from .schedules import SIGMA_SCHEDULES, sigmas
 
 SCHEDULES = tuple(SIGMA_SCHEDULES)
-EDM_SIGMA_RANGE = (0.002, 80.0)    # Karras et al. 2022: the range when neither the config nor the model has one
 
 
 @dataclass
@@ -69,8 +69,8 @@ def noise_levels(sampler: SamplerConfig, denoiser: Any = None) -> Tensor:
     alphas_cumprod(t) = 1 / (1 + sigma(t)^2); other models get the continuous VP-SDE's t (Song et al. 2021).
     """
     model = unwrapped(denoiser)
-    sigma_min = sampler.sigma_min if sampler.sigma_min is not None else getattr(model, "sigma_min", EDM_SIGMA_RANGE[0])
-    sigma_max = sampler.sigma_max if sampler.sigma_max is not None else getattr(model, "sigma_max", EDM_SIGMA_RANGE[1])
+    sigma_min = sampler.sigma_min if sampler.sigma_min is not None else getattr(model, "sigma_min", EDM_SIGMA_MIN)
+    sigma_max = sampler.sigma_max if sampler.sigma_max is not None else getattr(model, "sigma_max", EDM_SIGMA_MAX)
     options = {}
     log_sigmas = getattr(getattr(model, "schedule", None), "log_sigmas", None)
     if sampler.schedule == "time_uniform" and log_sigmas is not None:

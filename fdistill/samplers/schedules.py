@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..denoisers.base import EDM_SIGMA_MAX, EDM_SIGMA_MIN
+
 
 def karras_sigmas(num_points: int, sigma_min: float, sigma_max: float, *, rho: float = 7.0) -> Tensor:
     """EDM schedule (Karras et al. 2022, Eq. 5): uniform in sigma^(1/rho); [num_points] float64, decreasing."""
@@ -69,7 +71,7 @@ def _discrete_time_uniform(num_points: int, sigma_min: float, sigma_max: float, 
 SIGMA_SCHEDULES = {"karras": karras_sigmas, "logsnr": logsnr_sigmas, "time_uniform": time_uniform_sigmas}
 
 
-def sigmas(kind: str, num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, *, append_zero: bool = True,
+def sigmas(kind: str, num_steps: int, sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX, *, append_zero: bool = True,
            dtype: torch.dtype = torch.float64, device: torch.device | str | None = None, **options) -> Tensor:
     """A decreasing 1-D tensor of noise levels for ``num_steps`` solver steps.
 

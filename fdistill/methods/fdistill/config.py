@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...denoisers.base import EDM_SIGMA_MAX, EDM_SIGMA_MIN
 from ...losses.denoising import LOSS_WEIGHTS
 from ...losses.fdistill import DIVERGENCES
 from ...validation import require
@@ -76,8 +77,8 @@ class FDistillConfig:
     generator_sigma: float | None = None
     generator_sigmas: list[float] | None = None
     sigma_distribution: str = "karras"
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_min: float = EDM_SIGMA_MIN
+    sigma_max: float = EDM_SIGMA_MAX
     t_min: float = 0.001
     t_max: float = 0.999
     rho: float = 7.0
