@@ -70,5 +70,5 @@ def test_text_to_image_recipe_needs_stable_diffusion_components():
     refuses a model that is not a set of Stable Diffusion components."""
     from fdistill.methods.fdistill import build
 
-    with pytest.raises(ValueError, match="Stable Diffusion components"):
+    with pytest.raises(ValueError, match="latent text-to-image components"):
         build(compose(["experiment=sd15_fdistill"]).method_config, object(), None)

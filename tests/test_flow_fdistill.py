@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fdistill.config import build_run, compose, validate
+from fdistill.config import build_run, compose
 from fdistill.data import captioned_shapes
 from fdistill.denoisers import load_denoiser
 from fdistill.tiny_flow import tiny_sd3_components
@@ -23,11 +23,11 @@ def _one_thread():
 def test_one_step_sd3_fdistill_trains_and_exports_a_pipeline_with_the_students_latents(tmp_path):
     import diffusers
 
-    spec = validate(compose(["experiment=sd_tiny_fdistill", "model=tiny_sd3", "model.image_size=8",
-                             "data.num_images=8", "data.resolution=8", "train.steps=2", "train.batch_size=2",
-                             "train.sample_every=2", "train.num_samples=2", "train.checkpoint_every=2",
-                             "train.progress=false", "train.mixed_precision=no", "method.student_update_freq=2",
-                             f"train.run_dir={tmp_path}"]))
+    spec = compose(["experiment=sd_tiny_fdistill", "model=tiny_sd3", "model.image_size=8",
+                    "data.num_images=8", "data.resolution=8", "train.steps=2", "train.batch_size=2",
+                    "train.sample_every=2", "train.num_samples=2", "train.checkpoint_every=2",
+                    "train.progress=false", "train.mixed_precision=no", "method.student_update_freq=2",
+                    f"train.run_dir={tmp_path}"])
     run = build_run(spec, with_loggers=False)
     method = run.method
     assert method.domain.kind == "sd3" and method.domain.input_scaling == "flow"
@@ -111,8 +111,8 @@ def test_flux_fdistill_one_step_export_generates_the_students_packed_latents(tmp
 def test_flow_recipes_build_on_tiny_models(experiment, model):
     dpo = experiment.endswith("dpo")
     data = "data=preference_builtin" if dpo else "data=captioned_shapes"
-    spec = validate(compose([f"experiment={experiment}", f"model={model}", "model.image_size=8", data,
-                             "data.resolution=8", "train.device=cpu", "model.torch_dtype=null"]))
+    spec = compose([f"experiment={experiment}", f"model={model}", "model.image_size=8", data,
+                    "data.resolution=8", "train.device=cpu", "model.torch_dtype=null"])
     method = build_run(spec, with_loggers=False).method
     assert (method.sd if dpo else method.domain).kind == model.removeprefix("tiny_")
 
