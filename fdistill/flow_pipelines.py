@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .denoisers.flow import flux_mu
 from .export_schedulers import flow_generator_scheduler
-from .pipelines import as_torch_dtype, decode_latents, encode_latents
+from .pipelines import as_torch_dtype, decode_latents, encode_latents, vae_scale_factor
 
 SD3_MAX_SEQUENCE_LENGTH = 256       # StableDiffusion3Pipeline's default T5 sequence length
 
@@ -47,7 +47,7 @@ class SD3Components:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -119,7 +119,7 @@ class FluxComponents:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     @property
     def image_size(self) -> tuple[int, int]:

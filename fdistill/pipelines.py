@@ -50,7 +50,7 @@ class SDComponents:
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent pixel along one side (8 for SD; 1 for the tiny test VAE)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -68,6 +68,11 @@ class SDComponents:
 def check_kind(kind: str) -> None:
     if kind not in SD_KINDS:
         raise ValueError(f"Stable Diffusion kind {kind!r} not in {SD_KINDS}")
+
+
+def vae_scale_factor(vae: nn.Module) -> int:
+    """Pixels per latent pixel along one side: one factor 2 per downsampling level of a Diffusers AutoencoderKL."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
