@@ -1,6 +1,6 @@
 """Benchmark DDO on a family of random 2-D Gaussian mixtures with an under-trained base (CPU, threads 1 per process).
 
-For each mixture seed (``fdistill.benchmarks.ddo_mixtures.ddo_random_mixture``: 3-8 modes, weights spanning 30-60x,
+For each mixture seed (``fdistill.benchmarks.mixtures.random_mixture``, the f-distill family: 3-8 modes, weights spanning 30-60x,
 lightest >= 1 %, random positions and widths): train a base with the documented denoising command for a short fixed
 budget, then run the ``gmm_ddo`` recipe's self-play rounds (best snapshot per round by ``method.evaluator``, sliced
 Wasserstein-1 as shipped). Base and every round's selected model are measured on the distribution itself: 20-step

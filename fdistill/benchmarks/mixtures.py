@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from fdistill.evaluation.distribution import mode_histogram, mode_precision
+
 COVERED_SHARE = 0.25        # a mode is covered when it holds >= 25 % of its true share of the samples
 PRECISION_STDS = 4.0        # a sample is precise when it lies within 4 of its nearest mode's stds of that mode
 
@@ -71,18 +73,17 @@ def random_mixture(seed: int, dim: int, min_modes: int = 3, max_modes: int = 8, 
     return {"means": means, "stds": log_stds.exp(), "weights": weights}
 
 
-def mode_metrics(samples: Tensor, means: Tensor, stds: Tensor, weights: Tensor) -> dict:
-    """Mode metrics of ``samples`` [N, D] against a mixture (means [K, D], stds [K], weights [K]).
+def mode_metrics(samples: Tensor, means: Tensor, stds: Tensor, weights: Tensor, covered_share: float = COVERED_SHARE,
+                 precision_stds: float = PRECISION_STDS) -> dict:
+    """Mode metrics of ``samples`` [N, D] against a mixture (means [K, D], stds [K], weights [K]), from
+    ``fdistill.evaluation.distribution``'s nearest-mode histogram.
 
-    Returns: modes_covered (modes whose nearest-mode share >= COVERED_SHARE x true weight), num_modes,
+    Returns: modes_covered (modes whose nearest-mode share >= ``covered_share`` x true weight), num_modes,
     tv (total variation 0.5 sum |share - weight| of the nearest-mode histogram), precision (share of samples within
-    PRECISION_STDS of their nearest mode's std of it), histogram (the [K] shares, a list).
+    ``precision_stds`` of their nearest mode's std of it), histogram (the [K] shares, a list).
     """
-    distances = torch.cdist(samples.double().reshape(len(samples), -1), means.double())     # [N, K]
-    nearest_distance, nearest = distances.min(1)
-    share = torch.bincount(nearest, minlength=len(means)).double() / len(samples)
+    share = mode_histogram(samples, means)
     weights = weights.double()
-    return {"modes_covered": int((share >= COVERED_SHARE * weights).sum()), "num_modes": len(means),
+    return {"modes_covered": int((share >= covered_share * weights).sum()), "num_modes": len(means),
             "tv": float(0.5 * (share - weights).abs().sum()),
-            "precision": float((nearest_distance <= PRECISION_STDS * stds.double()[nearest]).double().mean()),
-            "histogram": share.tolist()}
+            "precision": mode_precision(samples, means, stds, precision_stds), "histogram": share.tolist()}
