@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, add_decoder_entry
 from .pretrained import PretrainedMixin
 
 
@@ -61,12 +61,10 @@ class DhariwalUNet(PretrainedMixin, nn.Module):
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-                self.bottleneck = f"dec.{res}x{res}_in1"
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+            bottleneck = add_decoder_entry(self.dec, res, cout, level == len(channel_mult) - 1,
+                                           lambda cin, out, **kw: UNetBlock(cin, out, **block, **kw))
+            if bottleneck is not None:
+                self.bottleneck = bottleneck
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import add_decoder_entry
 from .pretrained import PretrainedMixin
 
 SILU_GAIN = 0.596          # E[silu(x)^2]^(1/2) for x ~ N(0, 1) (Eq. 81)
@@ -190,12 +191,12 @@ class EDM2UNet(PretrainedMixin, nn.Module):
         self.dec = nn.ModuleDict()
         for level, width in reversed(list(enumerate(widths))):
             res = img_resolution >> level
-            if level == len(widths) - 1:
-                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, emb_channels, "dec", attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, emb_channels, "dec", **block_kwargs)
-                self.bottleneck = f"dec.{res}x{res}_in1"
-            else:
-                self.dec[f"{res}x{res}_up"] = Block(cout, cout, emb_channels, "dec", "up", **block_kwargs)
+            bottleneck = add_decoder_entry(
+                self.dec, res, cout, level == len(widths) - 1,
+                lambda cin, out, up=False, attention=False: Block(cin, out, emb_channels, "dec", "up" if up else "keep",
+                                                                  attention=attention, **block_kwargs))
+            if bottleneck is not None:
+                self.bottleneck = bottleneck
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), width
                 self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, emb_channels, "dec",
