@@ -61,7 +61,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 mixtures, 100-step rounds, 5,000 measured points")
     parser.add_argument("--workers", type=int, default=2, help="processes (each with 1 torch thread)")
-    parser.add_argument("--mixtures", type=int, default=None, help="number of mixture seeds 0..n-1 (default: setting)")
+    parser.add_argument("--mixtures", type=int, default=None, help="number of mixture seeds (default: setting)")
+    parser.add_argument("--first-mixture", type=int, default=0,
+                        help="the first mixture seed (e.g. 10 for a held-out family 10..19)")
     parser.add_argument("--base-steps", type=int, default=None, help="base training steps (default: setting)")
     parser.add_argument("--ddo-override", nargs="*", default=[], help="extra Hydra overrides of the DDO run")
     parser.add_argument("--out", default="benchmarks/ddo_mixtures.json")
@@ -74,7 +76,8 @@ def main() -> None:
     if args.base_steps is not None:
         setting["base_steps"] = args.base_steps
     started = time.perf_counter()
-    jobs = [(seed, setting) for seed in range(setting["mixtures"])]
+    setting["first_mixture"] = args.first_mixture
+    jobs = [(seed, setting) for seed in range(args.first_mixture, args.first_mixture + setting["mixtures"])]
     with get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(_run, jobs, chunksize=1)
     goals = goal_summary(results)
