@@ -27,6 +27,7 @@ from fdistill.commands.sample_models import BUILTIN_MODELS, DTYPES, Model, guide
 from fdistill.commands.sample_options import (MAX_BATCH, MAX_NUM, add_prompt_arguments,
                                               add_sampler_arguments)
 from fdistill.commands.sample_output import SampleWriter, launched_processes, require_finite
+from fdistill.flow_pipelines import FLUX_GUIDANCE
 from fdistill.samplers.config import SamplerConfig
 
 DEFAULT_NUM = 64                 # images without --prompts
@@ -119,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                           solver_help="sampler (None: the most accurate one for --steps, "
                                       "fdistill.samplers.recommended_solver)",
                           steps_help="solver steps (default: a generator's own steps, SamplerConfig.steps otherwise)",
-                          guidance_help="classifier-free guidance weight (1 = off)")
+                          guidance_help="classifier-free guidance weight (default 1 = off); guidance-distilled "
+                                        f"Flux: its embedded guidance (default {FLUX_GUIDANCE}, as FluxPipeline)")
+    parser.set_defaults(guidance=None)          # the model's own default, resolved once it is loaded (prepare)
     parser.add_argument("--ems", default=None, help="DPM-Solver-v3 statistics of this model (scripts/compute_ems.py"
                         " output); implies --solver dpm_solver_v3, which needs it")
     parser.add_argument("--sigma-min", type=float, default=None, help="smallest noise level (default: the model's)")
@@ -201,7 +204,9 @@ def resolve_prompts(args: argparse.Namespace) -> None:
 def prepare(args: argparse.Namespace) -> tuple[Model, nn.Module, Tensor | None]:
     """Resolve --prompts / --num, load the model and check the options: (model, guided denoiser, noise levels)."""
     resolve_prompts(args)
-    model = load_model(args.model, DTYPES[args.dtype], args.device)
+    model = load_model(args.model, DTYPES[args.dtype], args.device, args.guidance)
+    if args.guidance is None:
+        args.guidance = SamplerConfig.guidance if model.embedded_guidance is None else model.embedded_guidance
     check_arguments(model, args)
     levels = noise_levels(model, args) if model.info.kind == "denoiser" else None
     return model, guided(model, args.guidance), levels
