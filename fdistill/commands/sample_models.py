@@ -28,8 +28,6 @@ class Model:
         uncond: null condition for a condition (classifier-free guidance), None for unconditional models.
         encode_prompts: captions -> the denoiser's cond (text models), else None.
         decode: model samples -> images in [-1, 1] (a VAE for latent models, identity otherwise).
-        embedded_guidance: the guidance value the network takes as an input (guidance-distilled Flux: FluxPipeline's
-            ``guidance_scale``), None for the other models; --guidance sets it instead of classifier-free guidance.
     """
 
     denoiser: nn.Module
@@ -37,7 +35,6 @@ class Model:
     uncond: Callable[[Any], Any] | None = None
     encode_prompts: Callable[[list[str]], Any] | None = None
     decode: Callable[[Tensor], Tensor] = lambda x: x
-    embedded_guidance: float | None = None
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -84,10 +81,10 @@ def _prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, str]],
     return encode
 
 
-def load_model(name: str, dtype: torch.dtype, device: str, guidance: float | None = None) -> Model:
+def load_model(name: str, dtype: torch.dtype, device: str, embedded_guidance: float = FLUX_GUIDANCE) -> Model:
     """A built-in model by name, or a model directory / hub id (fdistill.denoisers.load_denoiser) with its VAE and
-    text encoders when it is a latent text-to-image pipeline. ``guidance`` is the embedded guidance of a
-    guidance-distilled Flux model (None: FluxPipeline's default); other models ignore it."""
+    text encoders when it is a latent text-to-image pipeline. ``embedded_guidance``: the guidance input of a
+    guidance-distilled Flux transformer (FluxPipeline's ``guidance_scale``); other models ignore it."""
     if name in BUILTIN_MODELS:
         return BUILTIN_MODELS[name](dtype, device)
     from fdistill.denoisers import load_denoiser
@@ -110,9 +107,8 @@ def load_model(name: str, dtype: torch.dtype, device: str, guidance: float | Non
         if "text_encoder" not in info.components:
             raise UsageError(f"--model {name}: a text-conditioned model needs its pipeline's text_encoder/tokenizer")
         if getattr(denoiser, "model_class", None) == "FluxTransformer2DModel":   # T5 + CLIP pooled
-            if denoiser.net.config.guidance_embeds:
-                model.embedded_guidance = FLUX_GUIDANCE if guidance is None else float(guidance)
-            model.encode_prompts = flux_prompt_encoder(denoiser, info.components, device, model.embedded_guidance)
+            guidance = float(embedded_guidance) if denoiser.net.config.guidance_embeds else None
+            model.encode_prompts = flux_prompt_encoder(denoiser, info.components, device, guidance)
         elif "text_encoder_3" in info.components:     # SD3's CLIP + CLIP + T5 (fdistill.flow_pipelines)
             model.encode_prompts = sd3_prompt_encoder(denoiser, info.components, device)
         else:
@@ -121,9 +117,8 @@ def load_model(name: str, dtype: torch.dtype, device: str, guidance: float | Non
 
 
 def guided(model: Model, scale: float) -> nn.Module:
-    """The denoiser with classifier-free guidance of weight ``scale`` (1 = none); a model with embedded guidance
-    (guidance-distilled Flux) takes ``scale`` in its conditioning instead (``load_model``)."""
-    if scale == 1.0 or model.embedded_guidance is not None:
+    """The denoiser with classifier-free guidance of weight ``scale`` (1 = none)."""
+    if scale == 1.0:
         return model.denoiser
     if model.info.conditioning == "none":
         raise UsageError("--guidance needs a conditional model (class labels or text); this model is unconditional")
@@ -151,7 +146,8 @@ def flux_prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, st
                         guidance: float | None, max_sequence_length: int = FLUX_MAX_SEQUENCE_LENGTH):
     """captions -> transformer conditioning with the text encoders of a saved Flux pipeline (T5 states, CLIP pooled
     embedding, and the embedded ``guidance`` of guidance-distilled models), as ``FluxPipeline`` encodes them; the
-    empty prompt's encoding becomes the denoiser's null condition (classifier-free guidance of the others)."""
+    empty prompt's encoding becomes the denoiser's null condition (classifier-free guidance, FluxPipeline's
+    ``true_cfg_scale`` with ``negative_prompt=""``)."""
     from diffusers import FluxPipeline
 
     root = components["text_encoder"][0]
