@@ -152,3 +152,24 @@ def test_rehearsal_rows_count_the_published_sd3_and_flux_networks_without_buildi
     assert estimate_gib(REHEARSALS["sd3_dpo_full"], frozen_dtype="bfloat16") == pytest.approx(expected)
     flux = estimate_gib(REHEARSALS["flux_fdistill"], frozen_dtype="bfloat16")
     assert flux > 11_901_408_320 * (2 * 16 + 4) / GIB                   # student + fake score (AdamW) + teacher
+
+
+def test_published_transformer_sizes_on_the_meta_device_and_the_cpu_rehearsal_skips_them():
+    import importlib.util
+    from pathlib import Path
+
+    from fdistill.architectures import flow_components_from_config
+
+    with torch.device("meta"):                  # the published configs, no memory
+        sizes = {kind: sum(p.numel() for p in flow_components_from_config(kind).transformer.parameters())
+                 for kind in ("sd3", "flux")}
+    assert (round(sizes["sd3"] / 1e9, 1), round(sizes["flux"] / 1e9, 1)) == (2.0, 11.9)    # SD3 medium, FLUX.1-dev
+    path = Path(__file__).resolve().parent.parent / "scripts" / "rehearse.py"
+    spec = importlib.util.spec_from_file_location("rehearse_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = "sd3_fdistill,sd3_dpo_lora,sd3_dpo_full,flux_fdistill"
+    args = script.parse_args(["--recipes", rows])                       # CPU defaults: 8 GiB
+    for name in rows.split(","):
+        status = script.run_row(name, False, args).status
+        assert status.startswith("skipped: estimated minimum") and status.endswith("GiB > 8 GiB"), (name, status)
