@@ -251,7 +251,8 @@ class FlowMatchingComponent:
     def _denoiser(self, net: nn.Module, null_cond: Any):
         from .denoisers import DiffusersDenoiser
 
-        denoiser = DiffusersDenoiser(net, self.scheduler, null_cond=null_cond, mu=self.schedule_shift())
+        denoiser = DiffusersDenoiser(net, self.scheduler, null_cond=null_cond, mu=self.schedule_shift(),
+                                     sample_size=self.latent_shape(1)[-1])
         denoiser.schedule.to(next(net.parameters()).device)
         return denoiser
 

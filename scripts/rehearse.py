@@ -10,7 +10,8 @@ per step and peak memory next to the analytic minimum. Prints a markdown table a
 Rows (``fdistill.rehearsal.REHEARSALS``): cifar10 / imagenet64 f-distill and DDO, DDO with a DiT-XL/2 reference,
 sd15 / sdxl f-distill, DPO LoRA and DPO full, sd3 f-distill, DPO LoRA and DPO full (SD3 medium, 2.0 B), flux
 f-distill (FLUX.1-dev, 11.9 B). A row whose estimated analytic minimum exceeds --max-gib (8 GiB on CPU, the GPU's
-memory on GPU) is listed as skipped with its estimate: the SD3 and Flux rows never build on CPU. --bare names the DPO row that also times a bare PyTorch loop (trainer/bare).
+memory on GPU) is listed as skipped with its estimate: the SD3 and Flux rows never build on CPU. --bare names the
+DPO row that also times a bare PyTorch loop (trainer/bare).
 """
 from __future__ import annotations
 

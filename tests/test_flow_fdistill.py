@@ -100,6 +100,7 @@ def test_fdistill_trains_a_flow_student_and_exports_a_pipeline_with_the_students
 
     denoiser, loaded = load_denoiser(tmp_path / "model")
     assert (loaded.kind, loaded.conditioning, loaded.wrapper) == ("generator", "text", "flow") and denoiser.flow
+    assert info["sample_shape"] == list(method.sample_shape) and loaded.sample_shape == (4, 8, 8)   # the trained size
     assert {"vae", "text_encoder", "text_encoder_2"} <= set(loaded.components)
     assert ("text_encoder_3" in loaded.components) == (kind == "sd3")        # SD3's T5; Flux's is text_encoder_2
 
