@@ -22,10 +22,12 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def _pipeline_latents(directory, kind: str, z: torch.Tensor, sigmas: list[float], seed: int) -> torch.Tensor:
-    """The exported pipeline's latents [B, C, H, W] for PROMPTS from initial latents z [B, C, H, W] at flow times
-    ``sigmas``, a stochastic scheduler re-noising from torch's global generator seeded with ``seed``; Flux runs at
-    its embedded guidance (the student's), SD3 without classifier-free guidance."""
+def _pipeline_latents(directory, kind: str, z: torch.Tensor, sigmas: list[float], seed: int,
+                      output_type: str = "latent") -> torch.Tensor:
+    """The exported pipeline's latents [B, C, H, W] (``output_type="pt"``: images [B, 3, H, W] in [0, 1]) for PROMPTS
+    from initial latents z [B, C, H, W] at flow times ``sigmas``, a stochastic scheduler re-noising from torch's
+    global generator seeded with ``seed``; Flux runs at its embedded guidance (the student's), SD3 without
+    classifier-free guidance."""
     import diffusers
 
     from fdistill.denoisers.flow import pack_latents, unpack_latents
@@ -34,9 +36,9 @@ def _pipeline_latents(directory, kind: str, z: torch.Tensor, sigmas: list[float]
     flux = kind == "flux"
     pipeline = (diffusers.FluxPipeline if flux else diffusers.StableDiffusion3Pipeline).from_pretrained(directory)
     torch.manual_seed(seed)
-    latents = pipeline(PROMPTS[:len(z)], latents=pack_latents(z) if flux else z, sigmas=sigmas, output_type="latent",
-                       guidance_scale=FLUX_GUIDANCE if flux else 1.0, height=8, width=8).images
-    return unpack_latents(latents, 8, 8) if flux else latents
+    out = pipeline(PROMPTS[:len(z)], latents=pack_latents(z) if flux else z, sigmas=sigmas, output_type=output_type,
+                   guidance_scale=FLUX_GUIDANCE if flux else 1.0, height=8, width=8).images
+    return unpack_latents(out, 8, 8) if flux and output_type == "latent" else out
 
 
 def _pipeline_renoise(kind: str, steps: int, shape: tuple[int, ...], seed: int) -> torch.Tensor | None:
@@ -101,6 +103,16 @@ def test_fdistill_trains_a_flow_student_and_exports_a_pipeline_with_the_students
     denoiser, loaded = load_denoiser(tmp_path / "model")
     assert (loaded.kind, loaded.conditioning, loaded.wrapper) == ("generator", "text", "flow") and denoiser.flow
     assert info["sample_shape"] == list(method.sample_shape) and loaded.sample_shape == (4, 8, 8)   # the trained size
+    if kind == "flux" and generator_sigmas is None:       # fdistill sample draws the pipeline's (= student's) images
+        from fdistill.commands.sample import image_noise, main
+        from fdistill.images import load_images
+
+        assert main(["--model", str(tmp_path / "model"), "--prompt", PROMPTS[0], "--num", "1", "--no-progress",
+                     "--out", str(tmp_path / "gen")]) == 0
+        z = image_noise(0, 0, 1, tuple(method.sample_shape))
+        images = _pipeline_latents(tmp_path / "model", kind, z, info["diffusers_sigmas"], 0, output_type="pt")
+        torch.testing.assert_close((load_images(tmp_path / "gen", "000000.png") + 1) / 2, images, atol=2.5 / 255,
+                                   rtol=0)
     assert {"vae", "text_encoder", "text_encoder_2"} <= set(loaded.components)
     assert ("text_encoder_3" in loaded.components) == (kind == "sd3")        # SD3's T5; Flux's is text_encoder_2
 
