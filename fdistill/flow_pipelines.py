@@ -173,6 +173,21 @@ def sd3_conditioning(pipeline: Any, captions: list[str],
     return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
 
 
+@torch.no_grad()
+def flux_conditioning(pipeline: Any, captions: list[str], max_sequence_length: int = FLUX_MAX_SEQUENCE_LENGTH,
+                      guidance: float | None = None) -> dict[str, Tensor]:
+    """Transformer keyword arguments of ``captions`` with a ``FluxPipeline``'s own ``encode_prompt``: T5 states
+    [B, L, D] and the CLIP pooled embedding [B, P]; with ``guidance`` (guidance-distilled models, ``guidance_embeds``)
+    also the embedded guidance [B], the value FluxPipeline's ``guidance_scale`` feeds the transformer."""
+    device = next(pipeline.text_encoder.parameters()).device
+    embeds, pooled, _ = pipeline.encode_prompt(prompt=list(captions), prompt_2=None, device=device,
+                                               max_sequence_length=max_sequence_length)
+    cond = {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
+    if guidance is not None:
+        cond["guidance"] = torch.full((len(captions),), float(guidance), device=device)
+    return cond
+
+
 class FlowMatchingComponent:
     """What the SD3 and Flux ``LatentDiffusionComponent``s share (VAE, denoiser, LoRA and generator export); a
     subclass sets ``kind`` and implements ``pipeline`` and ``conditioning``.
@@ -236,7 +251,8 @@ class FlowMatchingComponent:
     def _denoiser(self, net: nn.Module, null_cond: Any):
         from .denoisers import DiffusersDenoiser
 
-        denoiser = DiffusersDenoiser(net, self.scheduler, null_cond=null_cond, mu=self.schedule_shift())
+        denoiser = DiffusersDenoiser(net, self.scheduler, null_cond=null_cond, mu=self.schedule_shift(),
+                                     sample_size=self.latent_shape(1)[-1])
         denoiser.schedule.to(next(net.parameters()).device)
         return denoiser
 
@@ -304,15 +320,9 @@ class FluxComponent(FlowMatchingComponent):
         self.guidance = float(guidance)
         super().__init__(parts, image_size, max_sequence_length)
 
-    @torch.no_grad()
     def conditioning(self, captions: list[str], batch: dict[str, Any] | None = None) -> dict[str, Any]:
-        device = next(self.parts.text_encoder.parameters()).device
-        embeds, pooled, _ = self._encoder.encode_prompt(prompt=list(captions), prompt_2=None, device=device,
-                                                        max_sequence_length=self.max_sequence_length)
-        cond = {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
-        if self.parts.transformer.config.guidance_embeds:
-            cond["guidance"] = torch.full((len(captions),), self.guidance, device=device)
-        return cond
+        embedded = self.guidance if self.parts.transformer.config.guidance_embeds else None
+        return flux_conditioning(self._encoder, captions, self.max_sequence_length, embedded)
 
     def pipeline(self, net: nn.Module | None = None, scheduler: Any = None):
         from diffusers import FluxPipeline

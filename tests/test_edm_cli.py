@@ -1,6 +1,7 @@
-"""An EDM model directory (fdistill's DDPM++ from config, tiny) through the commands: ``fdistill sample``, a few
-steps of ``fdistill train experiment=cifar10_fdistill`` with it as the teacher, and ``fdistill fid`` of the
-exported one-step generator."""
+"""EDM model directories (fdistill's DDPM++, ADM and EDM2 networks from config, tiny) through the commands:
+``fdistill sample`` and ``fdistill fid`` of each network; a few steps of ``fdistill train
+experiment=cifar10_fdistill`` (what ``fdistill distill`` runs before its digits evaluation) with the DDPM++ as the
+teacher, and ``fdistill fid`` of the exported one-step generator; the DDO recipes on DDPM++ / EDM2 references."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,8 @@ from fdistill.edm import edm_model_from_config, save_edm_model
 # the shape of the recipes' placeholder data (digits: 1 x 8 x 8, 10 classes)
 TEACHER = dict(img_resolution=8, in_channels=1, out_channels=1, label_dim=10, model_channels=16, channel_mult=[1, 2],
                num_blocks=1, attn_resolutions=[4], dropout=0.0)
+EDM2 = dict(img_resolution=8, img_channels=1, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[4], channels_per_head=8)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,24 @@ def test_fdistill_sample_generates_from_an_edm_directory(teacher_dir, tmp_path):
                                                                         "grid.png"]
     assert cli_main([*args, str(tmp_path / "b")]) == 0
     assert (tmp_path / "a" / "000001.png").read_bytes() == (tmp_path / "b" / "000001.png").read_bytes()
+
+
+@pytest.mark.parametrize("class_name, network", [("DhariwalUNet", TEACHER), ("EDM2UNet", EDM2)])
+def test_sample_and_fid_commands_run_adm_and_edm2_directories(class_name, network, tmp_path):
+    denoiser = edm_model_from_config(class_name, network, seed=0)
+    with torch.no_grad():      # ADM's output layer and EDM2's gains start at zero (D = c_skip x, no label effect)
+        for parameter in denoiser.net.parameters():
+            parameter.fill_(1.0) if parameter.ndim == 0 else parameter.add_(0.05 * torch.randn_like(parameter))
+    directory = save_edm_model(denoiser, tmp_path / "model")
+    for label in ("3", "4"):
+        assert cli_main(["sample", "--no-progress", "--model", str(directory), "--num", "1", "--steps", "2",
+                         "--class", label, "--out", str(tmp_path / label)]) == 0
+    assert (tmp_path / "3" / "000000.png").read_bytes() != (tmp_path / "4" / "000000.png").read_bytes()   # the label
+    out = tmp_path / "fid.json"
+    assert cli_main(["fid", "--gen", str(directory), "--num", "16", "--steps", "2", "--ref", "digits",
+                     "--features", "digits", "--quiet", "--out", str(out)]) == 0
+    score = json.loads(out.read_text())
+    assert score["num_gen"] == 16 and 0 < score["fid"] < float("inf")
 
 
 def test_cifar10_fdistill_trains_from_an_edm_teacher_and_exports_a_generator_fid_can_score(teacher_dir, tmp_path):
@@ -59,8 +80,7 @@ def test_cifar10_fdistill_trains_from_an_edm_teacher_and_exports_a_generator_fid
 
 @pytest.mark.parametrize("experiment, class_name, network", [
     ("cifar10_ddo", "SongUNet", TEACHER),
-    ("imagenet64_ddo", "EDM2UNet", dict(img_resolution=8, img_channels=1, label_dim=10, model_channels=16,
-                                        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)),
+    ("imagenet64_ddo", "EDM2UNet", EDM2),
 ])
 def test_ddo_recipes_fine_tune_an_edm_reference(experiment, class_name, network, tmp_path):
     from fdistill.config import build_run, compose

@@ -4,6 +4,7 @@
     fdistill sample --model runs/student --num 16 --out student/               # one-step generator: 1 step
     fdistill sample --model path/to/sd-pipeline --prompt "a red square" --guidance 5 --out sd/
     fdistill sample --model path/to/sd-pipeline --prompts captions.txt --per-prompt 2 --out coco/
+    fdistill sample --model path/to/flux-pipeline --prompt "a red square" --embedded-guidance 3.5 --out flux/
 
 Images are written batch by batch (memory does not grow with --num). With --prompts (fdistill.evaluation.prompts:
 txt / json / jsonl / parquet) image i shows prompt i // --per-prompt, and captions.jsonl maps each file to its prompt.
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fdistill.commands import UsageError, bounded_int, one_line
+from fdistill.commands import UsageError, bounded_int, finite_float, one_line
 from fdistill.commands.sample_models import BUILTIN_MODELS, DTYPES, Model, guided, load_model
 from fdistill.commands.sample_options import (MAX_BATCH, MAX_NUM, add_prompt_arguments,
                                               add_sampler_arguments)
 from fdistill.commands.sample_output import SampleWriter, launched_processes, require_finite
+from fdistill.flow_pipelines import FLUX_GUIDANCE
 from fdistill.samplers.config import SamplerConfig
 
 DEFAULT_NUM = 64                 # images without --prompts
@@ -120,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "fdistill.samplers.recommended_solver)",
                           steps_help="solver steps (default: a generator's own steps, SamplerConfig.steps otherwise)",
                           guidance_help="classifier-free guidance weight (1 = off)")
+    parser.add_argument("--embedded-guidance", type=finite_float, default=FLUX_GUIDANCE,
+                        help="guidance-distilled Flux (guidance_embeds): the guidance value the transformer takes as "
+                             "an input, FluxPipeline's guidance_scale (--guidance is classifier-free guidance on top)")
     parser.add_argument("--ems", default=None, help="DPM-Solver-v3 statistics of this model (scripts/compute_ems.py"
                         " output); implies --solver dpm_solver_v3, which needs it")
     parser.add_argument("--sigma-min", type=float, default=None, help="smallest noise level (default: the model's)")
@@ -201,7 +206,7 @@ def resolve_prompts(args: argparse.Namespace) -> None:
 def prepare(args: argparse.Namespace) -> tuple[Model, nn.Module, Tensor | None]:
     """Resolve --prompts / --num, load the model and check the options: (model, guided denoiser, noise levels)."""
     resolve_prompts(args)
-    model = load_model(args.model, DTYPES[args.dtype], args.device)
+    model = load_model(args.model, DTYPES[args.dtype], args.device, args.embedded_guidance)
     check_arguments(model, args)
     levels = noise_levels(model, args) if model.info.kind == "denoiser" else None
     return model, guided(model, args.guidance), levels

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fdistill.commands import UsageError
 from fdistill.denoisers import ClassifierFreeGuidance
-from fdistill.flow_pipelines import SD3_MAX_SEQUENCE_LENGTH, sd3_conditioning
+from fdistill.flow_pipelines import FLUX_GUIDANCE, flux_conditioning, sd3_conditioning
 from fdistill.pipelines import decode_latents
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,9 +80,10 @@ def _prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, str]],
     return encode
 
 
-def load_model(name: str, dtype: torch.dtype, device: str) -> Model:
+def load_model(name: str, dtype: torch.dtype, device: str, embedded_guidance: float = FLUX_GUIDANCE) -> Model:
     """A built-in model by name, or a model directory / hub id (fdistill.denoisers.load_denoiser) with its VAE and
-    text encoders when it is a latent text-to-image pipeline."""
+    text encoders when it is a latent text-to-image pipeline. ``embedded_guidance``: the guidance input of a
+    guidance-distilled Flux transformer (FluxPipeline's ``guidance_scale``); other models ignore it."""
     if name in BUILTIN_MODELS:
         return BUILTIN_MODELS[name](dtype, device)
     from fdistill.denoisers import load_denoiser
@@ -104,11 +105,9 @@ def load_model(name: str, dtype: torch.dtype, device: str) -> Model:
     if info.conditioning == "text":
         if "text_encoder" not in info.components:
             raise UsageError(f"--model {name}: a text-conditioned model needs its pipeline's text_encoder/tokenizer")
-        if getattr(denoiser, "model_class", None) == "FluxTransformer2DModel":
-            raise UsageError(f"--model {name}: fdistill sample does not encode Flux prompts yet; run the directory "
-                             "with diffusers.FluxPipeline (its fdistill.json 'diffusers_call')")
-        if "text_encoder_3" in info.components:     # SD3's CLIP + CLIP + T5 (fdistill.flow_pipelines)
-            model.encode_prompts = sd3_prompt_encoder(denoiser, info.components, device)
+        if getattr(denoiser, "flow", False):        # SD3: CLIP + CLIP + T5; Flux: T5 + CLIP pooled (flow_pipelines)
+            guidance = embedded_guidance if getattr(denoiser.net.config, "guidance_embeds", False) else None
+            model.encode_prompts = flow_prompt_encoder(denoiser, info.components, device, guidance)
         else:
             model.encode_prompts = _prompt_encoder(denoiser, info.components, image_size, device)
     return model
@@ -123,18 +122,20 @@ def guided(model: Model, scale: float) -> nn.Module:
     return ClassifierFreeGuidance(model.denoiser, scale, uncond=model.uncond)
 
 
-def sd3_prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, str]], device: str,
-                       max_sequence_length: int = SD3_MAX_SEQUENCE_LENGTH):
-    """captions -> transformer conditioning with the text encoders of a saved SD3 pipeline (``components``: name ->
-    (root, subfolder), ``fdistill.denoisers.ModelInfo.components``); the empty prompt's encoding becomes the
-    denoiser's null condition (classifier-free guidance)."""
-    from diffusers import StableDiffusion3Pipeline
+def flow_prompt_encoder(denoiser: nn.Module, components: dict[str, tuple[str, str]], device: str,
+                        embedded_guidance: float | None = None):
+    """captions -> transformer conditioning with the text encoders of a saved SD3 pipeline (CLIP-L + CLIP-G + T5) or
+    Flux pipeline (T5 states, CLIP pooled embedding, and the ``embedded_guidance`` of guidance-distilled models),
+    encoded by the pipeline's own ``encode_prompt`` (``components``: name -> (root, subfolder),
+    ``fdistill.denoisers.ModelInfo.components``). The empty prompt's encoding becomes the denoiser's null condition
+    (classifier-free guidance; Flux: FluxPipeline's ``true_cfg_scale`` with ``negative_prompt=""``)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
+    flux = denoiser.model_class == "FluxTransformer2DModel"
     root = components["text_encoder"][0]
-    pipeline = StableDiffusion3Pipeline.from_pretrained(root, transformer=denoiser.net, vae=None).to(device)
-
-    def encode(captions: list[str]) -> dict[str, Tensor]:
-        return sd3_conditioning(pipeline, captions, max_sequence_length)
-
+    pipeline = (FluxPipeline if flux else StableDiffusion3Pipeline).from_pretrained(
+        root, transformer=denoiser.net, vae=None).to(device)
+    encode = functools.partial(flux_conditioning, pipeline, guidance=embedded_guidance) if flux else \
+        functools.partial(sd3_conditioning, pipeline)
     denoiser.null_cond = encode([""])
     return encode

@@ -232,7 +232,10 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
         null_cond: the null condition of text models for classifier-free guidance (e.g. the empty-prompt
             encoder_hidden_states [1, L, D], or for SDXL a dict with [1, ...] tensors); class models use the null
             class ``num_classes``.
-        mu: Flux's resolution-dependent shift (schedulers with ``use_dynamic_shifting`` only; default: at 1024 px).
+        mu: Flux's resolution-dependent shift (schedulers with ``use_dynamic_shifting`` only; default: at the
+            ``sample_size``).
+        sample_size: side of one sample in latent pixels, the size the model is trained / sampled at (default: the
+            network config's ``sample_size``; Flux, whose config has none: FluxPipeline's 128, i.e. 1024 px).
 
     Attributes:
         loss_weighting: the ``fdistill.losses.denoising.weighted_denoising_loss`` weighting that reproduces the
@@ -244,7 +247,8 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
     """
 
     def __init__(self, net: nn.Module, scheduler: Any, dtype: torch.dtype | None = None,
-                 feature_block: str | None = None, null_cond: Any = None, mu: float | None = None):
+                 feature_block: str | None = None, null_cond: Any = None, mu: float | None = None,
+                 sample_size: int | None = None):
         super().__init__()
         self.model_class = model_class_name(net)
         config = getattr(scheduler, "config", scheduler)
@@ -266,12 +270,12 @@ class DiffusersDenoiser(FeatureMixin, nn.Module):
         self.null_cond = null_cond
         in_channels = net.config.in_channels
         if self.model_class == "FluxTransformer2DModel":   # packed 2x2 patches; no sample_size: FluxPipeline's 128
-            in_channels, side = in_channels // 4, 128
+            in_channels, side = in_channels // 4, sample_size or 128
         else:
-            side = net.config.sample_size
+            side = sample_size or net.config.sample_size
         self.sample_shape = (in_channels, side, side)
         if self.flow and mu is None and config.get("use_dynamic_shifting"):
-            mu = flux_mu((side // 2) ** 2, config)       # Flux's shift at the default size (1024 px: 4096 tokens)
+            mu = flux_mu((side // 2) ** 2, config)       # Flux's shift at the sample size (1024 px: 4096 tokens)
         self.schedule = FlowMatchSchedule(dict(config), mu) if self.flow else \
             VPSchedule(alphas_cumprod_from_scheduler(scheduler))
 

@@ -188,7 +188,8 @@ def _load_fdistill(source: ModelSource, meta: dict, dtype: torch.dtype | None) -
         denoiser = edm_denoiser(net, precond, dtype=dtype, feature_block=meta["feature_block"])
     elif meta["wrapper"] in ("vp", "flow"):         # the scheduler config tells which (DiffusersDenoiser)
         scheduler = _required_json(source, SCHEDULER_DIR, "scheduler_config.json")
-        denoiser = DiffusersDenoiser(net, scheduler, dtype=dtype, feature_block=meta["feature_block"])
+        denoiser = DiffusersDenoiser(net, scheduler, dtype=dtype, feature_block=meta["feature_block"],
+                                     sample_size=(meta.get("sample_shape") or [None])[-1])   # the trained size
     else:
         raise ValueError(f"{source.name}/{FORMAT_FILE}: wrapper {meta['wrapper']!r} not in "
                          "['edm', 'edm_network', 'flow', 'vp']")

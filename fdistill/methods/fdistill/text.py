@@ -144,10 +144,10 @@ def build_text_to_image(config: FDistillConfig, components: SDComponents, data: 
         for net in (student_net, fake_net):
             net.enable_gradient_checkpointing()
     frozen_dtype = components.vae.dtype
-    shift = sd.schedule_shift()
-    teacher = DiffusersDenoiser(unet, components.scheduler, null_cond=null_cond, mu=shift,
+    shift, side = sd.schedule_shift(), sd.latent_shape(1)[-1]      # the trained size (Flux's config has none)
+    teacher = DiffusersDenoiser(unet, components.scheduler, null_cond=null_cond, mu=shift, sample_size=side,
                                 dtype=None if frozen_dtype == torch.float32 else frozen_dtype)
-    student, fake_score = (DiffusersDenoiser(net, components.scheduler, null_cond=null_cond, mu=shift)
+    student, fake_score = (DiffusersDenoiser(net, components.scheduler, null_cond=null_cond, mu=shift, sample_size=side)
                            for net in (student_net, fake_net))
     domain = TextToImageDomain(sd, teacher.schedule, sd.latent_shape(1)[1:], default_prompts(config, data))
     method = FDistill(config, teacher, student, fake_score, domain)
