@@ -10,6 +10,7 @@ lower TV than rkl (mean over seeds) on >= 80 % of the mixtures.
 
     python scripts/bench_fdistill_mixtures.py --workers 2              # 10 mixtures x 2 seeds x (rkl, kl, js) x (2-D, 8-D)
     python scripts/bench_fdistill_mixtures.py --quick                  # 3 mixtures x 1 seed, 2-D, 300 steps (a smoke run)
+    python scripts/bench_fdistill_mixtures.py --cold ...               # the recipe before its warm start (before / after)
 Runs use 1 thread each, --workers processes in parallel. Writes benchmarks/fdistill_mixtures.json (after every run;
 --keep resumes an interrupted run with the same settings) and prints markdown tables.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fdistill.benchmarks.fdistill_2d import COLD_START
 from fdistill.benchmarks.fdistill_mixtures import train_on_mixture
 from fdistill.benchmarks.mixtures import mode_metrics, random_mixture
 from fdistill.denoisers import GaussianMixtureDenoiser
@@ -31,11 +33,11 @@ from fdistill.losses.fdistill import DIVERGENCES
 GOAL_COVERAGE, GOAL_TV_WINS = 0.9, 0.8
 
 
-def run_one(task: tuple[int, int, str, int, int]) -> tuple[str, dict]:
-    """One training run in a worker process (1 thread): (dim, mixture seed, divergence, training seed, steps)."""
+def run_one(task: tuple[int, int, str, int, int, bool]) -> tuple[str, dict]:
+    """One training run in a worker process (1 thread): (dim, mixture seed, divergence, training seed, steps, cold)."""
     torch.set_num_threads(1)
-    dim, mixture_seed, divergence, seed, steps = task
-    result = train_on_mixture(random_mixture(mixture_seed, dim), divergence, seed, steps)
+    dim, mixture_seed, divergence, seed, steps, cold = task
+    result = train_on_mixture(random_mixture(mixture_seed, dim), divergence, seed, steps, COLD_START if cold else None)
     return run_key(dim, mixture_seed, divergence, seed), result
 
 
@@ -84,6 +86,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 2000)")
     parser.add_argument("--dims", default=None, help="comma-separated dimensions (default 2,8)")
     parser.add_argument("--divergences", default="rkl,kl,js", help=f"comma-separated subset of {','.join(DIVERGENCES)}")
+    parser.add_argument("--cold", action="store_true",
+                        help="the recipe without its warm start (regression and critic warm-ups, regression term)")
     parser.add_argument("--workers", type=int, default=2, help="processes in parallel (1 thread each)")
     parser.add_argument("--out", default="benchmarks/fdistill_mixtures.json")
     parser.add_argument("--keep", action="store_true", help="reuse the runs in --out made with the same steps")
@@ -99,12 +103,13 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
-    if args.keep and out.exists() and json.loads(out.read_text()).get("steps") == steps:
+    if args.keep and out.exists() and json.loads(out.read_text()).get("steps") == steps \
+            and json.loads(out.read_text()).get("cold", False) == args.cold:
         runs = json.loads(out.read_text())["runs"]
-    tasks = [(dim, m, d, s, steps) for dim in dims for m in mixtures for s in seeds for d in divergences
+    tasks = [(dim, m, d, s, steps, args.cold) for dim in dims for m in mixtures for s in seeds for d in divergences
              if run_key(dim, m, d, s) not in runs]
     header = {"benchmark": "fdistill_mixtures", "steps": steps, "batch_size": 256, "dims": dims, "mixtures": mixtures,
-              "seeds": seeds, "divergences": divergences, "quick": args.quick,
+              "seeds": seeds, "divergences": divergences, "quick": args.quick, "cold": args.cold,
               "machine": f"{platform.machine()}, 1 thread per run, {args.workers} workers, CPU"}
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for key, result in pool.imap_unordered(run_one, tasks):

@@ -11,9 +11,16 @@ its true share; TV; precision within 4 std). Variants:
   <ablation>-<div>     one change (first divergence of --divergences only): gan0 (gan_weight 0), lognormal (sigma ~ EDM's log-normal in [0.01, 5]),
                        noclamp (ratio clamps [1e-4, 1e4], logit clamp 20), nobins (no per-bin normalisation),
                        ttur5 (student every 5th step: 4 critic updates per student update, DMD2's two time-scale rule)
+  The variants above run the recipe as it was before its warm start (COLD). The warm start (every divergence, rkl too):
+  warm-<div>           the recipe: 400 regression-only steps, 200 critic-only steps, then the matching loss with DMD's
+                       regression term (lambda 0.25); --steps counts all of them
+  warmnoterm / warmnocritic / termonly   (first divergence) the warm start without the regression term after the
+                       warm-ups / without the critic-only steps / only the regression term, from a cold start
     python scripts/diagnose_fdistill_ratio.py --workers 2               # all variants, seeds 0 1, 2,000 steps
     python scripts/diagnose_fdistill_ratio.py --steps 600 --seeds 1 --probe_every 300 --workers 4   # what ran
     python scripts/diagnose_fdistill_ratio.py --quick                   # 300 steps, seed 0 (a smoke run)
+    python scripts/diagnose_fdistill_ratio.py --variants warm,warmnoterm,warmnocritic,termonly --steps 1200 --seeds 1 \
+        --out benchmarks/fdistill_warm_start_diagnostics.json                 # the warm start's ablations
 Writes benchmarks/fdistill_ratio_diagnostics.json and prints markdown tables.
 """
 from __future__ import annotations
@@ -26,18 +33,25 @@ from pathlib import Path
 
 import torch
 
+from fdistill.benchmarks.fdistill_2d import COLD_START
 from fdistill.benchmarks.fdistill_mixtures import FIVE_MODES, PROBE_SIGMAS, train_on_mixture
 
+COLD = COLD_START        # the recipe before its warm start: what the ratio diagnostics ran
 ABLATIONS = {
-    "disc": {},
-    "oracle": {},
-    "exact": {},
-    "gan0": {"gan_weight": 0.0},
-    "lognormal": {"sigma_distribution": "lognormal", "p_mean": -0.4, "p_std": 1.0},
-    "noclamp": {"ratio_min": 1e-4, "ratio_max": 1e4, "logit_clamp": 20.0},
-    "nobins": {"num_ratio_bins": 0},
-    "ttur5": {"student_update_freq": 5},
+    "disc": COLD,
+    "oracle": COLD,
+    "exact": COLD,
+    "gan0": COLD | {"gan_weight": 0.0},
+    "lognormal": COLD | {"sigma_distribution": "lognormal", "p_mean": -0.4, "p_std": 1.0},
+    "noclamp": COLD | {"ratio_min": 1e-4, "ratio_max": 1e4, "logit_clamp": 20.0},
+    "nobins": COLD | {"num_ratio_bins": 0},
+    "ttur5": COLD | {"student_update_freq": 5},
+    "warm": {},                                                    # the recipe: its warm start included
+    "warmnoterm": {"regression_weight": 0.0},                      # warm-ups without the regression term after them
+    "warmnocritic": {"critic_warmup_steps": 0},                    # no critic-only steps
+    "termonly": {"regression_warmup_steps": 0, "critic_warmup_steps": 0},   # the regression term from a cold start
 }
+PER_DIVERGENCE = ("disc", "oracle", "exact", "warm")     # run for every divergence (the others for the first only)
 
 
 def run_variant(task: tuple[str, str, int, int, int]) -> tuple[str, int, dict]:
@@ -68,10 +82,9 @@ def main() -> None:
     steps, seeds = args.steps or (300 if args.quick else 2000), range(args.seeds or (1 if args.quick else 2))
     probe_every = min(args.probe_every, steps)
     divergences = args.divergences.split(",")
-    tasks = [(v, d, s, steps, probe_every) for v in variants for d in (divergences if v in ("disc", "oracle", "exact") else divergences[:1])
+    tasks = [(v, d, s, steps, probe_every) for v in variants for d in (divergences if v in PER_DIVERGENCE else divergences[:1])
              for s in seeds]
-    if "disc" in variants:
-        tasks = [("disc", "rkl", s, steps, probe_every) for s in seeds] + tasks
+    tasks = [(v, "rkl", s, steps, probe_every) for v in ("disc", "warm") if v in variants for s in seeds] + tasks
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         finished = pool.map(run_variant, tasks, chunksize=1)
     results: dict[str, dict] = {}

@@ -25,7 +25,8 @@ def run_two_steps(overrides, tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["experiment=gmm_fdistill", "method.network.hidden=16", "data.num_samples=64"],
+    ["experiment=gmm_fdistill", "method.network.hidden=16", "data.num_samples=64", "method.regression_warmup_steps=0",
+     "method.critic_warmup_steps=0"],
     ["experiment=digits_fdistill"],
     ["experiment=digits_fdistill_learned"],
     ["experiment=cifar10_fdistill", "model=tiny_unet", "train.mixed_precision=no", "train.ema_decays=[0.9]"],

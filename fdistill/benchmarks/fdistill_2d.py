@@ -19,6 +19,10 @@ from fdistill.training import Trainer
 from fdistill.training.config import TrainConfig
 
 COVERAGE_SHARE = 0.2      # a mode is covered when it holds >= 20 % of its true share of the samples
+# The mixture recipes' warm start (as conf/experiment/gmm_fdistill.yaml): DMD's regression loss (Yin et al. 2024,
+# Sec. 3.3, lambda_reg 0.25) with 400 regression-only steps, then 200 critic-only steps (see FDistillConfig).
+WARM_START = dict(regression_weight=0.25, regression_warmup_steps=400, critic_warmup_steps=200)
+COLD_START = {name: 0 for name in WARM_START}       # the recipes before it: a one-point student, a random critic
 
 
 def method_config(divergence: str, lr: float = 1e-3) -> FDistillConfig:
@@ -26,7 +30,7 @@ def method_config(divergence: str, lr: float = 1e-3) -> FDistillConfig:
     network = {"_target_": "fdistill.networks.MLPDenoiser", "dim": 2, "hidden": 64, "depth": 2, "sigma_data": 1.0}
     return FDistillConfig(divergence=divergence, lr=lr, gan_weight=1e-2, student_update_freq=2,
                           sigma_distribution="loguniform", sigma_min=0.01, sigma_max=5.0, generator_sigma=5.0,
-                          sigma_data=1.0, head_width=64, network=network)
+                          sigma_data=1.0, head_width=64, network=network, **WARM_START)
 
 
 def mode_metrics(samples: torch.Tensor, means: torch.Tensor, weights: torch.Tensor, std: float) -> dict[str, float]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fdistill.benchmarks.fdistill_2d import run_steps
+from fdistill.benchmarks.fdistill_2d import WARM_START, run_steps
 from fdistill.benchmarks.mixtures import mode_metrics
 from fdistill.benchmarks.oracle import ExactStudentDenoiser, OracleRatioFDistill, oracle_log_ratio
 from fdistill.data import gaussian_mixture
@@ -29,7 +29,7 @@ def recipe(divergence: str, dim: int, **overrides: Any) -> FDistillConfig:
     network = {"_target_": "fdistill.networks.MLPDenoiser", "dim": dim, "hidden": 128, "depth": 3, "sigma_data": 1.0}
     settings = dict(divergence=divergence, lr=1e-3, gan_weight=1e-2, student_update_freq=2,
                     sigma_distribution="loguniform", sigma_min=0.01, sigma_max=5.0, generator_sigma=5.0,
-                    sigma_data=1.0, head_width=128, network=network)
+                    sigma_data=1.0, head_width=128, network=network, **WARM_START)
     return FDistillConfig(**(settings | overrides))
 
 

@@ -50,6 +50,17 @@ class FDistillConfig:
         fake_score_weighting: lambda(sigma) of the fake-score loss on x0, a key of ``losses.denoising.LOSS_WEIGHTS``:
             'edm', 'x0' (unweighted x0 loss: FastGen's SD1.5 recipes), 'epsilon' (sigma^-2: the unweighted epsilon
             loss of a VP / Diffusers model: FastGen's SDXL recipes, DMD2) or 'v_prediction'.
+        regression_weight: weight of DMD's regression loss in the student loss (>= 0; 0 = off; Yin et al. 2024 Sec. 3.3,
+            lambda_reg 0.25 there): squared error between the one-step student's output from z and the teacher's
+            ODE sample from the same z (``regression``). It keeps the modes the ODE map reaches when the student has
+            no teacher weights to start from (an analytic teacher).
+        regression_warmup_steps: first steps that train the student on the regression loss alone (>= 0), so that
+            distribution matching starts from the teacher's ODE map instead of a network that outputs one point.
+        critic_warmup_steps: steps after the regression warm-up that train only the fake score and discriminator
+            (>= 0), so the student's first matching gradients come from a critic fitted to it (DMD2 and f-distill
+            start the fake score from the teacher's weights, which an analytic teacher does not have).
+        regression_pairs: (noise, teacher ODE sample) pairs of the regression loss, drawn once from a fixed seed (>= 1).
+        regression_solver_steps: DPM-Solver++(2M) steps of the teacher's ODE from sigma_g for those pairs (>= 1).
         num_ratio_bins: noise-level bins of the ratio normalisation (>= 0; 0 = no ratio normalisation).
         ratio_ema: EMA decay of the per-bin ratio means across steps, in [0, 1) (0 = this step's global batch).
         logit_clamp: |logit| clamp before r = exp(logit) (> 0).
@@ -86,6 +97,11 @@ class FDistillConfig:
     p_std: float = 1.0
     sigma_data: float = 0.5
     fake_score_weighting: str = "edm"
+    regression_weight: float = 0.0
+    regression_warmup_steps: int = 0
+    critic_warmup_steps: int = 0
+    regression_pairs: int = 4096
+    regression_solver_steps: int = 20
     num_ratio_bins: int = 10
     ratio_ema: float = 0.0
     logit_clamp: float = 10.0
@@ -127,6 +143,13 @@ class FDistillConfig:
                  f"method.sigma_min / sigma_max must satisfy 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         require(self.fake_score_weighting in LOSS_WEIGHTS,
                  f"method.fake_score_weighting must be one of {sorted(LOSS_WEIGHTS)}, got {self.fake_score_weighting!r}")
+        for name in ("regression_weight", "regression_warmup_steps", "critic_warmup_steps"):
+            require(getattr(self, name) >= 0, f"method.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("regression_pairs", "regression_solver_steps"):
+            require(getattr(self, name) >= 1, f"method.{name} must be >= 1, got {getattr(self, name)}")
+        require((self.regression_weight == 0 and self.regression_warmup_steps == 0) or sigmas is None or len(sigmas) == 1,
+                "method.regression_weight / regression_warmup_steps need a one-step student (method.generator_sigmas "
+                f"null or one sigma), got generator_sigmas={sigmas}")
         require(self.num_ratio_bins >= 0, f"method.num_ratio_bins must be >= 0, got {self.num_ratio_bins}")
         require(0 <= self.ratio_ema < 1, f"method.ratio_ema must be in [0, 1), got {self.ratio_ema}")
         require(0 < self.ratio_min < self.ratio_max,

@@ -1,6 +1,7 @@
 """The f-distill objective: phases, the per-step draws (``prepare_step``) and the two phases' losses.
 
-Phases: 'student' every ``student_update_freq``-th step, 'critic' (fake score + discriminator) otherwise.
+Phases: 'student' every ``student_update_freq``-th step, 'critic' (fake score + discriminator) otherwise, after
+optional warm-ups: 'regression' (DMD's regression loss alone, ``regression``) and then 'critic' alone.
 Per-sample weights h(r) of the student phase are computed for all micro-batches in ``prepare_step`` (no grad),
 with the same noise that ``loss`` reuses, and normalised with global-batch statistics (``ratio.RatioNormaliser``,
 then h / mean h). What depends on the data (pixels with class labels, or Stable Diffusion latents with prompts) is
@@ -29,6 +30,7 @@ from .domain import Domain
 from .heads import build_discriminator, class_labels
 from .prepared import PreparedBatch
 from .ratio import RatioNormaliser, mean_one_weights
+from .regression import regression_pairs, regression_phase_loss, regression_term
 
 
 GENERATOR_INPUT_SCALES = {"ve": lambda sigma: sigma, "vp": lambda sigma: math.sqrt(1.0 + sigma ** 2),
@@ -74,6 +76,7 @@ class FDistill(Method):
                 self._feature_source(), self.sample_shape, config.head_width, config.sigma_data, self.num_classes,
                 self.device())
         self.ratio = RatioNormaliser(config.num_ratio_bins, config.ratio_ema)
+        self._regression_pairs: tuple[Tensor, Tensor, Any] | None = None     # built on first use (regression_pairs)
         for name, module in domain.frozen_modules().items():
             self.frozen[name] = module.requires_grad_(False).eval()
 
@@ -102,13 +105,23 @@ class FDistill(Method):
     def phases(self) -> list[Phase]:
         c = self.config
         common = dict(weight_decay=c.weight_decay, betas=c.betas, optimizer="adamw")
-        return [Phase("student", ("student",), c.lr, max_grad_norm=c.student_grad_clip, **common),
-                Phase("critic", ("fake_score", "discriminator") if self.uses_discriminator else ("fake_score",),
-                      c.critic_lr or c.lr, max_grad_norm=c.critic_grad_clip, **common)]
+        phases = [Phase("student", ("student",), c.lr, max_grad_norm=c.student_grad_clip, **common),
+                  Phase("critic", ("fake_score", "discriminator") if self.uses_discriminator else ("fake_score",),
+                        c.critic_lr or c.lr, max_grad_norm=c.critic_grad_clip, **common)]
+        if c.regression_warmup_steps:
+            phases.append(Phase("regression", ("student",), c.lr, max_grad_norm=c.student_grad_clip,
+                                last_step=c.regression_warmup_steps - 1, **common))
+        return phases
 
     def phase_at(self, step: int) -> str:
-        """'student' at steps n-1, 2n-1, ... (the critic warms up first), 'critic' otherwise."""
-        return "student" if step % self.config.student_update_freq == self.config.student_update_freq - 1 else "critic"
+        """'regression' in the first regression_warmup_steps steps, then 'critic' for critic_warmup_steps steps;
+        after them 'student' at every student_update_freq-th step (n-1, 2n-1, ...: the critic goes first),
+        'critic' otherwise."""
+        c = self.config
+        if step < c.regression_warmup_steps:
+            return "regression"
+        step -= c.regression_warmup_steps + c.critic_warmup_steps
+        return "student" if step >= 0 and step % c.student_update_freq == c.student_update_freq - 1 else "critic"
 
     def ema_networks(self) -> tuple[str, ...]:
         return ("student",)
@@ -216,6 +229,13 @@ class FDistill(Method):
                                               self.generator_noise_scale, item.generator_step, item.renoise, item.cond)
         return self.networks["student"](x_in, sigma_in, item.cond)
 
+    def regression_pairs(self) -> tuple[Tensor, Tensor, Any]:
+        """DMD's regression data (z, the guided teacher's ODE samples y, their condition), built on first use
+        (``regression.regression_pairs``)."""
+        if self._regression_pairs is None:
+            self._regression_pairs = regression_pairs(self)
+        return self._regression_pairs
+
     def generator_noise(self, num: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         """z [num, *shape] and, for a few-step student, renoise [K - 1, num, *shape], drawn from ``generator``
         (on its device) and moved to the student's device."""
@@ -282,8 +302,13 @@ def student_phase_loss(method: FDistill, item: PreparedBatch) -> tuple[Tensor, d
     matching = fdistill_generator_loss(x, x0_fake, x0_teacher, weight, config.normaliser_eps).mean()
     logs = {"student/matching": float(matching.detach()), "student/weight_max": float(weight.max())}
     logs.update({f"student/{k}": v for k, v in item.stats.items()})
+    loss = matching
+    if config.regression_weight > 0:
+        regression = regression_term(method, x.shape[0])
+        logs["student/regression"] = float(regression.detach())
+        loss = loss + config.regression_weight * regression
     if config.gan_weight == 0:
-        return matching, logs
+        return loss, logs
     # the critic's parameters must not collect gradients here: the trainer steps (and clears) only the student's
     logit = item.student_logit
     if logit is None:
@@ -291,7 +316,7 @@ def student_phase_loss(method: FDistill, item: PreparedBatch) -> tuple[Tensor, d
             logit = method.discriminator_logit(x_t, sigma, cond)
     gan = generator_gan_loss(logit).mean()
     logs["student/gan"] = float(gan.detach())
-    return matching + config.gan_weight * gan, logs
+    return loss + config.gan_weight * gan, logs
 
 
 def critic_phase_loss(method: FDistill, item: PreparedBatch) -> tuple[Tensor, dict[str, float]]:
@@ -315,5 +340,5 @@ def critic_phase_loss(method: FDistill, item: PreparedBatch) -> tuple[Tensor, di
 
 
 PHASE_LOSSES: dict[str, Callable[[FDistill, PreparedBatch], tuple[Tensor, dict[str, float]]]] = {
-    "student": student_phase_loss, "critic": critic_phase_loss,
+    "student": student_phase_loss, "critic": critic_phase_loss, "regression": regression_phase_loss,
 }
