@@ -250,3 +250,22 @@ def test_statistics_are_integrated_once_per_call_not_per_step(monkeypatch):
         sample(gaussian_denoiser, x, sigmas("karras", steps, SIGMA_MIN, SIGMA_MAX), "dpm_solver_v3",
                ems=varying_statistics())
         assert len(calls) == 2, (steps, calls)
+
+
+def test_coefficients_are_reused_across_calls_with_the_same_statistics_and_schedule(monkeypatch):
+    """A second sample() call with the same statistics object and sigma list does no quadrature at all (the
+    coefficients are cached) and gives the same samples; another sigma list is integrated afresh."""
+    module = sys.modules["fdistill.samplers.dpm_solver_v3"]
+    calls = []
+    original = module._Integrals.at
+    monkeypatch.setattr(module._Integrals, "at",
+                        lambda self, lambdas: calls.append(len(lambdas)) or original(self, lambdas))
+    stats, x = varying_statistics(), start_noise()
+    schedule = sigmas("karras", 6, SIGMA_MIN, SIGMA_MAX)
+    first = sample(gaussian_denoiser, x, schedule, "dpm_solver_v3", ems=stats)
+    calls.clear()
+    torch.testing.assert_close(sample(gaussian_denoiser, x, schedule, "dpm_solver_v3", ems=stats), first,
+                               rtol=0, atol=0)
+    assert calls == []
+    sample(gaussian_denoiser, x, sigmas("logsnr", 6, SIGMA_MIN, SIGMA_MAX), "dpm_solver_v3", ems=stats)
+    assert len(calls) == 2

@@ -35,6 +35,7 @@ them "degenerated"). The statistics l, s, b (EMS) and their estimation from a de
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -137,6 +138,31 @@ class _ScheduleCoefficients:
         return values
 
 
+NEUTRAL_STATISTICS = ModelStatistics.constant()   # l = 1, s = b = 0: DPM-Solver++ (one object, so cached)
+COEFFICIENT_CACHE_SIZE = 4           # statistics objects whose coefficients are kept (most recent first)
+_coefficient_cache: dict[int, tuple[weakref.ref, _Integrals, dict]] = {}
+
+
+def schedule_coefficients(stats: ModelStatistics, lambdas: list[float], like: Tensor) -> _ScheduleCoefficients:
+    """``_ScheduleCoefficients`` of ``stats`` on ``lambdas``, reused across sample() calls with the same statistics
+    object, schedule, dtype and device (statistics are treated as immutable). With per-element statistics of a
+    large sample the tables and quadrature take seconds (4x64x64 elements, 20 steps: about 18 s on one CPU thread),
+    far more than the steps themselves, so a sampler that draws many batches pays it once."""
+    key = id(stats)
+    entry = _coefficient_cache.pop(key, None)
+    if entry is None or entry[0]() is not stats:
+        entry = (weakref.ref(stats), _Integrals(stats), {})
+    _coefficient_cache[key] = entry
+    while len(_coefficient_cache) > COEFFICIENT_CACHE_SIZE:
+        _coefficient_cache.pop(next(iter(_coefficient_cache)))
+    _, integrals, by_schedule = entry
+    schedule_key = (tuple(lambdas), like.dtype, like.device)
+    if schedule_key not in by_schedule:
+        by_schedule.clear()                 # one schedule per statistics object: a sampler reuses one list
+        by_schedule[schedule_key] = _ScheduleCoefficients(integrals, lambdas, like)
+    return by_schedule[schedule_key]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The solver
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,11 +227,11 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
     """
     if order not in range(1, MAX_ORDER + 1):
         raise ValueError(f"dpm_solver_v3: order must be 1, 2 or 3, got {order}")
-    stats = ModelStatistics.constant() if ems is None else ems
+    stats = NEUTRAL_STATISTICS if ems is None else ems
     sigma_values = sigma_list(sigmas)
     orders = step_orders(sigma_values, order, multistep=True, lower_order_final=lower_order_final)
     lambdas = [-math.log(sigma) for sigma in sigma_values if sigma > 0]
-    coefficients = _ScheduleCoefficients(_Integrals(stats), lambdas, x)
+    coefficients = schedule_coefficients(stats, lambdas, x)
     l_values = interpolate(stats.lambdas, stats.l, torch.tensor(lambdas, dtype=torch.float64)).to(x)
     x0_fn = x0_function(denoiser, cond)
     history: list[Node] = []                   # newest first
