@@ -218,14 +218,14 @@ def dc_ratios(teacher, dim: int, kind: str) -> dict[str, dict[int, list[float]]]
     return {"dc_solver searched": searched, "dc_solver CPR": {budget: cpr.ratios(budget) for budget in BUDGETS}}
 
 
-def accuracy(teacher_name: str, teacher, dim: int, noise: torch.Tensor, truth: torch.Tensor, ems: ModelStatistics
-             ) -> tuple[list[dict], dict]:
-    """Rows of every method at every schedule and budget, and the DC-Solver ratios used."""
+def accuracy(teacher_name: str, teacher, dim: int, noise: torch.Tensor, truth: torch.Tensor, ems: ModelStatistics,
+             with_dc: bool = True) -> tuple[list[dict], dict]:
+    """Rows of every method at every schedule and budget, and the DC-Solver ratios used (none without ``with_dc``)."""
     rows, ratios_used = [], {}
     methods = {**FDISTILL, **{label: (solver, {**options, "ems": ems})
                               for label, (solver, options) in FDISTILL_WITH_EMS.items()}}
     for kind in SCHEDULES:
-        ratios_used[kind] = dc_ratios(teacher, dim, kind)
+        ratios_used[kind] = dc_ratios(teacher, dim, kind) if with_dc else {}
         for budget in BUDGETS:
             dc = {label: ("dc_solver", {"ratios": by_budget[budget]}) for label, by_budget in ratios_used[kind].items()}
             for label, (solver, options) in {**methods, **dc}.items():
@@ -292,6 +292,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/samplers.json")
     parser.add_argument("--no-overhead", action="store_true", help="skip the per-step overhead timing")
     parser.add_argument("--teachers", nargs="+", choices=list(TEACHERS), default=list(TEACHERS))
+    parser.add_argument("--no-dc", action="store_true", help="skip DC-Solver (its ratio search is most of the learned "
+                        "digits teacher's run time)")
     parser.add_argument("--render", action="store_true", help="only rewrite the tables from --out's JSON")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine runs of disjoint --teachers (e.g. two "
                         "processes in parallel) into --out instead of running")
@@ -319,7 +321,7 @@ def main() -> None:
         ems_start = time.time()
         ems = teacher_ems(teacher, dim)
         ems_seconds[name] = round(time.time() - ems_start, 2)
-        teacher_rows, ratios[name] = accuracy(name, teacher, dim, noise, truth, ems)
+        teacher_rows, ratios[name] = accuracy(name, teacher, dim, noise, truth, ems, with_dc=not args.no_dc)
         rows += teacher_rows
         print(f"{name}: done after {time.time() - start:.0f} s", flush=True)
     overhead_rows = [] if args.no_overhead else overhead(steps=20, repeats=5)

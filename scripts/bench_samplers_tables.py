@@ -56,7 +56,8 @@ def recommendation_table(best: dict[int, dict]) -> str:
 def dc_table(rows: list[dict]) -> str:
     """DC-Solver (searched ratios and CPR) against its base, UniPC bh2 (order 3), per setting."""
     index = {(r["teacher"], r["schedule"], r["budget"], r["method"]): r["median_error"] for r in rows}
-    keys = list(dict.fromkeys((r["teacher"], r["schedule"], r["budget"]) for r in rows))
+    keys = list(dict.fromkeys((r["teacher"], r["schedule"], r["budget"]) for r in rows
+                              if r["method"] == "dc_solver searched"))
     lines = ["\n#### DC-Solver vs its base UniPC bh2 (median L2 error; ratios searched per setting on 16 other starts; "
              "CPR fitted on the searches at NFE 5, 8, 10, 20)\n",
              "| teacher | schedule | NFE | unipc_bh2 | dc_solver searched | dc_solver CPR |", "|---|---|---|---|---|---|"]
