@@ -32,7 +32,11 @@ Diffusers runs its own scheduler code on the same sigma list (fdistill.samplers.
 cannot step into sigma = 0 (log 0, and B(h) = -h is infinite: NaN), so they run to sigma_min and then take the same
 final denoise as everyone else (same NFE).
 
-    OMP_NUM_THREADS=1 python scripts/bench_samplers.py     # about 10 minutes on one core
+    OMP_NUM_THREADS=1 python scripts/bench_samplers.py     # about 20 minutes on one core
+    # or in parallel, then combined:
+    python scripts/bench_samplers.py --teachers gaussian mixture_mild mixture_stiff --out a.json
+    python scripts/bench_samplers.py --teachers digits --no-overhead --no-dc --out b.json
+    python scripts/bench_samplers.py --merge a.json b.json      # -> benchmarks/samplers.json
 Writes benchmarks/samplers.json and benchmarks/samplers.md (the tables printed).
 """
 from __future__ import annotations
