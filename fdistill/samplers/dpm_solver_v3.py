@@ -88,8 +88,8 @@ def _simpson_weights(lam_s: Tensor, lam_t: Tensor, intervals: int = QUADRATURE_I
 
 def step_coefficients(integrals: _Integrals, lam_s: Tensor, lam_t: Tensor, max_k: int = MAX_ORDER
                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """For M steps lam_s -> lam_t ([M] each), by Simpson quadrature of the tabulated integrals: e^{L_s - L_t} [M, *shape],
-    e^{L_s - L_t} Phi_k for k = 0 .. max_k [M, max_k + 1, *shape] and the b-term
+    """For M steps lam_s -> lam_t ([M] each), by Simpson quadrature of the tabulated integrals:
+    e^{L_s - L_t} [M, *shape], e^{L_s - L_t} Phi_k for k = 0 .. max_k [M, max_k + 1, *shape] and the b-term
     integral_{lam_s}^{lam_t} e^{L - L_t} integral_{lam_s}^{lam} e^{S - S(r)} b(r) dr dlam [M, *shape] (module
     docstring); float64. They depend on the schedule and the statistics only, never on x, so ``dpm_solver_v3``
     computes them for all its steps before the first network evaluation."""
