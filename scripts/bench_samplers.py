@@ -13,11 +13,9 @@ Teachers (exact denoisers, float64; 16-D but digits):
 - mixture_mild / mixture_stiff: 8 components, means ~ N(0, I), stds U[0.3, 0.6] / U[0.02, 0.1] (sharper modes make
   the ODE stiffer at small sigma). x(sigma_min) from singlestep DPM-Solver-3 with 500 log-SNR steps (1500 NFE); its
   distance to a 250-step solve is reported as the reference's own error bound.
-- digits: the exact denoiser of sklearn's 1,797 8x8 digits in [-1, 1] (64-D, unconditional), the ideal digits
-  teacher (a learned one trains at 1.5 s/step on this shared CPU, too slow for the run); reference as for the
-  mixtures; its table adds the digits FD (fdistill.evaluation.digits_fd) of each method's 512 samples. It took 40 min
-  on the shared 2-core machine, so benchmarks/samplers.json comes from ``--teachers gaussian mixture_mild
-  mixture_stiff``.
+- digits: the shipped learned digits teacher (fdistill/assets/digits_teacher: a class-conditional tiny EDM UNet,
+  sample k of class k mod 10, 64-D flattened, network in float32); reference as for the mixtures; its table adds
+  the digits FD (fdistill.evaluation.digits_fd) of each method's 256 samples.
 
 DPM-Solver-v3 runs without EMS (l = 1, s = b = 0) and with each teacher's EMS (``compute_ems``: 256 of the teacher's
 own samples, 121 lambdas over the sigma range); a table compares the latter with Diffusers' best on the mixtures and
@@ -27,14 +25,18 @@ DC-Solver (UniPC bh2, order 3, with dynamic compensation): "searched" uses ratio
 and NFE on 16 other starts (seed 2; ``search_ratios`` on ``reference_trajectory``); "CPR" uses the cascade polynomial
 regression fitted on the searches at NFE 5, 8, 10, 20 (NFE 4 extrapolated, 6 and 15 interpolated).
 
-Metric: median over 128 samples (digits: 512) of the per-sample L2 error (the JSON also has the RMS). On a mixture a few
+Metric: median over 128 samples (digits: 256) of the per-sample L2 error (the JSON also has the RMS). On a mixture a few
 trajectories start near a boundary between modes, where any solver error flips the mode; they dominate the RMS.
 
 Diffusers runs its own scheduler code on the same sigma list (fdistill.samplers.reference). Its DEIS and UniPC bh1
 cannot step into sigma = 0 (log 0, and B(h) = -h is infinite: NaN), so they run to sigma_min and then take the same
 final denoise as everyone else (same NFE).
 
-    OMP_NUM_THREADS=1 python scripts/bench_samplers.py     # about 10 minutes on one core
+    OMP_NUM_THREADS=1 python scripts/bench_samplers.py     # about 20 minutes on one core
+    # or in parallel, then combined:
+    python scripts/bench_samplers.py --teachers gaussian mixture_mild mixture_stiff --out a.json
+    python scripts/bench_samplers.py --teachers digits --no-overhead --no-dc --out b.json
+    python scripts/bench_samplers.py --merge a.json b.json      # -> benchmarks/samplers.json
 Writes benchmarks/samplers.json and benchmarks/samplers.md (the tables printed).
 """
 from __future__ import annotations
@@ -53,7 +55,7 @@ from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler, UniPC
 
 from bench_samplers_overhead import overhead, overhead_table
 from bench_samplers_tables import accuracy_tables, dc_table, recommendation_table, summary_table, v3_goal_table
-from fdistill.denoisers import EmpiricalDenoiser, GaussianMixtureDenoiser
+from fdistill.denoisers import GaussianMixtureDenoiser
 from fdistill.samplers import (CascadeRegression, ModelStatistics, compute_ems, nfe, reference_trajectory, sample,
                                search_ratios, sigmas)
 from fdistill.samplers.reference import diffusers_sample
@@ -61,7 +63,7 @@ from fdistill.samplers.reference import diffusers_sample
 SIGMA_MIN, SIGMA_MAX = 0.029167, 14.614641      # Stable Diffusion's scaled-linear VP schedule, in sigma units
 BUDGETS = [4, 5, 6, 8, 10, 15, 20]
 SCHEDULES = ["karras", "logsnr"]
-DIM, BATCH, DIGITS_BATCH, DC_TRAIN = 16, 128, 512, 16
+DIM, BATCH, DIGITS_BATCH, DC_TRAIN = 16, 128, 256, 16
 CPR_BUDGETS = (5, 8, 10, 20)
 
 # label -> (registry solver, options); the unlabelled registry names use their defaults (what `--solver` gives)
@@ -133,11 +135,26 @@ def mixture_teacher(std_range: tuple[float, float], seed: int = 0) -> tuple[Gaus
     return fine_solve_reference(GaussianMixtureDenoiser(means, stds))
 
 
-def digits_teacher() -> tuple[EmpiricalDenoiser, Callable]:
-    """The exact denoiser of the 1,797 sklearn digits (flattened to 64-D) and its fine-solve answer."""
-    from fdistill.data.builtin import digits_images
-    images, _ = digits_images(8)
-    return fine_solve_reference(EmpiricalDenoiser(images.reshape(len(images), -1).to(torch.float64)))
+class LearnedDigitsTeacher(torch.nn.Module):
+    """The shipped class-conditional digits teacher (fdistill/assets/digits_teacher, a tiny EDM UNet) as a flat 64-D
+    denoiser of the benchmark: sample k of a batch has class k mod 10 (class-balanced), and the network runs in
+    float32 (7x faster than float64 on the CPU) while the solvers integrate in float64."""
+
+    def __init__(self):
+        super().__init__()
+        from fdistill.networks import digits_teacher
+        self.network = digits_teacher()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+        labels = torch.arange(x.shape[0]) % 10
+        images = self.network(x.float().view(-1, 1, 8, 8), sigma.float(), labels)
+        return images.reshape(x.shape).to(x.dtype)
+
+
+def digits_teacher() -> tuple[LearnedDigitsTeacher, Callable]:
+    """The learned digits teacher and its fine-solve answer."""
+    return fine_solve_reference(LearnedDigitsTeacher())
 
 
 def fine_solve_reference(teacher) -> tuple[object, Callable]:
@@ -187,9 +204,11 @@ def run_diffusers(teacher, make: Callable, into_zero: bool, noise: torch.Tensor,
 
 def teacher_ems(teacher, dim: int) -> ModelStatistics:
     """The teacher's EMS on a uniform lambda grid over the benchmark's sigma range, from EMS_SAMPLES of its own
-    samples (50-step dpmpp_3m from seed 0: not the benchmark's starting noise, which uses seed 1)."""
+    samples (50-step dpmpp_3m from seed 0: not the benchmark's starting noise, which uses seed 1). A float32 network
+    (the learned digits teacher) gets compute_ems' lower-precision finite-difference step and ridge."""
     lambdas = torch.linspace(-math.log(SIGMA_MAX), -math.log(SIGMA_MIN), EMS_GRID, dtype=torch.float64)
-    return compute_ems(teacher, (dim,), EMS_SAMPLES, lambdas)
+    dtype = torch.float32 if isinstance(teacher, LearnedDigitsTeacher) else torch.float64
+    return compute_ems(teacher, (dim,), EMS_SAMPLES, lambdas, dtype=dtype)
 
 
 def dc_ratios(teacher, dim: int, kind: str) -> dict[str, dict[int, list[float]]]:
@@ -203,14 +222,14 @@ def dc_ratios(teacher, dim: int, kind: str) -> dict[str, dict[int, list[float]]]
     return {"dc_solver searched": searched, "dc_solver CPR": {budget: cpr.ratios(budget) for budget in BUDGETS}}
 
 
-def accuracy(teacher_name: str, teacher, dim: int, noise: torch.Tensor, truth: torch.Tensor, ems: ModelStatistics
-             ) -> tuple[list[dict], dict]:
-    """Rows of every method at every schedule and budget, and the DC-Solver ratios used."""
+def accuracy(teacher_name: str, teacher, dim: int, noise: torch.Tensor, truth: torch.Tensor, ems: ModelStatistics,
+             with_dc: bool = True) -> tuple[list[dict], dict]:
+    """Rows of every method at every schedule and budget, and the DC-Solver ratios used (none without ``with_dc``)."""
     rows, ratios_used = [], {}
     methods = {**FDISTILL, **{label: (solver, {**options, "ems": ems})
                               for label, (solver, options) in FDISTILL_WITH_EMS.items()}}
     for kind in SCHEDULES:
-        ratios_used[kind] = dc_ratios(teacher, dim, kind)
+        ratios_used[kind] = dc_ratios(teacher, dim, kind) if with_dc else {}
         for budget in BUDGETS:
             dc = {label: ("dc_solver", {"ratios": by_budget[budget]}) for label, by_budget in ratios_used[kind].items()}
             for label, (solver, options) in {**methods, **dc}.items():
@@ -235,9 +254,7 @@ def best_per_setting(rows: list[dict]) -> list[dict]:
         theirs = min((r for r in group if r["method"].startswith("diffusers")), key=lambda r: r["median_error"])
         summary.append(dict(teacher=key[0], schedule=key[1], budget=key[2], fdistill=ours["method"],
                             fdistill_error=ours["median_error"], diffusers=theirs["method"],
-                            diffusers_error=theirs["median_error"],
-                            # digits' exact teacher can land exactly on the training image: error 0
-                            ratio=theirs["median_error"] / ours["median_error"] if ours["median_error"] else math.inf))
+                            diffusers_error=theirs["median_error"], ratio=theirs["median_error"] / ours["median_error"]))
     return summary
 
 
@@ -259,8 +276,10 @@ def v3_goal(rows: list[dict]) -> list[dict]:
 
 def best_registry_solver(rows: list[dict], num_teachers: int) -> dict[int, dict]:
     """Per budget, the registry solver with one NFE per step and default options (what ``--solver NAME --steps
-    NFE`` runs) with the smallest geometric mean of median error over teachers and schedules."""
-    names = [label for label, (solver, options) in FDISTILL.items() if not options and nfe(solver, 10) == 10]
+    NFE`` runs; dpm_solver_v3 is left out: ``fdistill sample`` runs it only with ``--ems``) with the smallest
+    geometric mean of median error over teachers and schedules."""
+    names = [label for label, (solver, options) in FDISTILL.items()
+             if not options and nfe(solver, 10) == 10 and solver != "dpm_solver_v3"]
     result = {}
     for budget in BUDGETS:
         score = {name: math.exp(sum(math.log(r["median_error"]) for r in rows
@@ -277,10 +296,23 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/samplers.json")
     parser.add_argument("--no-overhead", action="store_true", help="skip the per-step overhead timing")
     parser.add_argument("--teachers", nargs="+", choices=list(TEACHERS), default=list(TEACHERS))
+    parser.add_argument("--no-dc", action="store_true", help="skip DC-Solver (its ratio search is most of the learned "
+                        "digits teacher's run time)")
     parser.add_argument("--render", action="store_true", help="only rewrite the tables from --out's JSON")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine runs of disjoint --teachers (e.g. two "
+                        "processes in parallel) into --out instead of running")
     args = parser.parse_args()
     if args.render:
         write_report(json.loads(Path(args.out).read_text()), args.out)
+        return
+    if args.merge:
+        runs = [json.loads(Path(path).read_text()) for path in args.merge]
+        parts = {key: {k: v for run in runs for k, v in run[key].items()}
+                 for key in ("reference_max_l2_error", "dc_solver_ratios")}
+        result = assemble([row for run in runs for row in run["accuracy"]], parts["reference_max_l2_error"],
+                          {k: v for run in runs for k, v in run["ems"]["seconds"].items()}, parts["dc_solver_ratios"],
+                          [row for run in runs for row in run["overhead"]], sum(run["seconds"] for run in runs))
+        save(result, args.out)
         return
     torch.set_num_threads(1)   # tiny tensors: a second thread only adds contention (the machine is shared)
     start = time.time()
@@ -293,25 +325,34 @@ def main() -> None:
         ems_start = time.time()
         ems = teacher_ems(teacher, dim)
         ems_seconds[name] = round(time.time() - ems_start, 2)
-        teacher_rows, ratios[name] = accuracy(name, teacher, dim, noise, truth, ems)
+        teacher_rows, ratios[name] = accuracy(name, teacher, dim, noise, truth, ems, with_dc=not args.no_dc)
         rows += teacher_rows
         print(f"{name}: done after {time.time() - start:.0f} s", flush=True)
-    summary, best, goal = best_per_setting(rows), best_registry_solver(rows, len(args.teachers)), v3_goal(rows)
     overhead_rows = [] if args.no_overhead else overhead(steps=20, repeats=5)
-    result = dict(
+    save(assemble(rows, reference_error, ems_seconds, ratios, overhead_rows, time.time() - start), args.out)
+
+
+def assemble(rows: list[dict], reference_error: dict, ems_seconds: dict, ratios: dict, overhead_rows: list[dict],
+             seconds: float) -> dict:
+    """The JSON of a run: its rows and everything derived from them."""
+    num_teachers = len({row["teacher"] for row in rows})
+    return dict(
         machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread "
                 f"({os.cpu_count()} cores), torch {torch.__version__}",
         sigma_range=f"{SIGMA_MAX} -> {SIGMA_MIN} -> 0", batch=BATCH, dim=DIM, digits_batch=DIGITS_BATCH,
         teachers=dict(gaussian="one Gaussian, stds log-spaced 0.05..2 (closed-form ODE flow)",
                       mixture_mild="8 components, stds U[0.3, 0.6]", mixture_stiff="8 components, stds U[0.02, 0.1]",
-                      digits="exact denoiser of the 1,797 sklearn digits (64-D)"),
-        reference_max_l2_error=reference_error, accuracy=rows, best_per_setting=summary,
-        best_registry_solver_per_budget=best, dpm_solver_v3_goal=goal, dc_solver_ratios=ratios,
-        ems=dict(samples=EMS_SAMPLES, grid=EMS_GRID, seconds=ems_seconds), overhead=overhead_rows,
-        seconds=round(time.time() - start, 1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    write_report(result, args.out)
+                      digits="the shipped learned class-conditional digits teacher (tiny EDM UNet, 8x8, float32)"),
+        reference_max_l2_error=reference_error, accuracy=rows, best_per_setting=best_per_setting(rows),
+        best_registry_solver_per_budget=best_registry_solver(rows, num_teachers), dpm_solver_v3_goal=v3_goal(rows),
+        dc_solver_ratios=ratios, ems=dict(samples=EMS_SAMPLES, grid=EMS_GRID, seconds=ems_seconds),
+        overhead=overhead_rows, seconds=round(seconds, 1))
+
+
+def save(result: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    write_report(result, out)
 
 
 def write_report(result: dict, out: str) -> None:

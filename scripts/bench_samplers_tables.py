@@ -11,13 +11,14 @@ def accuracy_tables(rows: list[dict]) -> str:
     index = {(r["teacher"], r["schedule"], r["budget"], r["method"]): r for r in rows}
     lines = []
     for teacher, kind in dict.fromkeys((row["teacher"], row["schedule"]) for row in rows):
-        with_fd = "digits_fd" in index[(teacher, kind, budgets[0], methods[0])]
+        present = [m for m in methods if (teacher, kind, budgets[0], m) in index]     # e.g. no DC rows (--no-dc)
+        with_fd = "digits_fd" in index[(teacher, kind, budgets[0], present[0])]
         lines += [f"\n#### {teacher}, {kind} sigmas: median L2 error{' / digits FD' if with_fd else ''} (NFE budget; "
                   "actual NFE in brackets when lower)\n",
                   "| method | " + " | ".join(f"NFE {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-        for method in methods:
+        for method in present:
             group = [index[(teacher, kind, b, method)] for b in budgets]
-            best = [min(index[(teacher, kind, b, m)]["median_error"] for m in methods) for b in budgets]
+            best = [min(index[(teacher, kind, b, m)]["median_error"] for m in present) for b in budgets]
             cells = [(f"**{r['median_error']:.2e}**" if r["median_error"] == low else f"{r['median_error']:.2e}")
                      + (f" / {r['digits_fd']:.2f}" if with_fd else "")
                      + ("" if r["nfe"] == r["budget"] else f" ({r['nfe']})") for r, low in zip(group, best)]
@@ -56,7 +57,8 @@ def recommendation_table(best: dict[int, dict]) -> str:
 def dc_table(rows: list[dict]) -> str:
     """DC-Solver (searched ratios and CPR) against its base, UniPC bh2 (order 3), per setting."""
     index = {(r["teacher"], r["schedule"], r["budget"], r["method"]): r["median_error"] for r in rows}
-    keys = list(dict.fromkeys((r["teacher"], r["schedule"], r["budget"]) for r in rows))
+    keys = list(dict.fromkeys((r["teacher"], r["schedule"], r["budget"]) for r in rows
+                              if r["method"] == "dc_solver searched"))
     lines = ["\n#### DC-Solver vs its base UniPC bh2 (median L2 error; ratios searched per setting on 16 other starts; "
              "CPR fitted on the searches at NFE 5, 8, 10, 20)\n",
              "| teacher | schedule | NFE | unipc_bh2 | dc_solver searched | dc_solver CPR |", "|---|---|---|---|---|---|"]

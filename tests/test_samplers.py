@@ -134,8 +134,13 @@ def test_nfe_values():
 
 
 def test_step_orders_warm_up_and_lower_order_final():
+    """Below 8 multistep steps the final denoise is not an integration step: the step into sigma_min is first order
+    (plumbing.integration_steps); from 8 steps on, and for singlestep methods, it counts as the last step."""
     schedule = sigmas("logsnr", 6, SIGMA_MIN, SIGMA_MAX).tolist()
-    assert step_orders(schedule, 3, multistep=True, lower_order_final=True) == [1, 2, 3, 3, 2, 0]
+    assert step_orders(schedule, 3, multistep=True, lower_order_final=True) == [1, 2, 3, 2, 1, 0]
+    assert step_orders(schedule, 3, multistep=False, lower_order_final=True) == [3, 3, 3, 3, 2, 0]
+    longer = sigmas("logsnr", 8, SIGMA_MIN, SIGMA_MAX).tolist()
+    assert step_orders(longer, 3, multistep=True, lower_order_final=True) == [1, 2, 3, 3, 3, 3, 2, 0]
     assert step_orders(schedule[:-1], 3, multistep=True, lower_order_final=True) == [1, 2, 3, 2, 1]
     assert step_orders(schedule[:-1], 3, multistep=True, lower_order_final=False) == [1, 2, 3, 3, 3]
     assert step_orders(schedule, 2, multistep=False, lower_order_final=False) == [2, 2, 2, 2, 2, 0]

@@ -79,7 +79,10 @@ def diffusers_cases():
 @pytest.mark.parametrize("num_steps", [6, 15])
 def test_equals_diffusers_unipc_scheduler(prediction, variant, end, order, num_steps):
     """Same sigma list (Karras, set into the scheduler), same starting noise and model; the VP scheduler sees
-    x / sqrt(1 + sigma^2) and epsilon = (x - D) / sigma (fdistill.samplers.reference)."""
+    x / sqrt(1 + sigma^2) and epsilon = (x - D) / sigma (fdistill.samplers.reference). Diffusers counts a step into
+    sigma = 0 in its lower-order-final rule, as fdistill does from 8 steps on (the zero-end lists have 8 and 15)."""
+    if end == "zero":
+        num_steps = max(num_steps, 8)
     schedule = sigmas("karras", num_steps, SIGMA_MIN, SIGMA_MAX, append_zero=end == "zero")
     x = start_noise()
     scheduler = UniPCMultistepScheduler(solver_order=order, solver_type=variant, final_sigmas_type=end,
@@ -103,6 +106,19 @@ def test_equals_diffusers_options(lower_order_final, disable_corrector):
     if disable_corrector:     # the option is not a no-op
         corrected = sample(gaussian_denoiser, x, schedule, "unipc_bh2", lower_order_final=lower_order_final)
         assert (corrected - ours).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant, order", [("bh1", 2), ("bh2", 3)])
+def test_short_list_to_zero_equals_diffusers_run_to_sigma_min_then_denoise(variant, order):
+    """Below 8 steps the final denoise is not counted by lower_order_final: N steps to sigma = 0 are Diffusers' run
+    over the N positive sigmas (its last step into sigma_min first order) followed by D(x, sigma_min)."""
+    schedule = sigmas("karras", 4, SIGMA_MIN, SIGMA_MAX)
+    x = start_noise()
+    scheduler = UniPCMultistepScheduler(solver_order=order, solver_type=variant, final_sigmas_type="sigma_min")
+    at_sigma_min = diffusers_sample(scheduler, gaussian_denoiser, x, schedule[:-1])
+    theirs = gaussian_denoiser(at_sigma_min, torch.full((len(x),), SIGMA_MIN, dtype=torch.float64))
+    ours = sample(gaussian_denoiser, x, schedule, f"unipc_{variant}", order=order)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
 def test_unip2_bh2_is_dpmpp_2m():
@@ -153,7 +169,9 @@ def test_step_orders_lower_order_final_is_unipc_rule_at_any_step_count():
     schedule = sigmas("logsnr", 20, SIGMA_MIN, SIGMA_MAX, append_zero=False).tolist()
     assert unipc_step_orders(schedule, 3, True)[-3:] == [3, 2, 1]
     assert unipc_step_orders(schedule, 3, False)[-3:] == [3, 3, 3]
-    assert unipc_step_orders(schedule[:4] + [0.0], 3, True) == [1, 2, 2, 0]
+    assert unipc_step_orders(schedule[:4] + [0.0], 3, True) == [1, 2, 1, 0]         # < 8 steps: denoise not counted
+    assert unipc_step_orders(schedule[:7] + [0.0], 3, True)[-3:] == [2, 1, 0]
+    assert unipc_step_orders(schedule[:8] + [0.0], 3, True)[-3:] == [3, 2, 0]        # >= 8 steps: it counts
 
 
 @pytest.mark.parametrize("options, message", [({"variant": "bh3"}, "allowed: bh1, bh2"), ({"order": 4}, "order"),

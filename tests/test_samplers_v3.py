@@ -197,3 +197,106 @@ def test_compute_ems_script_writes_a_loadable_file(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), "--teacher", "nope", "--out", str(out)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def varying_statistics(elements: int = MEAN.shape[1]) -> ModelStatistics:
+    """Per-element statistics that vary along lambda (so every coefficient is non-trivial)."""
+    phase = LAMBDAS[:, None] * torch.linspace(0.3, 1.9, elements, dtype=torch.float64)
+    return ModelStatistics(LAMBDAS, 0.8 + 0.2 * torch.sin(phase), -0.3 * torch.cos(phase), 0.05 * torch.sin(2 * phase))
+
+
+def per_step_simpson(integrals, lam_s: float, lam_t: float, intervals: int = 128):
+    """Reference: one step's (decay, [Phi_k e^{L_s - L_t}, k = 0..3], b-term) by composite Simpson, node by node."""
+    h = (lam_t - lam_s) / intervals
+    weights = [1 if n in (0, intervals) else (4 if n % 2 else 2) for n in range(intervals + 1)]
+    L, S, B = integrals.at(torch.tensor([lam_s + n * h for n in range(intervals + 1)], dtype=torch.float64))
+    phis, b_term = [0.0] * 4, 0.0
+    for n, weight in enumerate(weights):
+        kernel = weight * h / 3 * torch.exp(L[n] - L[-1] + S[n] - S[0])
+        phis = [phi + kernel * (n * h) ** k / math.factorial(k) for k, phi in enumerate(phis)]
+        b_term = b_term + weight * h / 3 * torch.exp(L[n] - L[-1] + S[n]) * (B[n] - B[0])
+    return torch.exp(L[0] - L[-1]), torch.stack(phis), b_term
+
+
+def test_schedule_coefficients_equal_the_per_step_quadrature(monkeypatch):
+    """The coefficients precomputed for the whole schedule (vectorised, in chunks of steps) are the per-step Simpson
+    quadrature of the statistics' integrals to 1e-10 (float64)."""
+    module = sys.modules["fdistill.samplers.dpm_solver_v3"]
+    integrals = module._Integrals(varying_statistics())
+    lambdas = (-torch.log(sigmas("karras", 10, SIGMA_MIN, SIGMA_MAX)[:-1])).tolist()
+    elements = MEAN.shape[1]
+    monkeypatch.setattr(module, "QUADRATURE_CHUNK_ELEMENTS", 3 * elements * 129)      # 3 steps per chunk: 4 chunks
+    coefficients = module._ScheduleCoefficients(integrals, lambdas, torch.zeros((), dtype=torch.float64))
+    assert coefficients.phis.shape == (len(lambdas) - 1, 4, elements)
+    for step, (lam_s, lam_t) in enumerate(zip(lambdas, lambdas[1:])):
+        decay, phis, b_term = per_step_simpson(integrals, lam_s, lam_t)
+        torch.testing.assert_close(coefficients.decay[step], decay, rtol=0, atol=1e-10)
+        torch.testing.assert_close(coefficients.phis[step], phis, rtol=0, atol=1e-10)
+        torch.testing.assert_close(coefficients.b_term[step], b_term, rtol=0, atol=1e-10)
+        assert b_term.abs().max() > 1e-4 and (phis[3].abs() > 1e-4).all()          # the comparison is not vacuous
+
+
+def test_statistics_are_integrated_once_per_call_not_per_step(monkeypatch):
+    """The per-step cost has no quadrature: the tabulated integrals are looked up a fixed number of times per
+    sample() call (2: the schedule's lambdas, then one chunk of quadrature nodes), whatever the step count."""
+    module = sys.modules["fdistill.samplers.dpm_solver_v3"]
+    calls = []
+    original = module._Integrals.at
+    monkeypatch.setattr(module._Integrals, "at",
+                        lambda self, lambdas: calls.append(len(lambdas)) or original(self, lambdas))
+    x = start_noise()
+    for steps in (5, 20):
+        calls.clear()
+        sample(gaussian_denoiser, x, sigmas("karras", steps, SIGMA_MIN, SIGMA_MAX), "dpm_solver_v3",
+               ems=varying_statistics())
+        assert len(calls) == 2, (steps, calls)
+
+
+def test_coefficients_are_reused_across_calls_with_the_same_statistics_and_schedule(monkeypatch):
+    """A second sample() call with the same statistics object and sigma list does no quadrature at all (the
+    coefficients are cached) and gives the same samples; another sigma list is integrated afresh."""
+    module = sys.modules["fdistill.samplers.dpm_solver_v3"]
+    calls = []
+    original = module._Integrals.at
+    monkeypatch.setattr(module._Integrals, "at",
+                        lambda self, lambdas: calls.append(len(lambdas)) or original(self, lambdas))
+    stats, x = varying_statistics(), start_noise()
+    schedule = sigmas("karras", 6, SIGMA_MIN, SIGMA_MAX)
+    first = sample(gaussian_denoiser, x, schedule, "dpm_solver_v3", ems=stats)
+    calls.clear()
+    torch.testing.assert_close(sample(gaussian_denoiser, x, schedule, "dpm_solver_v3", ems=stats), first,
+                               rtol=0, atol=0)
+    assert calls == []
+    sample(gaussian_denoiser, x, sigmas("logsnr", 6, SIGMA_MIN, SIGMA_MAX), "dpm_solver_v3", ems=stats)
+    assert len(calls) == 2
+
+
+def test_ems_of_the_learned_digits_teacher_improve_its_few_step_samples():
+    """The shipped class-conditional digits teacher (a float32 network): EMS from compute_ems on its own samples,
+    with the labels as the condition, make 8-step dpm_solver_v3 closer to a fine solve than without them."""
+    from fdistill.networks import digits_teacher
+    teacher = digits_teacher()
+    labels = torch.arange(16) % 10
+    lambdas = torch.linspace(-math.log(SIGMA_MAX), -math.log(SIGMA_MIN), 21, dtype=torch.float64)
+    ems = compute_ems(teacher, (1, 8, 8), 16, lambdas, labels, dtype=torch.float32, sampling_steps=20)
+    assert ems.l.shape == (21, 1, 8, 8)
+    x = SIGMA_MAX * torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    reference = sample(teacher, x, sigmas("logsnr", 40, SIGMA_MIN, SIGMA_MAX), "dpm_solver_3", labels)
+
+    def error(**options):
+        out = sample(teacher, x, sigmas("karras", 8, SIGMA_MIN, SIGMA_MAX), "dpm_solver_v3", labels, **options)
+        return (out - reference).flatten(1).norm(dim=1).median().item()
+
+    assert error(ems=ems) < 0.8 * error(), (error(ems=ems), error())
+
+
+def test_default_order_is_two_below_ten_steps_and_three_from_ten():
+    """dpm_solver_v3's default predictor order follows the step count (dpm_solver_v3.default_order)."""
+    stats, x = varying_statistics(), start_noise()
+
+    def run(steps, **options):
+        return sample(gaussian_denoiser, x, sigmas("karras", steps, SIGMA_MIN, SIGMA_MAX), "dpm_solver_v3",
+                      ems=stats, **options)
+    torch.testing.assert_close(run(8), run(8, order=2), rtol=0, atol=0)
+    assert (run(8) - run(8, order=3)).abs().max() > 1e-6
+    torch.testing.assert_close(run(10), run(10, order=3), rtol=0, atol=0)

@@ -35,6 +35,7 @@ them "degenerated"). The statistics l, s, b (EMS) and their estimation from a de
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -45,9 +46,11 @@ from .ems import ModelStatistics, cumulative_trapezoid, interpolate
 from .plumbing import progress_steps, sigma_list, step_orders, x0_function
 
 MAX_ORDER = 3
+THIRD_ORDER_FROM_STEPS = 10     # default_order: the predictor is second order for fewer steps
 QUADRATURE_INTERVALS = 128        # Simpson intervals per step for Phi_k and the b-term (even)
 INTEGRAL_GRID_SPACING = 0.01      # lambda spacing of the tabulated L, S and b-integral
 INTEGRAL_GRID_MARGIN = 2.0        # the table extends this far (in lambda) beyond the statistics grid
+QUADRATURE_CHUNK_ELEMENTS = 2 ** 22   # at most this many (node, element) values per chunk of steps (memory bound)
 
 
 class _Integrals:
@@ -59,41 +62,10 @@ class _Integrals:
         high = stats.lambdas[-1].item() + INTEGRAL_GRID_MARGIN
         self.grid = torch.linspace(low, high, int(math.ceil((high - low) / INTEGRAL_GRID_SPACING)) + 1,
                                    dtype=torch.float64)
-        self.stats = stats
         l, s, b = (interpolate(stats.lambdas, v, self.grid) for v in (stats.l, stats.s, stats.b))
         self.L = cumulative_trapezoid(self.grid, l)
         self.S = cumulative_trapezoid(self.grid, s)
         self.B = cumulative_trapezoid(self.grid, torch.exp(-self.S) * b)
-        self._steps: dict[tuple[float, float], tuple[Tensor, list[Tensor], Tensor]] = {}
-        self._g: dict[tuple[float, float], tuple[Tensor, Tensor]] = {}
-        self._points: dict[float, tuple[Tensor, Tensor]] = {}
-
-    def step(self, lam_s: float, lam_t: float, like: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
-        """``_step_coefficients`` up to k = MAX_ORDER in ``like``'s dtype and device, computed once per step (the
-        predictor and the corrector of a step share them)."""
-        if (lam_s, lam_t) not in self._steps:
-            decay, phis, b_term = _step_coefficients(self, lam_s, lam_t, MAX_ORDER)
-            self._steps[(lam_s, lam_t)] = decay.to(like), [phi.to(like) for phi in phis], b_term.to(like)
-        return self._steps[(lam_s, lam_t)]
-
-    def g_factors(self, lam_s: float, lam_j: float, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(e^{S_s - S_j}, e^{S_s} (B_j - B_s)): g_j = first * f_j - second relative to lam_s (module docstring);
-        cached per pair."""
-        if (lam_s, lam_j) not in self._g:
-            (S_s, B_s), (S_j, B_j) = self._point(lam_s), self._point(lam_j)
-            self._g[(lam_s, lam_j)] = torch.exp(S_s - S_j).to(like), (torch.exp(S_s) * (B_j - B_s)).to(like)
-        return self._g[(lam_s, lam_j)]
-
-    def tabulate(self, lambdas: list[float]) -> None:
-        """Look up S and B at all of a schedule's lambdas in one interpolation (the per-step lookups are the
-        solver's main overhead otherwise)."""
-        _, S, B = self.at(torch.tensor(lambdas, dtype=torch.float64))
-        self._points.update({lam: (S[k], B[k]) for k, lam in enumerate(lambdas)})
-
-    def _point(self, lam: float) -> tuple[Tensor, Tensor]:
-        if lam not in self._points:
-            self.tabulate([lam])
-        return self._points[lam]
 
     def at(self, lambdas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(L, S, B) at lambdas [M]: each [M, *sample_shape]."""
@@ -105,44 +77,98 @@ class _Integrals:
         return tuple(interpolate(self.grid, table, lambdas) for table in (self.L, self.S, self.B))
 
 
+def _simpson_weights(lam_s: Tensor, lam_t: Tensor, intervals: int = QUADRATURE_INTERVALS) -> tuple[Tensor, Tensor]:
+    """Nodes and composite Simpson weights on [lam_s, lam_t] for M steps at once: lam_s, lam_t [M]; both [M, n + 1]."""
+    fraction = torch.linspace(0.0, 1.0, intervals + 1, dtype=torch.float64)
+    nodes = lam_s[:, None] + (lam_t - lam_s)[:, None] * fraction
+    weights = torch.ones(intervals + 1, dtype=torch.float64)
+    weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
+    return nodes, weights * ((lam_t - lam_s) / (3 * intervals))[:, None]
+
+
+def step_coefficients(integrals: _Integrals, lam_s: Tensor, lam_t: Tensor, max_k: int = MAX_ORDER
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """For M steps lam_s -> lam_t ([M] each), by Simpson quadrature of the tabulated integrals:
+    e^{L_s - L_t} [M, *shape], e^{L_s - L_t} Phi_k for k = 0 .. max_k [M, max_k + 1, *shape] and the b-term
+    integral_{lam_s}^{lam_t} e^{L - L_t} integral_{lam_s}^{lam} e^{S - S(r)} b(r) dr dlam [M, *shape] (module
+    docstring); float64. They depend on the schedule and the statistics only, never on x, so ``dpm_solver_v3``
+    computes them for all its steps before the first network evaluation."""
+    nodes, weights = _simpson_weights(lam_s, lam_t)                   # [M, n + 1]
+    L, S, B = (table.unflatten(0, nodes.shape) for table in integrals.at(nodes.flatten()))   # [M, n + 1, *shape]
+    shape = (*nodes.shape, *[1] * (L.ndim - 2))
+    L_t, S_s, B_s = L[:, -1:], S[:, :1], B[:, :1]
+    decay = torch.exp(L[:, 0] - L[:, -1])
+    kernel = torch.exp(L + S - L_t - S_s) * weights.view(shape)       # e^{L - L_t + S - S_s} * weight
+    offsets = (nodes - lam_s[:, None]).view(shape)
+    phis = torch.stack([(kernel * offsets ** k).sum(1) / math.factorial(k) for k in range(max_k + 1)], dim=1)
+    b_term = (torch.exp(L - L_t + S) * (B - B_s) * weights.view(shape)).sum(1)
+    return decay, phis, b_term
+
+
+class _ScheduleCoefficients:
+    """What ``dpm_solver_v3`` needs of the statistics along one schedule of lambdas [N] (increasing), computed
+    once, vectorised over the steps, in the sample's dtype and device: per step i -> i + 1, ``decay[i]``,
+    ``phis[i]`` and ``b_term[i]`` (``step_coefficients``), and for g (``g_values``) the factors of every pair of
+    lambdas a step combines (j - i in NODE_OFFSETS). Each step then costs a few elementwise tensor operations."""
+
+    NODE_OFFSETS = range(-MAX_ORDER, 2)   # predictor: i, i-1, i-2 about i; corrector: i+1, i-1, i-2 about i
+
+    def __init__(self, integrals: _Integrals, lambdas: list[float], like: Tensor):
+        grid = torch.tensor(lambdas, dtype=torch.float64)
+        self.index = {lam: j for j, lam in enumerate(lambdas)}
+        _, S, B = integrals.at(grid)
+        self.g_factors: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        for offset in self.NODE_OFFSETS:          # pairs (i, i + offset), all i at once
+            first, stop = max(0, -offset), min(len(lambdas), len(lambdas) - offset)
+            i = torch.arange(first, max(first, stop))
+            scale = torch.exp(S[i] - S[i + offset]).to(like)
+            shift = (torch.exp(S[i]) * (B[i + offset] - B[i])).to(like)
+            self.g_factors.update({(k, k + offset): (scale[n], shift[n]) for n, k in enumerate(i.tolist())})
+        starts, ends = grid[:-1], grid[1:]
+        chunk = max(1, QUADRATURE_CHUNK_ELEMENTS // (S[0].numel() * (QUADRATURE_INTERVALS + 1)))
+        parts = [step_coefficients(integrals, starts[k:k + chunk], ends[k:k + chunk])
+                 for k in range(0, max(1, len(starts)), chunk)]       # one empty chunk for a 1-step list
+        self.decay, self.phis, self.b_term = (torch.cat(values).to(like) for values in zip(*parts))
+
+    def g_values(self, lam_s: float, nodes: list[Node]) -> list[Tensor]:
+        """g at each node relative to the expansion point lam_s: e^{S_s - S_j} f_j - e^{S_s} (B_j - B_s)."""
+        values = []
+        for lam_j, f in nodes:
+            scale, shift = self.g_factors[(self.index[lam_s], self.index[lam_j])]
+            values.append(scale * f - shift)
+        return values
+
+
+NEUTRAL_STATISTICS = ModelStatistics.constant()   # l = 1, s = b = 0: DPM-Solver++ (one object, so cached)
+COEFFICIENT_CACHE_SIZE = 4           # statistics objects whose coefficients are kept (most recent first)
+_coefficient_cache: dict[int, tuple[weakref.ref, _Integrals, dict]] = {}
+
+
+def schedule_coefficients(stats: ModelStatistics, lambdas: list[float], like: Tensor) -> _ScheduleCoefficients:
+    """``_ScheduleCoefficients`` of ``stats`` on ``lambdas``, reused across sample() calls with the same statistics
+    object, schedule, dtype and device (statistics are treated as immutable). With per-element statistics of a
+    large sample the tables and quadrature take seconds (4x64x64 elements, 20 steps: about 18 s on one CPU thread),
+    far more than the steps themselves, so a sampler that draws many batches pays it once."""
+    key = id(stats)
+    entry = _coefficient_cache.pop(key, None)
+    if entry is None or entry[0]() is not stats:
+        entry = (weakref.ref(stats), _Integrals(stats), {})
+    _coefficient_cache[key] = entry
+    while len(_coefficient_cache) > COEFFICIENT_CACHE_SIZE:
+        _coefficient_cache.pop(next(iter(_coefficient_cache)))
+    _, integrals, by_schedule = entry
+    schedule_key = (tuple(lambdas), like.dtype, like.device)
+    if schedule_key not in by_schedule:
+        by_schedule.clear()                 # one schedule per statistics object: a sampler reuses one list
+        by_schedule[schedule_key] = _ScheduleCoefficients(integrals, lambdas, like)
+    return by_schedule[schedule_key]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The solver
 # ----------------------------------------------------------------------------------------------------------------
 
 Node = tuple[float, Tensor]            # (lambda_j, f_j [B, ...]) of one network evaluation
-
-
-def _simpson_weights(lam_s: float, lam_t: float, intervals: int = QUADRATURE_INTERVALS) -> tuple[Tensor, Tensor]:
-    """Nodes [n + 1] and composite Simpson weights on [lam_s, lam_t]."""
-    nodes = torch.linspace(lam_s, lam_t, intervals + 1, dtype=torch.float64)
-    weights = torch.ones(intervals + 1, dtype=torch.float64)
-    weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
-    return nodes, weights * (lam_t - lam_s) / (3 * intervals)
-
-
-def _step_coefficients(integrals: _Integrals, lam_s: float, lam_t: float, max_k: int
-                       ) -> tuple[Tensor, list[Tensor], Tensor]:
-    """For a step lam_s -> lam_t: e^{L_s - L_t}, [e^{L_s - L_t} Phi_k for k = 0 .. max_k] and the b-term
-    integral_{lam_s}^{lam_t} e^{L - L_t} integral_{lam_s}^{lam} e^{S - S(r)} b(r) dr dlam (module docstring);
-    each [*sample_shape] in float64."""
-    nodes, weights = _simpson_weights(lam_s, lam_t)
-    L, S, B = integrals.at(nodes)                                       # [n + 1, *shape]
-    shape = [-1] + [1] * (L.ndim - 1)
-    decay = torch.exp(L[0] - L[-1])
-    kernel = torch.exp(L + S - L[-1] - S[0]) * weights.view(shape)     # e^{L - L_t + S - S_s} * weight
-    offsets = (nodes - lam_s).view(shape)
-    phis = [(kernel * offsets ** k).sum(0) / math.factorial(k) for k in range(max_k + 1)]
-    b_term = (torch.exp(L - L[-1] + S) * (B - B[0]) * weights.view(shape)).sum(0)
-    return decay, phis, b_term
-
-
-def _g_values(integrals: _Integrals, lam_s: float, nodes: list[Node]) -> list[Tensor]:
-    """g at each node relative to the expansion point lam_s: e^{S_s - S_j} f_j - e^{S_s} (B_j - B_s)."""
-    values = []
-    for lam_j, f in nodes:
-        scale, shift = integrals.g_factors(lam_s, lam_j, f)
-        values.append(scale * f - shift)
-    return values
 
 
 def _derivatives(offsets: list[float], g: list[Tensor], pseudo: bool) -> list[Tensor]:
@@ -165,29 +191,43 @@ def _derivatives(offsets: list[float], g: list[Tensor], pseudo: bool) -> list[Te
     return [sum(float(inverse[k, j]) * differences[j] for j in range(n)) for k in range(n)]
 
 
-def dpm_solver_v3_update(integrals: _Integrals, x_s: Tensor, lam_t: float, nodes: list[Node], pseudo: bool) -> Tensor:
-    """One DPM-Solver-v3 update from the expansion point nodes[0] = (lambda_s, f_s) (x_s at lambda_s) to lam_t,
-    of order len(nodes) (paper Eq. 11). The other nodes are earlier evaluations (predictor) or the evaluation at
-    the predicted x_t followed by earlier ones (corrector)."""
+def dpm_solver_v3_update(coefficients: _ScheduleCoefficients, x_s: Tensor, lam_t: float, nodes: list[Node],
+                         pseudo: bool) -> Tensor:
+    """One DPM-Solver-v3 update from the expansion point nodes[0] = (lambda_s, f_s) (x_s at lambda_s) to lam_t, the
+    next lambda of the schedule, of order len(nodes) (paper Eq. 11). The other nodes are earlier evaluations
+    (predictor) or the evaluation at the predicted x_t followed by earlier ones (corrector)."""
     lam_s = nodes[0][0]
-    decay, phis, b_term = integrals.step(lam_s, lam_t, x_s)
-    g = _g_values(integrals, lam_s, nodes)
+    step = coefficients.index[lam_s]
+    g = coefficients.g_values(lam_s, nodes)
     derivatives = [g[0]] + _derivatives([lam - lam_s for lam, _ in nodes], g, pseudo)
-    x_t = decay * x_s - b_term
-    for phi_k, derivative in zip(phis, derivatives):
+    x_t = coefficients.decay[step] * x_s - coefficients.b_term[step]
+    for phi_k, derivative in zip(coefficients.phis[step], derivatives):
         x_t = x_t - phi_k * derivative
     return x_t
 
 
+def default_order(num_steps: int) -> int:
+    """The predictor order ``dpm_solver_v3`` uses by default: 2 below ``THIRD_ORDER_FROM_STEPS`` steps, else 3.
+
+    With the corrector, order 2 is a third-order method and order 3 a fourth-order one. In scripts/bench_samplers.py
+    (with EMS; 3 teachers x 2 schedules; error of order 2 / order 3) order 2 is ahead at 6 and 8 NFE on the mixtures
+    (0.47-0.97, e.g. the stiff mixture on log-SNR sigmas at NFE 6: 7.9e-3 against 1.7e-2) and level on the Gaussian
+    (0.95-1.07); at 10 NFE the two are level (0.85-1.11) and at 15-20 NFE order 3 is ahead (1.06-1.42); at 4-5 NFE the
+    warm-up and lower-order-final steps make them equal.
+    """
+    return 2 if num_steps < THIRD_ORDER_FROM_STEPS else MAX_ORDER
+
+
 def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistics | None = None,
-                  order: int = MAX_ORDER, predictor_pseudo: bool = False, corrector: bool = True,
+                  order: int | None = None, predictor_pseudo: bool = False, corrector: bool = True,
                   corrector_pseudo: bool = False, lower_order_final: bool = True, progress: bool = False) -> Tensor:
     """DPM-Solver-v3 multistep predictor(-corrector), 1 NFE per step (Zheng et al. 2023, Alg. 1 / Sec. 3.3-3.4).
 
     Args:
         ems: the model's empirical statistics (``compute_ems`` / ``ModelStatistics.load``); None = l = 1, s = b = 0,
             i.e. multistep DPM-Solver++ with Taylor coefficients (plus the corrector when ``corrector``).
-        order: the predictor's order (1-3), warmed up 1, 2, ... over the first steps (``step_orders``).
+        order: the predictor's order (1-3), warmed up 1, 2, ... over the first steps (``step_orders``); None =
+            ``default_order(steps)``.
         predictor_pseudo / corrector_pseudo: derivatives of g from divided differences (pseudo-order) instead of the
             Taylor solve. The authors' code corrects with pseudo-order; here both default to the full solve: the
             pseudo-order corrector's g'(lambda_s) is the chord slope to lambda_t, an O(h) error that leaves it
@@ -199,14 +239,14 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
     A step into sigma = 0 returns the denoiser's output there, made consistent with the corrected point:
     D = (1 - l) x - f (f kept from the evaluation, as the corrector assumes).
     """
+    sigma_values = sigma_list(sigmas)
+    order = default_order(len(sigma_values) - 1) if order is None else order
     if order not in range(1, MAX_ORDER + 1):
         raise ValueError(f"dpm_solver_v3: order must be 1, 2 or 3, got {order}")
-    stats = ModelStatistics.constant() if ems is None else ems
-    integrals = _Integrals(stats)
-    sigma_values = sigma_list(sigmas)
+    stats = NEUTRAL_STATISTICS if ems is None else ems
     orders = step_orders(sigma_values, order, multistep=True, lower_order_final=lower_order_final)
     lambdas = [-math.log(sigma) for sigma in sigma_values if sigma > 0]
-    integrals.tabulate(lambdas)
+    coefficients = schedule_coefficients(stats, lambdas, x)
     l_values = interpolate(stats.lambdas, stats.l, torch.tensor(lambdas, dtype=torch.float64)).to(x)
     x0_fn = x0_function(denoiser, cond)
     history: list[Node] = []                   # newest first
@@ -217,12 +257,12 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
         if corrector and previous is not None:
             x_s, previous_order = previous
             nodes = [history[0], (lam, f)] + history[1:previous_order]
-            x = dpm_solver_v3_update(integrals, x_s, lam, nodes, corrector_pseudo)
+            x = dpm_solver_v3_update(coefficients, x_s, lam, nodes, corrector_pseudo)
         history = [(lam, f)] + history[:MAX_ORDER - 1]
         if step_order == 0:
             return (1 - l_now) * x - f
         previous = (x, step_order)
-        x = dpm_solver_v3_update(integrals, x, lambdas[i + 1], history[:step_order], predictor_pseudo)
+        x = dpm_solver_v3_update(coefficients, x, lambdas[i + 1], history[:step_order], predictor_pseudo)
     return x
 
 

@@ -43,8 +43,9 @@ steps; on sharp data (the stiff mixture) it is far less accurate (benchmarks/REA
 
 The final step is never corrected unless ``final_corrector`` (one extra network evaluation at the end point; with a
 last sigma of 0, the final denoise is evaluated at the corrected previous point instead). ``lower_order_final`` uses
-UniPC's rule: the order is at most the number of steps left (the authors' code and Diffusers; with a last sigma of 0
-only the step before the final denoise is affected). Coefficients are computed in Python float64 once per step.
+UniPC's rule: the order is at most the number of integration steps left (the authors' code and Diffusers), where a
+final denoise to sigma = 0 counts as a step from 8 steps on and not below (``plumbing.integration_steps``).
+Coefficients are computed in Python float64 once per step.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ from typing import Callable, Sequence
 import numpy as np
 from torch import Tensor
 
-from .plumbing import History, X0Fn, progress_steps, sigma_list, step_orders, x0_function
+from .plumbing import History, X0Fn, integration_steps, progress_steps, sigma_list, step_orders, x0_function
 
 B_FUNCTIONS: dict[str, Callable[[float], float]] = {"bh1": lambda z: z, "bh2": math.expm1}
 PREDICTIONS = ("data", "noise")
@@ -115,10 +116,12 @@ def unipc_update(x_s: Tensor, sigma_s: float, sigma_t: float, history: History, 
 
 def unipc_step_orders(sigmas: list[float], max_order: int, lower_order_final: bool) -> list[int]:
     """Predictor order of each step (0 = denoise to sigma = 0): warm-up 1, 2, ..., and with ``lower_order_final``
-    at most the number of steps left (UniPC's rule, applied at every step count)."""
+    at most the number of integration steps left (UniPC's rule, applied at every step count; with fewer than
+    ``DENOISE_NOT_COUNTED_BELOW`` steps the final denoise is not counted, see ``integration_steps``)."""
     orders = step_orders(sigmas, max_order, multistep=True, lower_order_final=False)
     if lower_order_final:
-        orders = [min(order, len(orders) - i) for i, order in enumerate(orders)]
+        steps = integration_steps(sigmas, multistep=True)
+        orders = [min(order, steps - i) if i < steps else order for i, order in enumerate(orders)]
     return orders
 
 
