@@ -62,11 +62,16 @@ def train_config(steps: int, batch_size: int, run_dir: str) -> TrainConfig:
                        checkpoint_every=10 ** 6, log_every=max(1, steps // 4), export=False, progress=False)
 
 
-def train(method, data: DataSource, config: TrainConfig) -> float:
+def fit(method, data: DataSource, config: TrainConfig) -> float:
     """Run the fdistill Trainer; returns seconds per step."""
     started = time.perf_counter()
     Trainer(method, data, config).fit()
     return (time.perf_counter() - started) / config.steps
+
+
+def train(method, data: DataSource, steps: int, batch_size: int, run_dir: str) -> float:
+    """``fit`` with the benchmark's training settings; returns seconds per step."""
+    return fit(method, data, train_config(steps, batch_size, run_dir))
 
 
 def pretrain_vae(components: SDComponents, images: torch.Tensor, steps: int) -> None:
@@ -93,7 +98,7 @@ def pretrained_reference(components: SDComponents, data: DataSource, steps: int,
     reference = copy.deepcopy(components)
     sft = build(DiffusionDPOConfig(objective="sft", finetune="full", lr=2e-3, weight_decay=0.0, sampler=SAMPLER),
                 reference, data)
-    seconds = train(sft, all_images_as_winners(data), train_config(steps, 32, run_dir))
+    seconds = train(sft, all_images_as_winners(data), steps, 32, run_dir)
     reference.unet = sft.networks["unet"]
     return reference, seconds
 
@@ -177,7 +182,7 @@ def dpo_run(components: SDComponents, finetune: str, train_data: DataSource, tes
     counter = count_unet_samples(method)
     method.loss("model", next(train_data.loader(batch)), StepContext(step=0))
     evals_per_pair = counter[0] / batch
-    seconds = train(method, train_data, schedule)
+    seconds = fit(method, train_data, schedule)
     method.eval()
     metrics = held_out_preference_metrics(method, test_data.dataset, batch_size=128, draws=4)
     prompts = test_data.extras["prompts"] * args.samples_per_prompt
@@ -213,7 +218,7 @@ def memory_probe(finetune: str, threads: int) -> dict:
     config = DiffusionDPOConfig(finetune=finetune, beta=1000.0, lr=1e-4, weight_decay=0.0, sampler=SAMPLER)
     method = build(config, components, data)
     with tempfile.TemporaryDirectory() as run_dir:
-        seconds = train(method, data, train_config(3, 2, run_dir))
+        seconds = train(method, data, 3, 2, run_dir)
     return {"peak_rss_increase_mib": (_status_kib("VmHWM") - baseline) / 1024, "sec_per_step": seconds,
             "unet_params": sum(p.numel() for n, p in components.unet.named_parameters() if "lora_" not in n)}
 

@@ -10,6 +10,8 @@ bitwise equal to the initial UNet after training.
     python scripts/diagnose_dpo.py --rule colour --runs lora:3e-3 full:5e-5 full:5e-4 --out runs/diag/colour.json
     python scripts/diagnose_dpo.py --rule colour --runs full:1e-5 --every 40 --clip inf --out ...   # no clipping
     python scripts/diagnose_dpo.py --rule colour --runs --gradient-groups --out ...   # gradient table only
+    python scripts/diagnose_dpo.py --rule colour --runs full:1e-4 --batch 256 --train-pairs 16384 --out ...
+    python scripts/diagnose_dpo.py --rule colour --runs full:2e-4 --batch 256 --only to_q to_k to_v to_out.0 ...
 """
 from __future__ import annotations
 
