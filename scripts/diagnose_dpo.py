@@ -10,6 +10,8 @@ bitwise equal to the initial UNet after training.
     python scripts/diagnose_dpo.py --rule colour --runs lora:3e-3 full:5e-5 full:5e-4 --out runs/diag/colour.json
     python scripts/diagnose_dpo.py --rule colour --runs full:1e-5 --every 40 --clip inf --out ...   # no clipping
     python scripts/diagnose_dpo.py --rule colour --runs --gradient-groups --out ...   # gradient table only
+    python scripts/diagnose_dpo.py --rule colour --runs full:1e-4 --batch 256 --train-pairs 16384 --out ...
+    python scripts/diagnose_dpo.py --rule colour --runs full:2e-4 --batch 256 --only to_q to_k to_v to_out.0 ...
 """
 from __future__ import annotations
 
@@ -77,13 +79,16 @@ def gradient_by_group(components, train, beta: float, batches: int = 12, batch: 
 
 
 def run(components, mode: str, lr: float, beta: float, train, test, steps: int, batch: int, every: int,
-        clip: float) -> dict:
+        clip: float, adam_betas: tuple[float, float] = (0.9, 0.999), only: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     config = DiffusionDPOConfig(objective="dpo", beta=beta, finetune=mode, lr=lr, weight_decay=0.0, sampler=SAMPLER)
     method = build(config, copy.deepcopy(components), train)
     initial = {k: v.clone() for k, v in method.networks["unet"].state_dict().items()}
+    if only:            # diagnostic: full fine-tuning of the named weights only (which weights carry the rule?)
+        for name, parameter in method.networks["unet"].named_parameters():
+            parameter.requires_grad_(any(part in name for part in only))
     params = [p for p in method.networks.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=adam_betas, weight_decay=0.0)
     probe = method.encode_batch(next(iter(torch.utils.data.DataLoader(test.dataset, batch_size=64))))
     train_eval = torch.utils.data.Subset(train.dataset, range(256))
     loader, history = train.loader(batch), []
@@ -94,6 +99,8 @@ def run(components, mode: str, lr: float, beta: float, train, test, steps: int, 
                    "held_out_acc": held_out_preference_metrics(method, test.dataset, 128, draws=2)["implicit_accuracy"],
                    "function_change": function_change(method, probe)}
             history.append(row)
+            print(f"  {mode} lr {lr:g} step {step}: train {row['train_acc']:.3f} held-out {row['held_out_acc']:.3f} "
+                  f"function change {row['function_change']:.3f}", file=sys.stderr, flush=True)
             method.train()
         if step == steps:
             break
@@ -115,7 +122,9 @@ def run(components, mode: str, lr: float, beta: float, train, test, steps: int, 
         reference_check = {"frozen": not any(p.requires_grad for p in ref.parameters()), "eval_mode": not ref.training,
                            "same_dtype": next(ref.parameters()).dtype == next(method.networks["unet"].parameters()).dtype,
                            "equals_initial_unet": all(torch.equal(v, initial[k]) for k, v in ref.state_dict().items())}
-    return {"mode": mode, "lr": lr, "beta": beta, "clip": clip, "batch_pairs": batch, "history": history, "relative_param_change": trained_param_change,
+    return {"mode": mode, "lr": lr, "beta": beta, "clip": clip, "batch_pairs": batch, "adam_betas": list(adam_betas),
+            "train_pairs": len(train.dataset), "only": only,
+            "history": history, "relative_param_change": trained_param_change,
             "reference_check": reference_check}
 
 
@@ -129,6 +138,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--gradient-groups", action="store_true", help="also the gradient table by parameter group")
     parser.add_argument("--clip", type=float, default=1.0, help="max gradient norm (inf: measured, not clipped)")
+    parser.add_argument("--train-pairs", type=int, default=512, help="DPO training pairs (the reference is always "
+                        "pre-trained on the first 512, the benchmark's)")
+    parser.add_argument("--only", nargs="+", help="full mode: train only the UNet weights whose names contain one of "
+                        "these (e.g. to_q to_k to_v to_out.0: the LoRA targets at full rank)")
+    parser.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
     parser.add_argument("--cache", default="runs/bench_dpo/references")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -136,18 +150,22 @@ def main() -> None:
     started = time.perf_counter()
     train = shape_preferences(512, IMAGE_SIZE, split="train", rule=args.rule)
     test = shape_preferences(256, IMAGE_SIZE, split="test", rule=args.rule)
-    components = pretrained_components(args.rule, train, args.cache, 300, 400)
+    components = pretrained_components(args.rule, shape_preferences(512, IMAGE_SIZE, split="train", rule=args.rule),
+                                       args.cache, 300, 400)
+    train = shape_preferences(args.train_pairs, IMAGE_SIZE, split="train", rule=args.rule)
     results, gradients = [], gradient_by_group(components, train, args.beta) if args.gradient_groups else None
     if gradients:
         print(json.dumps(gradients, indent=1))
     for spec in args.runs:
         mode, lr, *beta = spec.split(":")
         results.append(run(components, mode, float(lr), float(beta[0]) if beta else args.beta, train, test,
-                           args.steps, args.batch, args.every, args.clip))
+                           args.steps, args.batch, args.every, args.clip, tuple(args.adam_betas),
+                           args.only))
         r = results[-1]
-        print(json.dumps({k: r[k] for k in ("mode", "lr", "beta", "clip", "batch_pairs", "relative_param_change", "reference_check")}))
+        print(json.dumps({k: r[k] for k in ("mode", "lr", "beta", "clip", "batch_pairs", "train_pairs", "adam_betas",
+                                            "relative_param_change", "reference_check")}), flush=True)
         for row in r["history"]:
-            print("  ", json.dumps(row))
+            print("  ", json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rule": args.rule, "steps": args.steps, "batch_pairs": args.batch,
                                           "runs": results, "gradient_by_parameter_group": gradients, "total_sec": time.perf_counter() - started}, indent=2))
