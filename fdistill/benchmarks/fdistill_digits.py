@@ -6,7 +6,8 @@ from fdistill.config import build_run, compose
 
 
 def build_method(divergence: str, extra: list[str]):
-    """(method, data, batch size) of the digits_fdistill_exact recipe with ``divergence`` and the overrides ``extra``."""
+    """(method, data, batch size) of the digits_fdistill_exact recipe with ``divergence`` and the overrides
+    ``extra``."""
     spec = compose(["experiment=digits_fdistill_exact", f"method.divergence={divergence}", *extra])
     run = build_run(spec, with_loggers=False)
     return run.method, run.data, spec.train.batch_size

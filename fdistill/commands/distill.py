@@ -35,7 +35,8 @@ EVAL_SAMPLES = 2000
 USAGE = """usage: fdistill distill [KEY=VALUE ...]   (Hydra overrides on top of experiment=digits_fdistill)
 
 Distils a one-step generator with f-distill. Without arguments: the built-in digits, the shipped trained teacher,
-Jensen-Shannon, CPU. Common keys: method.divergence (rkl kl js sf sh jf neyman), train.steps, train.run_dir, experiment=<name>.
+Jensen-Shannon, CPU. Common keys: method.divergence (rkl kl js sf sh jf neyman), train.steps, train.run_dir,
+experiment=<name>.
 Writes run_dir/model (one-step generator), run_dir/samples, run_dir/metrics.json."""
 
 
