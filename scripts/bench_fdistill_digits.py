@@ -1,6 +1,6 @@
 """Benchmark: one-step f-distill generators on the 8x8 digits vs the teacher with DPM-Solver++(2M), 20 steps.
 
-Recipe: ``conf/experiment/digits_fdistill.yaml`` (exact class-conditional teacher = the ideal denoiser of the digits,
+Recipe: ``conf/experiment/digits_fdistill_exact.yaml`` (exact class-conditional teacher = the ideal denoiser of the digits,
 one-step UNet student), with the divergence changed. Reports digits FD, class-histogram TV and within-class spread
 (mean per-pixel std over samples of one class; the data's is 0.33, a generator that ignores its noise has 0) of
 2,000 class-balanced samples for rkl (DMD2), kl and js and for the teacher; and the cost of the density-ratio

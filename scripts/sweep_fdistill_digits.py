@@ -1,6 +1,6 @@
 """Sweep of the digits f-distill recipe: many ``fdistill distill`` runs side by side, one CPU thread each.
 
-Each variant is a name and Hydra overrides on top of ``experiment=digits_fdistill``; every run writes its own
+Each variant is a name and Hydra overrides on top of ``experiment=digits_fdistill_exact``; every run writes its own
 metrics.json (digits FD, class TV, within-class spread of the one-step generator and of the 20-step teacher), and
 this script gathers them into one JSON and a markdown table sorted by FD. Runs that fail or pass --timeout are
 listed with their exit code.
@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+RECIPE = "experiment=digits_fdistill_exact"
 VARIANTS: dict[str, list[str]] = {
     "js (recipe)": [],
     "rkl": ["method.divergence=rkl"],
@@ -43,7 +44,7 @@ VARIANTS: dict[str, list[str]] = {
 def run_variant(name: str, overrides: list[str], steps: int, root: Path, timeout: float) -> dict:
     """One ``fdistill distill`` run on 1 CPU thread; returns its metrics.json (+ seconds) or its failure."""
     run_dir = root / re.sub(r"[^A-Za-z0-9.-]+", "_", name)      # a path Hydra's override grammar accepts
-    command = [sys.executable, "-m", "fdistill.cli", "distill", *overrides, f"train.steps={steps}",
+    command = [sys.executable, "-m", "fdistill.cli", "distill", RECIPE, *overrides, f"train.steps={steps}",
                "train.device=cpu", "train.progress=false", f"train.run_dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     started = time.perf_counter()
@@ -94,7 +95,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from fdistill.config import compose
-    base = OmegaConf.to_container(compose(["experiment=digits_fdistill"]).cfg.method, resolve=True)
+    base = OmegaConf.to_container(compose([RECIPE]).cfg.method, resolve=True)
     args.out.write_text(json.dumps({"benchmark": "fdistill_digits_sweep", "steps": args.steps,
                                     "recipe_method": {k: v for k, v in base.items() if k != "network"},
                                     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "

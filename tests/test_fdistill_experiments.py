@@ -28,11 +28,11 @@ def run_two_steps(overrides, tmp_path):
     ["experiment=gmm_fdistill", "method.network.hidden=16", "data.num_samples=64", "method.regression_warmup_steps=0",
      "method.critic_warmup_steps=0"],
     ["experiment=digits_fdistill"],
-    ["experiment=digits_fdistill_learned"],
+    ["experiment=digits_fdistill_exact"],
     ["experiment=cifar10_fdistill", "model=tiny_unet", "train.mixed_precision=no", "train.ema_decays=[0.9]"],
     ["experiment=imagenet64_fdistill", "model=tiny_unet", "model.num_classes=10", "train.mixed_precision=no",
      "train.ema_decays=[0.9]"],
-], ids=["gmm", "digits", "digits_learned", "cifar10", "imagenet64"])
+], ids=["gmm", "digits", "digits_exact", "cifar10", "imagenet64"])
 def test_experiments_compose_and_train_two_steps(overrides, tmp_path):
     spec, run, trainer = run_two_steps(overrides, tmp_path)
     assert spec.method_name == "fdistill"

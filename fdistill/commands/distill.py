@@ -1,7 +1,8 @@
 """``fdistill distill [overrides]``: f-distill a one-step generator; = ``fdistill train experiment=digits_fdistill``.
 
-With no arguments this is the README's main job: distil the exact (empirical) teacher of the built-in 8x8 digits
-into a class-conditional one-step UNet generator with the Jensen-Shannon divergence, on CPU, in minutes. It writes
+With no arguments this is the README's main job: distil the trained class-conditional digits teacher shipped in the
+package (``fdistill/assets/digits_teacher``) into a one-step generator that starts from its weights, with the
+Jensen-Shannon divergence, on CPU, in minutes. It writes
 into ``train.run_dir`` (default ``runs/digits_fdistill``):
     model/            the one-step generator (``fdistill sample --model <dir> --steps 1``; Diffusers loads model/unet)
     samples/          sample grids of the generator
@@ -12,7 +13,7 @@ into ``train.run_dir`` (default ``runs/digits_fdistill``):
 Examples:
     fdistill distill
     fdistill distill method.divergence=rkl train.steps=500 train.run_dir=runs/digits_rkl
-    fdistill distill experiment=digits_fdistill_learned                 # the shipped trained teacher instead
+    fdistill distill experiment=digits_fdistill_exact                   # the exact teacher, student from scratch
     fdistill distill experiment=gmm_fdistill
     fdistill distill -m method.divergence=rkl,kl,js train.steps=500     # a sweep: one run dir per divergence
 """
@@ -33,8 +34,9 @@ EVAL_SAMPLES = 2000
 
 USAGE = """usage: fdistill distill [KEY=VALUE ...]   (Hydra overrides on top of experiment=digits_fdistill)
 
-Distils a one-step generator with f-distill. Without arguments: the built-in digits, exact teacher, Jensen-Shannon,
-CPU. Common keys: method.divergence (rkl kl js sf sh jf neyman), train.steps, train.run_dir, experiment=<name>.
+Distils a one-step generator with f-distill. Without arguments: the built-in digits, the shipped trained teacher,
+Jensen-Shannon, CPU. Common keys: method.divergence (rkl kl js sf sh jf neyman), train.steps, train.run_dir,
+experiment=<name>.
 Writes run_dir/model (one-step generator), run_dir/samples, run_dir/metrics.json."""
 
 
