@@ -166,16 +166,21 @@ def test_a_flux_denoiser_without_mu_uses_the_shift_at_1024_px():
     assert default.sigma_max > DiffusersDenoiser(_tiny_flux(), scheduler, mu=0.5).sigma_max
 
 
-def test_fid_command_samples_an_sd3_pipeline_on_a_prompt_file(sd3, tmp_path):
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_fid_command_samples_a_flow_pipeline_on_a_prompt_file(kind, sd3, tmp_path):
+    """``fdistill fid --prompts`` on an SD3 / Flux directory: one image per prompt through fdistill sample's encoding."""
     import json
 
     from fdistill.cli import main as cli
+    from fdistill.flow_pipelines import FluxComponent
+    from fdistill.tiny_flow import tiny_flux_components
 
-    parts, component = sd3
-    component.save_pipeline(tmp_path / "sd3")
+    component = sd3[1] if kind == "sd3" else FluxComponent(tiny_flux_components(image_size=8), (8, 8),
+                                                               max_sequence_length=16)
+    component.save_pipeline(tmp_path / kind)
     (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green cross\na yellow shape\n")
     out = tmp_path / "fid.json"
-    assert cli(["fid", "--gen", str(tmp_path / "sd3"), "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
+    assert cli(["fid", "--gen", str(tmp_path / kind), "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
                 "--solver", "euler", "--ref", "digits", "--features", "digits", "--quiet", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["num_gen"] == 4 and np.isfinite(result["fid"])

@@ -51,19 +51,3 @@ def test_sample_command_on_a_flux_directory_matches_flux_pipeline(guidance_embed
     other = pipe(["a red square"], latents=pack_latents(times[0] * z), sigmas=times, output_type="pt",
                  max_sequence_length=512, **unguided).images
     assert (other - images).abs().max() > 5 / 255
-
-
-def test_fid_command_samples_a_flux_pipeline_on_a_prompt_file(tmp_path):
-    """``fdistill fid --prompts`` on a Flux directory: one image per prompt through the Flux prompt encoding."""
-    import json
-    import math
-
-    from fdistill.cli import main as cli
-
-    FluxComponent(tiny_flux_components(image_size=8), (8, 8), max_sequence_length=16).save_pipeline(tmp_path / "flux")
-    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\na green cross\n")
-    out = tmp_path / "fid.json"
-    assert cli(["fid", "--gen", str(tmp_path / "flux"), "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
-                "--solver", "euler", "--ref", "digits", "--features", "digits", "--quiet", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["num_gen"] == 3 and math.isfinite(result["fid"])
