@@ -57,7 +57,8 @@ def test_main_job_distils_the_shipped_teacher_starting_from_its_weights():
     spec = compose(["experiment=digits_fdistill"])
     assert spec.cfg.model._target_ == "fdistill.networks.digits_teacher"
     assert spec.method_config.divergence == "js" and spec.method_config.generator_sigma == 80.0
-    assert spec.method_config.features == "teacher" and spec.train.steps == 1750
+    assert spec.method_config.features == "teacher" and spec.train.steps == 2000
+    assert spec.method_config.regression_weight == 0.25                   # DMD's regression onto the teacher's ODE map
     method = build_run(spec, with_loggers=False).method
     shipped = digits_teacher().state_dict()
     for network in (method.frozen["teacher"], method.networks["student"], method.networks["fake_score"]):
