@@ -25,8 +25,9 @@ SD3_MAX_SEQUENCE_LENGTH = 256       # StableDiffusion3Pipeline's default T5 sequ
 
 
 @dataclass
-class SD3Components:
-    """The parts of a Stable Diffusion 3 pipeline (``text_encoder_3`` / ``tokenizer_3`` = T5, may be None)."""
+class FlowTransformerParts:
+    """What the SD3 and Flux parts share: a transformer, a VAE, two text encoders with their tokenizers and a
+    flow-matching scheduler; ``unet`` names the transformer as the Stable Diffusion code paths expect."""
 
     transformer: nn.Module
     vae: nn.Module
@@ -35,10 +36,6 @@ class SD3Components:
     text_encoder_2: nn.Module
     tokenizer_2: Any
     scheduler: Any
-    text_encoder_3: nn.Module | None = None
-    tokenizer_3: Any = None
-    source: str | None = None
-    kind = "sd3"
 
     @property
     def unet(self) -> nn.Module:
@@ -48,6 +45,16 @@ class SD3Components:
     @property
     def vae_scale_factor(self) -> int:
         return vae_scale_factor(self.vae)
+
+
+@dataclass
+class SD3Components(FlowTransformerParts):
+    """The parts of a Stable Diffusion 3 pipeline (``text_encoder_3`` / ``tokenizer_3`` = T5, may be None)."""
+
+    text_encoder_3: nn.Module | None = None
+    tokenizer_3: Any = None
+    source: str | None = None
+    kind = "sd3"
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -99,27 +106,12 @@ FLUX_GUIDANCE = 3.5                # FluxPipeline's default (embedded) guidance
 
 
 @dataclass
-class FluxComponents:
+class FluxComponents(FlowTransformerParts):
     """The parts of a Flux pipeline: CLIP-L (pooled embedding) as ``text_encoder``, T5-XXL as ``text_encoder_2``."""
 
-    transformer: nn.Module
-    vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: Any
-    text_encoder_2: nn.Module
-    tokenizer_2: Any
-    scheduler: Any
     source: str | None = None
     resolution: int = 1024      # training / generation size in pixels: Flux's transformer config has none
     kind = "flux"
-
-    @property
-    def unet(self) -> nn.Module:
-        return self.transformer
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return vae_scale_factor(self.vae)
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, add_decoder_entry
+from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, add_decoder_entry, decoder_bottleneck
 from .pretrained import PretrainedMixin
 
 
@@ -59,12 +59,11 @@ class DhariwalUNet(PretrainedMixin, nn.Module):
         skips = [b.out_channels for b in self.enc.values()]
 
         self.dec = nn.ModuleDict()
+        self.bottleneck = decoder_bottleneck(img_resolution, len(channel_mult))
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            bottleneck = add_decoder_entry(self.dec, res, cout, level == len(channel_mult) - 1,
+            add_decoder_entry(self.dec, res, cout, level == len(channel_mult) - 1,
                                            lambda cin, out, **kw: UNetBlock(cin, out, **block, **kw))
-            if bottleneck is not None:
-                self.bottleneck = bottleneck
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import add_decoder_entry
+from .layers import add_decoder_entry, decoder_bottleneck
 from .pretrained import PretrainedMixin
 
 SILU_GAIN = 0.596          # E[silu(x)^2]^(1/2) for x ~ N(0, 1) (Eq. 81)
@@ -189,14 +189,13 @@ class EDM2UNet(PretrainedMixin, nn.Module):
         skips = [b.out_channels for b in self.enc.values()]
 
         self.dec = nn.ModuleDict()
+        self.bottleneck = decoder_bottleneck(img_resolution, len(widths))
         for level, width in reversed(list(enumerate(widths))):
             res = img_resolution >> level
-            bottleneck = add_decoder_entry(
+            add_decoder_entry(
                 self.dec, res, cout, level == len(widths) - 1,
                 lambda cin, out, up=False, attention=False: Block(cin, out, emb_channels, "dec", "up" if up else "keep",
                                                                   attention=attention, **block_kwargs))
-            if bottleneck is not None:
-                self.bottleneck = bottleneck
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), width
                 self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, emb_channels, "dec",

@@ -168,14 +168,19 @@ class UNetBlock(nn.Module):
         return out.reshape(batch, channels3 // 3, height, width)
 
 
-def add_decoder_entry(dec: nn.ModuleDict, res: int, channels: int, lowest: bool, make_block) -> str | None:
+def decoder_bottleneck(img_resolution: int, num_levels: int) -> str:
+    """Module name of the EDM networks' bottleneck: the lowest resolution's ``in1`` block (``add_decoder_entry``)."""
+    res = img_resolution >> (num_levels - 1)
+    return f"dec.{res}x{res}_in1"
+
+
+def add_decoder_entry(dec: nn.ModuleDict, res: int, channels: int, lowest: bool, make_block) -> None:
     """The first decoder blocks at resolution ``res`` in the EDM networks' layout (DDPM++, ADM, EDM2; EDM App. F.3,
     EDM2 Fig. 21): at the lowest resolution ``in0`` (with attention) and ``in1`` at ``channels`` width, whose output
-    is the bottleneck; elsewhere one upsampling block ``up``. ``make_block(in, out, attention=..., up=...)`` builds
-    one block. Returns the bottleneck's module name ("dec.<res>x<res>_in1") at the lowest level, else None."""
+    is the bottleneck (``decoder_bottleneck``); elsewhere one upsampling block ``up``.
+    ``make_block(in, out, attention=..., up=...)`` builds one block."""
     if not lowest:
         dec[f"{res}x{res}_up"] = make_block(channels, channels, up=True)
-        return None
+        return
     dec[f"{res}x{res}_in0"] = make_block(channels, channels, attention=True)
     dec[f"{res}x{res}_in1"] = make_block(channels, channels)
-    return f"dec.{res}x{res}_in1"

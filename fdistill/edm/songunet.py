@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 
 from .layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
-                     add_decoder_entry)
+                     add_decoder_entry, decoder_bottleneck)
 from .pretrained import PretrainedMixin
 
 EMBEDDINGS = ("positional", "fourier")
@@ -92,12 +92,11 @@ class SongUNet(PretrainedMixin, nn.Module):
         skips = [getattr(b, "out_channels") for name, b in self.enc.items() if "aux" not in name]
 
         self.dec = nn.ModuleDict()
+        self.bottleneck = decoder_bottleneck(img_resolution, len(channel_mult))
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            bottleneck = add_decoder_entry(self.dec, res, cout, level == len(channel_mult) - 1,
+            add_decoder_entry(self.dec, res, cout, level == len(channel_mult) - 1,
                                            lambda cin, out, **kw: UNetBlock(cin, out, **block, **kw))
-            if bottleneck is not None:
-                self.bottleneck = bottleneck
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 attention = idx == num_blocks and res in attn_resolutions
