@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 # The noise range of EDM (Karras et al. 2022, Sec. 5 / Table 1: sigma in [0.002, 80]): the default range of
 # fdistill's networks, noise-level samplers and sampler schedules (one source).
@@ -53,3 +53,22 @@ def x0_to_eps(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
 def score_from_x0(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
     """Tweedie: grad_x log p_sigma(x) = (x0_hat - x) / sigma^2 (Efron 2011; EDM Eq. 3)."""
     return (x0 - x) / append_dims(sigma, x.ndim) ** 2
+
+
+class LogSigmaTable(nn.Module):
+    """A discrete schedule's training noise levels as an increasing buffer ``log_sigmas`` [T] (float64), set by the
+    subclass (VP: 0.5 log((1 - abar) / abar); flow matching: log(t / (1 - t)))."""
+
+    log_sigmas: Tensor
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.log_sigmas[0].exp())
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.log_sigmas[-1].exp())
+
+    def sigma_at(self, timesteps: Tensor) -> Tensor:
+        """sigma of integer table indices [B] (float64)."""
+        return self.log_sigmas[timesteps.long()].exp()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .base import append_dims, as_sigma_batch
+from .base import LogSigmaTable, append_dims, as_sigma_batch
 from .features import FeatureMixin
 from .flow import FLOW_MODEL_CALLS, FLOW_SCHEDULERS, FlowMatchSchedule, flow_x0, flux_mu, is_flow_scheduler
 
@@ -86,7 +86,7 @@ def check_scheduler(config: dict, model_class: str) -> bool:
     return flow
 
 
-class VPSchedule(nn.Module):
+class VPSchedule(LogSigmaTable):
     """sigma(t) of a discrete VP schedule and its inverse (fractional t by interpolation in log sigma).
 
     Args:
@@ -100,18 +100,6 @@ class VPSchedule(nn.Module):
         if not (log_sigmas[1:] > log_sigmas[:-1]).all():
             raise ValueError("alphas_cumprod must be strictly decreasing (sigma(t) increasing) to map sigma -> t")
         self.register_buffer("log_sigmas", log_sigmas)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.log_sigmas[0].exp())
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.log_sigmas[-1].exp())
-
-    def sigma_at(self, timesteps: Tensor) -> Tensor:
-        """sigma of integer timesteps [B] (float64)."""
-        return self.log_sigmas[timesteps.long()].exp()
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """Fractional timestep [B] (float32) for sigma [B] > 0, clamped to [0, T-1]."""

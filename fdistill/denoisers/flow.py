@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .base import LogSigmaTable
+
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
@@ -55,7 +57,7 @@ def flux_mu(image_seq_len: int, config: dict) -> float:
     return base_shift + slope * (image_seq_len - base_len)
 
 
-class FlowMatchSchedule(nn.Module):
+class FlowMatchSchedule(LogSigmaTable):
     """The training times of a ``FlowMatchEulerDiscreteScheduler`` in sigma units, and sigma -> network timestep.
 
     The scheduler trains on t_i = shift(i / T), i = 1 .. T; the table keeps i = 1 .. T - 1 (t_T = 1 is sigma =
@@ -72,18 +74,6 @@ class FlowMatchSchedule(nn.Module):
         steps = self.num_train_timesteps
         times = shifted_times(torch.arange(1, steps, dtype=torch.float64) / steps, config, mu)
         self.register_buffer("log_sigmas", torch.log(times / (1 - times)))
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.log_sigmas[0].exp())
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.log_sigmas[-1].exp())
-
-    def sigma_at(self, timesteps: Tensor) -> Tensor:
-        """sigma of integer table indices [B] (float64)."""
-        return self.log_sigmas[timesteps.long()].exp()
 
     def time(self, sigma: Tensor) -> Tensor:
         """Flow time t = sigma / (1 + sigma) in [0, 1) for sigma [B] >= 0 (float64 kept)."""
