@@ -9,7 +9,7 @@ its nearest mode; the teacher's own samples give the reference). Goals: kl and j
 lower TV than rkl (mean over seeds) on >= 80 % of the mixtures.
 
     python scripts/bench_fdistill_mixtures.py --workers 2              # 10 mixtures x 2 seeds x (rkl, kl, js) x (2-D, 8-D)
-    python scripts/bench_fdistill_mixtures.py --quick                  # 3 mixtures x 1 seed, 2-D, 300 steps (a smoke run)
+    python scripts/bench_fdistill_mixtures.py --quick                  # 3 mixtures x 1 seed, 2-D, 1,000 steps (a smoke run)
     python scripts/bench_fdistill_mixtures.py --cold ...               # the recipe before its warm start (before / after)
 Runs use 1 thread each, --workers processes in parallel. Writes benchmarks/fdistill_mixtures.json (after every run;
 --keep resumes an interrupted run with the same settings) and prints markdown tables.
@@ -80,7 +80,8 @@ def summary(runs: dict[str, dict], dims: list[int], mixtures: list[int], diverge
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 mixtures x 1 seed, 2-D only, 300 steps")
+    parser.add_argument("--quick", action="store_true", help="3 mixtures x 1 seed, 2-D only, 1,000 steps "
+                        "(the 600 warm-up steps and 400 alternating ones)")
     parser.add_argument("--mixtures", type=int, default=None, help="mixture seeds 0 .. n-1 (default 10)")
     parser.add_argument("--seeds", type=int, default=None, help="training seeds per mixture and divergence (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 2000)")
@@ -99,7 +100,7 @@ def main() -> None:
     dims = [int(d) for d in (args.dims or ("2" if args.quick else "2,8")).split(",")]
     mixtures = list(range(args.mixtures or (3 if args.quick else 10)))
     seeds = list(range(args.seeds or (1 if args.quick else 2)))
-    steps = args.steps or (300 if args.quick else 2000)
+    steps = args.steps or (1000 if args.quick else 2000)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}

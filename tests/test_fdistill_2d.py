@@ -1,7 +1,7 @@
 """The 2-D benchmark / notebook functions: exact mode metrics, and a short run that learns the ring."""
 import torch
 
-from fdistill.benchmarks.fdistill_2d import mode_metrics, train_2d
+from fdistill.benchmarks.fdistill_2d import ring_mode_metrics, train_2d
 
 
 def test_mode_metrics_are_exact_on_constructed_samples():
@@ -9,7 +9,7 @@ def test_mode_metrics_are_exact_on_constructed_samples():
     weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     # 6 points at mode 0, 4 at mode 1 (one of them 5 std away), none at mode 2
     samples = torch.tensor([[0.0, 0.0]] * 6 + [[10.0, 0.0]] * 3 + [[10.5, 0.0]])
-    metrics = mode_metrics(samples, means, weights, std=0.1)
+    metrics = ring_mode_metrics(samples, means, weights, std=0.1)
     assert metrics["histogram"] == [0.6, 0.4, 0.0]
     assert metrics["modes_covered"] == 2
     assert abs(metrics["tv"] - 0.2) < 1e-12
