@@ -11,6 +11,9 @@ lower TV than rkl (mean over seeds) on >= 80 % of the mixtures.
     python scripts/bench_fdistill_mixtures.py --workers 2              # 10 mixtures x 2 seeds x (rkl, kl, js) x (2-D, 8-D)
     python scripts/bench_fdistill_mixtures.py --quick                  # 3 mixtures x 1 seed, 2-D, 1,000 steps (a smoke run)
     python scripts/bench_fdistill_mixtures.py --cold ...               # the recipe before its warm start (before / after)
+    python scripts/bench_fdistill_mixtures.py --divergences rkl,kl,js,kl-oracle,js-oracle --first-mixture 100 ...
+A divergence name with the suffix ``-oracle`` weights the student by the exact density ratio
+(``fdistill.benchmarks.oracle``) in place of the discriminator's: is the estimator what limits it?
 Runs use 1 thread each, --workers processes in parallel. Writes benchmarks/fdistill_mixtures.json (after every run;
 --keep resumes an interrupted run with the same settings) and prints markdown tables.
 """
@@ -33,11 +36,16 @@ from fdistill.losses.fdistill import DIVERGENCES
 GOAL_COVERAGE, GOAL_TV_WINS = 0.9, 0.8
 
 
+ORACLE_SUFFIX = "-oracle"
+
+
 def run_one(task: tuple[int, int, str, int, int, bool]) -> tuple[str, dict]:
-    """One training run in a worker process (1 thread): (dim, mixture seed, divergence, training seed, steps, cold)."""
+    """One training run in a worker process (1 thread): (dim, mixture seed, divergence, training seed, steps, cold);
+    a divergence ending in ORACLE_SUFFIX uses the exact density ratio."""
     torch.set_num_threads(1)
     dim, mixture_seed, divergence, seed, steps, cold = task
-    result = train_on_mixture(random_mixture(mixture_seed, dim), divergence, seed, steps, COLD_START if cold else None)
+    result = train_on_mixture(random_mixture(mixture_seed, dim), divergence.removesuffix(ORACLE_SUFFIX), seed, steps,
+                              COLD_START if cold else None, oracle=divergence.endswith(ORACLE_SUFFIX))
     return run_key(dim, mixture_seed, divergence, seed), result
 
 
@@ -82,11 +90,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 mixtures x 1 seed, 2-D only, 1,000 steps "
                         "(the 600 warm-up steps and 400 alternating ones)")
-    parser.add_argument("--mixtures", type=int, default=None, help="mixture seeds 0 .. n-1 (default 10)")
+    parser.add_argument("--mixtures", type=int, default=None, help="how many mixture seeds (default 10)")
+    parser.add_argument("--first-mixture", type=int, default=0, help="the first mixture seed (default 0)")
     parser.add_argument("--seeds", type=int, default=None, help="training seeds per mixture and divergence (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 2000)")
     parser.add_argument("--dims", default=None, help="comma-separated dimensions (default 2,8)")
-    parser.add_argument("--divergences", default="rkl,kl,js", help=f"comma-separated subset of {','.join(DIVERGENCES)}")
+    parser.add_argument("--divergences", default="rkl,kl,js",
+                        help=f"comma-separated subset of {','.join(DIVERGENCES)}; suffix {ORACLE_SUFFIX} = exact ratio")
     parser.add_argument("--cold", action="store_true",
                         help="the recipe without its warm start (regression and critic warm-ups, regression term)")
     parser.add_argument("--workers", type=int, default=2, help="processes in parallel (1 thread each)")
@@ -95,10 +105,11 @@ def main() -> None:
     args = parser.parse_args()
     divergences = args.divergences.split(",")
     for name in divergences:
-        if name not in DIVERGENCES:
-            parser.error(f"--divergences: unknown {name!r}; allowed: {', '.join(DIVERGENCES)}")
+        if name.removesuffix(ORACLE_SUFFIX) not in DIVERGENCES or name == f"rkl{ORACLE_SUFFIX}":
+            parser.error(f"--divergences: unknown {name!r}; allowed: {', '.join(DIVERGENCES)}, each but rkl (which "
+                         f"has no ratio) also with the suffix {ORACLE_SUFFIX}")
     dims = [int(d) for d in (args.dims or ("2" if args.quick else "2,8")).split(",")]
-    mixtures = list(range(args.mixtures or (3 if args.quick else 10)))
+    mixtures = list(range(args.first_mixture, args.first_mixture + (args.mixtures or (3 if args.quick else 10))))
     seeds = list(range(args.seeds or (1 if args.quick else 2)))
     steps = args.steps or (1000 if args.quick else 2000)
     out = Path(args.out)
