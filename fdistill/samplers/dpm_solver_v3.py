@@ -63,6 +63,7 @@ class _Integrals:
         self.grid = torch.linspace(low, high, int(math.ceil((high - low) / INTEGRAL_GRID_SPACING)) + 1,
                                    dtype=torch.float64)
         l, s, b = (interpolate(stats.lambdas, v, self.grid) for v in (stats.l, stats.s, stats.b))
+        self.statistics_lambdas, self.l = stats.lambdas, stats.l     # l itself at a schedule's lambdas (``keep``)
         self.L = cumulative_trapezoid(self.grid, l)
         self.S = cumulative_trapezoid(self.grid, s)
         self.B = cumulative_trapezoid(self.grid, torch.exp(-self.S) * b)
@@ -106,37 +107,43 @@ def step_coefficients(integrals: _Integrals, lam_s: Tensor, lam_t: Tensor, max_k
 
 
 class _ScheduleCoefficients:
-    """What ``dpm_solver_v3`` needs of the statistics along one schedule of lambdas [N] (increasing), computed
-    once, vectorised over the steps, in the sample's dtype and device: per step i -> i + 1, ``decay[i]``,
-    ``phis[i]`` and ``b_term[i]`` (``step_coefficients``), and for g (``g_values``) the factors of every pair of
-    lambdas a step combines (j - i in NODE_OFFSETS). Each step then costs a few elementwise tensor operations."""
-
-    NODE_OFFSETS = range(-MAX_ORDER, 2)   # predictor: i, i-1, i-2 about i; corrector: i+1, i-1, i-2 about i
+    """What ``dpm_solver_v3`` needs of the statistics along one schedule of lambdas [N] (increasing), computed once,
+    vectorised over the steps (float64): per step i -> i + 1, ``decay[i]``, ``phis[i]`` and ``b_term[i]``
+    (``step_coefficients``), the integrals S and B at the schedule's lambdas (for g), and 1 - l there (``keep``, in
+    the sample's dtype and device). ``update_weights`` folds them into one weight per term of an update."""
 
     def __init__(self, integrals: _Integrals, lambdas: list[float], like: Tensor):
         grid = torch.tensor(lambdas, dtype=torch.float64)
-        self.index = {lam: j for j, lam in enumerate(lambdas)}
-        _, S, B = integrals.at(grid)
-        self.g_factors: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-        for offset in self.NODE_OFFSETS:          # pairs (i, i + offset), all i at once
-            first, stop = max(0, -offset), min(len(lambdas), len(lambdas) - offset)
-            i = torch.arange(first, max(first, stop))
-            scale = torch.exp(S[i] - S[i + offset]).to(like)
-            shift = (torch.exp(S[i]) * (B[i + offset] - B[i])).to(like)
-            self.g_factors.update({(k, k + offset): (scale[n], shift[n]) for n, k in enumerate(i.tolist())})
+        self.lambdas = grid
+        _, self.S, self.B = integrals.at(grid)
+        self.keep = (1 - interpolate(integrals.statistics_lambdas, integrals.l, grid)).to(like).unbind(0)
+        self.dtype, self.device = like.dtype, like.device
         starts, ends = grid[:-1], grid[1:]
-        chunk = max(1, QUADRATURE_CHUNK_ELEMENTS // (S[0].numel() * (QUADRATURE_INTERVALS + 1)))
+        chunk = max(1, QUADRATURE_CHUNK_ELEMENTS // (self.S[0].numel() * (QUADRATURE_INTERVALS + 1)))
         parts = [step_coefficients(integrals, starts[k:k + chunk], ends[k:k + chunk])
                  for k in range(0, max(1, len(starts)), chunk)]       # one empty chunk for a 1-step list
-        self.decay, self.phis, self.b_term = (torch.cat(values).to(like) for values in zip(*parts))
+        self.decay, self.phis, self.b_term = (torch.cat(values) for values in zip(*parts))
+        self._weights: dict[tuple[tuple[int, ...], bool], tuple[Tensor, Tensor, list[Tensor]]] = {}
 
-    def g_values(self, lam_s: float, nodes: list[Node]) -> list[Tensor]:
-        """g at each node relative to the expansion point lam_s: e^{S_s - S_j} f_j - e^{S_s} (B_j - B_s)."""
-        values = []
-        for lam_j, f in nodes:
-            scale, shift = self.g_factors[(self.index[lam_s], self.index[lam_j])]
-            values.append(scale * f - shift)
-        return values
+    def update_weights(self, nodes: tuple[int, ...], pseudo: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """The update from the expansion point s = nodes[0] to s + 1 with the evaluations f_j at the schedule
+        indices ``nodes`` (paper Eq. 11) as one linear combination, x_t = decay x_s + constant + sum_j w_j f_j:
+        with g_j = e^{S_s - S_j} f_j - e^{S_s} (B_j - B_s) and g^{(k)} = sum_j W[k, j] g_j (``derivative_weights``),
+        w_j = -e^{S_s - S_j} sum_k Phi_k W[k, j] and constant = -b_term + sum_j e^{S_s} (B_j - B_s) sum_k Phi_k W[k, j]
+        (Phi_k scaled by e^{L_s - L_t}). Computed in float64 on first use, cached in the sample's dtype and device, so
+        a step costs len(nodes) + 1 fused multiply-adds."""
+        key = (nodes, pseudo)
+        if key not in self._weights:
+            s, at_nodes = nodes[0], list(nodes)
+            mixing = torch.as_tensor(derivative_weights((self.lambdas[at_nodes] - self.lambdas[s]).tolist(), pseudo))
+            combined = torch.tensordot(mixing.T, self.phis[s, :len(nodes)], dims=1)   # sum_k Phi_k W[k, j]: [j, *shape]
+            scale = torch.exp(self.S[s] - self.S[at_nodes])
+            shift = torch.exp(self.S[s]) * (self.B[at_nodes] - self.B[s])
+            constant = (shift * combined).sum(0) - self.b_term[s]
+            as_sample = dict(dtype=self.dtype, device=self.device)
+            self._weights[key] = (self.decay[s].to(**as_sample), constant.to(**as_sample),
+                                  list((-scale * combined).to(**as_sample)))
+        return self._weights[key]
 
 
 NEUTRAL_STATISTICS = ModelStatistics.constant()   # l = 1, s = b = 0: DPM-Solver++ (one object, so cached)
@@ -168,41 +175,36 @@ def schedule_coefficients(stats: ModelStatistics, lambdas: list[float], like: Te
 # The solver
 # ----------------------------------------------------------------------------------------------------------------
 
-Node = tuple[float, Tensor]            # (lambda_j, f_j [B, ...]) of one network evaluation
+Node = tuple[int, Tensor]              # (index j of lambda_j in the schedule, f_j [B, ...]) of one evaluation
 
 
-def _derivatives(offsets: list[float], g: list[Tensor], pseudo: bool) -> list[Tensor]:
-    """Estimates of g^{(1)}, ..., g^{(n)} at the expansion point from g at offsets [0, d_1, ..., d_n] (d_j = lambda_j
-    - lambda_s, the expansion point first). Full: solve sum_k g^{(k)} d_j^k / k! = g_j - g_0 (paper Sec. 3.3).
-    Pseudo-order: k! times the k-th Newton divided difference on the nodes in the given order."""
+def derivative_weights(offsets: list[float], pseudo: bool) -> np.ndarray:
+    """W [n + 1, n + 1] with g^{(k)}(lambda_s) ~ sum_j W[k, j] g_j for g at offsets [0, d_1, ..., d_n] (d_j = lambda_j -
+    lambda_s, the expansion point first; row 0 is g_0 itself). Full: solve sum_k g^{(k)} d_j^k / k! = g_j - g_0
+    (paper Sec. 3.3). Pseudo-order: k! times the k-th Newton divided difference on the nodes in the given order."""
     n = len(offsets) - 1
+    identity = np.eye(n + 1)
     if n == 0:
-        return []
+        return identity
     if pseudo:
-        table = list(g)
-        estimates = []
+        table, rows = list(identity), [identity[0]]
         for k in range(1, n + 1):
             table = [(table[j + 1] - table[j]) / (offsets[j + k] - offsets[j]) for j in range(len(table) - 1)]
-            estimates.append(math.factorial(k) * table[0])
-        return estimates
+            rows.append(math.factorial(k) * table[0])
+        return np.stack(rows)
     system = np.array([[d ** k / math.factorial(k) for k in range(1, n + 1)] for d in offsets[1:]])
-    inverse = np.linalg.inv(system)
-    differences = [gj - g[0] for gj in g[1:]]
-    return [sum(float(inverse[k, j]) * differences[j] for j in range(n)) for k in range(n)]
+    inverse = np.linalg.inv(system)                      # g^{(k)} = sum_j inverse[k - 1, j] (g_{j+1} - g_0)
+    return np.vstack([identity[0], np.hstack([-inverse.sum(1, keepdims=True), inverse])])
 
 
-def dpm_solver_v3_update(coefficients: _ScheduleCoefficients, x_s: Tensor, lam_t: float, nodes: list[Node],
-                         pseudo: bool) -> Tensor:
-    """One DPM-Solver-v3 update from the expansion point nodes[0] = (lambda_s, f_s) (x_s at lambda_s) to lam_t, the
-    next lambda of the schedule, of order len(nodes) (paper Eq. 11). The other nodes are earlier evaluations
-    (predictor) or the evaluation at the predicted x_t followed by earlier ones (corrector)."""
-    lam_s = nodes[0][0]
-    step = coefficients.index[lam_s]
-    g = coefficients.g_values(lam_s, nodes)
-    derivatives = [g[0]] + _derivatives([lam - lam_s for lam, _ in nodes], g, pseudo)
-    x_t = coefficients.decay[step] * x_s - coefficients.b_term[step]
-    for phi_k, derivative in zip(coefficients.phis[step], derivatives):
-        x_t = x_t - phi_k * derivative
+def dpm_solver_v3_update(coefficients: _ScheduleCoefficients, x_s: Tensor, nodes: list[Node], pseudo: bool) -> Tensor:
+    """One DPM-Solver-v3 update from the expansion point nodes[0] = (s, f_s) (x_s at lambda_s) to lambda_{s+1}, of
+    order len(nodes) (paper Eq. 11), as ``_ScheduleCoefficients.update_weights``' linear combination. The other nodes
+    are earlier evaluations (predictor) or the evaluation at the predicted x_t followed by earlier ones (corrector)."""
+    decay, constant, weights = coefficients.update_weights(tuple(j for j, _ in nodes), pseudo)
+    x_t = torch.addcmul(constant, decay, x_s)
+    for weight, (_, f) in zip(weights, nodes):
+        x_t.addcmul_(weight, f)
     return x_t
 
 
@@ -247,24 +249,22 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
     orders = step_orders(sigma_values, order, multistep=True, lower_order_final=lower_order_final)
     lambdas = [-math.log(sigma) for sigma in sigma_values if sigma > 0]
     coefficients = schedule_coefficients(stats, lambdas, x)
-    l_values = interpolate(stats.lambdas, stats.l, torch.tensor(lambdas, dtype=torch.float64)).to(x)
     x0_fn = x0_function(denoiser, cond)
     history: list[Node] = []                   # newest first
     previous: tuple[Tensor, int] | None = None  # (x_s, predictor order) of the last step, for the corrector
     for i, step_order in progress_steps(orders, progress, "dpm_solver_v3"):
-        lam, l_now = lambdas[i], l_values[i]
-        f = (1 - l_now) * x - x0_fn(x, sigma_values[i])
+        keep = coefficients.keep[i]            # 1 - l at lambda_i
+        f = torch.mul(keep, x).sub_(x0_fn(x, sigma_values[i]))
         if corrector and previous is not None:
             x_s, previous_order = previous
-            nodes = [history[0], (lam, f)] + history[1:previous_order]
-            x = dpm_solver_v3_update(coefficients, x_s, lam, nodes, corrector_pseudo)
-        history = [(lam, f)] + history[:MAX_ORDER - 1]
+            x = dpm_solver_v3_update(coefficients, x_s, [history[0], (i, f)] + history[1:previous_order],
+                                     corrector_pseudo)
+        history = [(i, f)] + history[:MAX_ORDER - 1]
         if step_order == 0:
-            return (1 - l_now) * x - f
+            return torch.mul(keep, x).sub_(f)
         previous = (x, step_order)
-        x = dpm_solver_v3_update(coefficients, x, lambdas[i + 1], history[:step_order], predictor_pseudo)
+        x = dpm_solver_v3_update(coefficients, x, history[:step_order], predictor_pseudo)
     return x
-
 
 
 DPM_SOLVER_V3_SOLVERS: dict[str, Callable[..., Tensor]] = {"dpm_solver_v3": dpm_solver_v3}
