@@ -55,7 +55,8 @@ def test_neutral_statistics_reduce_to_multistep_dpm_solver_pp(order, schedule):
     sigma_list = sigmas(schedule, 12, SIGMA_MIN, SIGMA_MAX)
     expected = taylor_dpmpp_multistep(x, sigma_list, order)
     for ems in (None, ModelStatistics.constant(l=1.0)):
-        out = sample(gaussian_denoiser, x, sigma_list, "dpm_solver_v3", ems=ems, order=order, corrector=False)
+        out = sample(gaussian_denoiser, x, sigma_list, "dpm_solver_v3", ems=ems, order=order, corrector=False,
+                     predictor_pseudo=False)
         torch.testing.assert_close(out, expected, rtol=1e-8, atol=1e-8)
 
 
@@ -360,13 +361,25 @@ def test_ems_of_the_learned_digits_teacher_improve_its_few_step_samples():
     assert error(ems=ems) < 0.8 * error(), (error(ems=ems), error())
 
 
+def karras_run(steps: int, **options):
+    """dpm_solver_v3 with the varying per-element statistics on Karras sigmas from the shared start."""
+    return sample(gaussian_denoiser, start_noise(), sigmas("karras", steps, SIGMA_MIN, SIGMA_MAX), "dpm_solver_v3",
+                  ems=VARYING_STATISTICS, **options)
+
+
+VARYING_STATISTICS = varying_statistics()     # one object: the coefficient cache serves every karras_run
+
+
 def test_default_order_is_two_below_ten_steps_and_three_from_ten():
     """dpm_solver_v3's default predictor order follows the step count (dpm_solver_v3.default_order)."""
-    stats, x = varying_statistics(), start_noise()
+    torch.testing.assert_close(karras_run(8), karras_run(8, order=2), rtol=0, atol=0)
+    assert (karras_run(8) - karras_run(8, order=3)).abs().max() > 1e-6
+    torch.testing.assert_close(karras_run(10), karras_run(10, order=3), rtol=0, atol=0)
 
-    def run(steps, **options):
-        return sample(gaussian_denoiser, x, sigmas("karras", steps, SIGMA_MIN, SIGMA_MAX), "dpm_solver_v3",
-                      ems=stats, **options)
-    torch.testing.assert_close(run(8), run(8, order=2), rtol=0, atol=0)
-    assert (run(8) - run(8, order=3)).abs().max() > 1e-6
-    torch.testing.assert_close(run(10), run(10, order=3), rtol=0, atol=0)
+
+def test_default_predictor_is_pseudo_order_below_fifteen_steps():
+    """dpm_solver_v3's predictor uses pseudo-order by default below 15 steps (dpm_solver_v3.default_predictor_pseudo),
+    the full Taylor solve from 15 on; at 10 steps (order 3) the two differ."""
+    torch.testing.assert_close(karras_run(10), karras_run(10, predictor_pseudo=True), rtol=0, atol=0)
+    torch.testing.assert_close(karras_run(15), karras_run(15, predictor_pseudo=False), rtol=0, atol=0)
+    assert (karras_run(10) - karras_run(10, predictor_pseudo=False)).abs().max() > 1e-6

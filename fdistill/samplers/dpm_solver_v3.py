@@ -25,8 +25,8 @@ Taylor system on their lambda offsets (full order) or, for the "pseudo-order" va
 (paper Sec. 3.4) recomputes x_t from x_s after the network has been evaluated at the predicted x_t, adding that
 evaluation as a node (order + 1); f at t is kept, so it costs no extra evaluation.
 
-l = 1, s = b = 0 gives f = -D: the solver is then exactly multistep DPM-Solver++ with the Taylor coefficients
-(order 3 after its warm-up: ``dpmpp_3m_taylor``; order 2: Diffusers' 2M with ``solver_type="heun"``); l = 0, s = -1,
+l = 1, s = b = 0 gives f = -D: with the full-order predictor (``predictor_pseudo=False``; the default from 15 steps on)
+the solver is then exactly multistep DPM-Solver++ with the Taylor coefficients (order 3 after its warm-up: ``dpmpp_3m_taylor``; order 2: Diffusers' 2M with ``solver_type="heun"``); l = 0, s = -1,
 b = 0 gives f = sigma eps and g = e^{lambda - lambda_s} f = sigma_s eps, i.e. multistep DPM-Solver (noise prediction).
 Literal zero statistics (l = s = b = 0) expand sigma eps itself, which is neither; the neutral statistics that give
 DPM-Solver++ are l = 1, s = b = 0 (``ModelStatistics.constant()``, the default without EMS; the authors' code calls
@@ -47,6 +47,7 @@ from .plumbing import progress_steps, sigma_list, step_orders, x0_function
 
 MAX_ORDER = 3
 THIRD_ORDER_FROM_STEPS = 10     # default_order: the predictor is second order for fewer steps
+PSEUDO_PREDICTOR_BELOW = 15     # default_predictor_pseudo: pseudo-order predictor for fewer steps
 QUADRATURE_INTERVALS = 128        # Simpson intervals per step for Phi_k and the b-term (even)
 INTEGRAL_GRID_SPACING = 0.01      # lambda spacing of the tabulated L, S and b-integral
 INTEGRAL_GRID_MARGIN = 2.0        # the table extends this far (in lambda) beyond the statistics grid
@@ -220,8 +221,22 @@ def default_order(num_steps: int) -> int:
     return 2 if num_steps < THIRD_ORDER_FROM_STEPS else MAX_ORDER
 
 
+def default_predictor_pseudo(num_steps: int) -> bool:
+    """Whether ``dpm_solver_v3``'s predictor uses pseudo-order by default: below ``PSEUDO_PREDICTOR_BELOW`` steps.
+
+    The authors' code uses the pseudo-order predictor for few steps (their EDM script: 5 or fewer, at order 3): with
+    large steps the full Taylor solve extrapolates g^{(k)} from far-apart nodes with large weights, the divided
+    differences do not. With two nodes (order 2, the default below ``THIRD_ORDER_FROM_STEPS``) both are the same, so
+    the rule matters from 10 steps on. In scripts/bench_samplers.py at NFE 10 (with EMS; error pseudo / full) it is
+    0.78 on the learned digits teacher (Karras and log-SNR), 0.98-1.15 on the mixtures, 1.00 on the Gaussian; at
+    NFE 15 it is 1.24-1.45 on the mixtures, hence full order from 15 steps on, where DPM-Solver's lower-order-final
+    rule also stops (``plumbing.LOWER_ORDER_FINAL_BELOW``).
+    """
+    return num_steps < PSEUDO_PREDICTOR_BELOW
+
+
 def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistics | None = None,
-                  order: int | None = None, predictor_pseudo: bool = False, corrector: bool = True,
+                  order: int | None = None, predictor_pseudo: bool | None = None, corrector: bool = True,
                   corrector_pseudo: bool = False, lower_order_final: bool = True, progress: bool = False) -> Tensor:
     """DPM-Solver-v3 multistep predictor(-corrector), 1 NFE per step (Zheng et al. 2023, Alg. 1 / Sec. 3.3-3.4).
 
@@ -231,7 +246,8 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
         order: the predictor's order (1-3), warmed up 1, 2, ... over the first steps (``step_orders``); None =
             ``default_order(steps)``.
         predictor_pseudo / corrector_pseudo: derivatives of g from divided differences (pseudo-order) instead of the
-            Taylor solve. The authors' code corrects with pseudo-order; here both default to the full solve: the
+            Taylor solve. predictor_pseudo None = ``default_predictor_pseudo(steps)`` (pseudo below 15 steps).
+            The authors' code corrects with pseudo-order; here the corrector defaults to the full solve: the
             pseudo-order corrector's g'(lambda_s) is the chord slope to lambda_t, an O(h) error that leaves it
             second order (log-SNR steps on the exact Gaussian, 16 / 32 / 64 steps: max error 0.060 / 0.029 / 0.0085
             against 0.020 / 6.8e-4 / 1.2e-4 with the full corrector), and with EMS it is 2-5x less accurate at
@@ -243,6 +259,8 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
     """
     sigma_values = sigma_list(sigmas)
     order = default_order(len(sigma_values) - 1) if order is None else order
+    if predictor_pseudo is None:
+        predictor_pseudo = default_predictor_pseudo(len(sigma_values) - 1)
     if order not in range(1, MAX_ORDER + 1):
         raise ValueError(f"dpm_solver_v3: order must be 1, 2 or 3, got {order}")
     stats = NEUTRAL_STATISTICS if ems is None else ems
