@@ -25,9 +25,10 @@ Taylor system on their lambda offsets (full order) or, for the "pseudo-order" va
 (paper Sec. 3.4) recomputes x_t from x_s after the network has been evaluated at the predicted x_t, adding that
 evaluation as a node (order + 1); f at t is kept, so it costs no extra evaluation.
 
-l = 1, s = b = 0 gives f = -D: with the full-order predictor (``predictor_pseudo=False``; the default from 15 steps on)
-the solver is then exactly multistep DPM-Solver++ with the Taylor coefficients (order 3 after its warm-up: ``dpmpp_3m_taylor``; order 2: Diffusers' 2M with ``solver_type="heun"``); l = 0, s = -1,
-b = 0 gives f = sigma eps and g = e^{lambda - lambda_s} f = sigma_s eps, i.e. multistep DPM-Solver (noise prediction).
+l = 1, s = b = 0 gives f = -D: with the full-order predictor (``predictor_pseudo=False``, the default from 15 steps
+on) the solver is then exactly multistep DPM-Solver++ with the Taylor coefficients (order 3 after its warm-up:
+``dpmpp_3m_taylor``; order 2: Diffusers' 2M with ``solver_type="heun"``); l = 0, s = -1, b = 0 gives f = sigma eps
+and g = e^{lambda - lambda_s} f = sigma_s eps, i.e. multistep DPM-Solver (noise prediction).
 Literal zero statistics (l = s = b = 0) expand sigma eps itself, which is neither; the neutral statistics that give
 DPM-Solver++ are l = 1, s = b = 0 (``ModelStatistics.constant()``, the default without EMS; the authors' code calls
 them "degenerated"). The statistics l, s, b (EMS) and their estimation from a denoiser are in ``ems.py``.
