@@ -18,8 +18,8 @@ Teachers (exact denoisers, float64; 16-D but digits):
   the digits FD (fdistill.evaluation.digits_fd) of each method's 256 samples.
 
 DPM-Solver-v3 runs without EMS (l = 1, s = b = 0) and with each teacher's EMS (``compute_ems``: 256 of the teacher's
-own samples, 121 lambdas over the sigma range); a table compares the latter with Diffusers' best on the mixtures and
-digits at NFE 5-10 (the issue's goal: >= 20 % lower error).
+own samples, 121 lambdas over the sigma range), the latter also with ``lower_order_final=False``; a table compares
+the default with EMS to Diffusers' best on the mixtures and digits at NFE 5-10 (the issue's goal: >= 20 % lower error).
 
 DC-Solver (UniPC bh2, order 3, with dynamic compensation): "searched" uses ratios searched for that teacher, schedule
 and NFE on 16 other starts (seed 2; ``search_ratios`` on ``reference_trajectory``); "CPR" uses the cascade polynomial
@@ -55,15 +55,15 @@ from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler, UniPC
 
 from bench_samplers_overhead import overhead, overhead_table
 from bench_samplers_tables import accuracy_tables, dc_table, recommendation_table, summary_table, v3_goal_table
-from fdistill.denoisers import GaussianMixtureDenoiser
+from bench_samplers_teachers import (BATCH, DIGITS_BATCH, DIM, SIGMA_MAX, SIGMA_MIN, TEACHERS, LearnedDigitsTeacher,
+                                     denoise)
 from fdistill.samplers import (CascadeRegression, ModelStatistics, compute_ems, nfe, reference_trajectory, sample,
                                search_ratios, sigmas)
 from fdistill.samplers.reference import diffusers_sample
 
-SIGMA_MIN, SIGMA_MAX = 0.029167, 14.614641      # Stable Diffusion's scaled-linear VP schedule, in sigma units
 BUDGETS = [4, 5, 6, 8, 10, 15, 20]
 SCHEDULES = ["karras", "logsnr"]
-DIM, BATCH, DIGITS_BATCH, DC_TRAIN = 16, 128, 256, 16
+DC_TRAIN = 16                   # DC-Solver: starts its ratios are searched on
 CPR_BUDGETS = (5, 8, 10, 20)
 
 # label -> (registry solver, options); the unlabelled registry names use their defaults (what `--solver` gives)
@@ -88,8 +88,10 @@ FDISTILL = {
     "unipc_bh2_noise p=2": ("unipc_bh2_noise", {"order": 2}),
     "dpm_solver_v3": ("dpm_solver_v3", {}),
 }
-# DPM-Solver-v3 with the teacher's empirical model statistics (computed once per teacher, see ``teacher_ems``)
-FDISTILL_WITH_EMS = {"dpm_solver_v3 + EMS": ("dpm_solver_v3", {})}
+# DPM-Solver-v3 with the teacher's empirical model statistics (computed once per teacher, see ``teacher_ems``); the
+# second row keeps the predictor's order on the last steps before the final denoise (``lower_order_final=False``)
+FDISTILL_WITH_EMS = {"dpm_solver_v3 + EMS": ("dpm_solver_v3", {}),
+                     "dpm_solver_v3 + EMS no lower-order-final": ("dpm_solver_v3", {"lower_order_final": False})}
 EMS_SAMPLES, EMS_GRID = 256, 121
 # label -> (scheduler factory, runs into sigma = 0 itself)
 DIFFUSERS: dict[str, tuple[Callable, bool]] = {
@@ -104,73 +106,6 @@ DIFFUSERS: dict[str, tuple[Callable, bool]] = {
     "diffusers deis p=2": (lambda: DEISMultistepScheduler(solver_order=2), False),
     "diffusers deis p=3": (lambda: DEISMultistepScheduler(solver_order=3), False),
 }
-
-
-# ------------------------------------------------------------------------------------------------ teachers
-
-
-def denoise(teacher, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    return teacher(x, torch.full((x.shape[0],), sigma, dtype=x.dtype))
-
-
-def gaussian_teacher(seed: int = 0) -> tuple[GaussianMixtureDenoiser, Callable]:
-    """One Gaussian (means ~ N(0, I), stds log-spaced in [0.05, 2]) and its exact answer for a noise batch."""
-    generator = torch.Generator().manual_seed(seed)
-    mean = torch.randn(1, DIM, generator=generator, dtype=torch.float64)
-    std = torch.logspace(math.log10(0.05), math.log10(2.0), DIM, dtype=torch.float64)[None]
-    teacher = GaussianMixtureDenoiser(mean, std)
-
-    def exact(noise: torch.Tensor) -> tuple[torch.Tensor, float]:
-        shrink = torch.sqrt(std ** 2 + SIGMA_MIN ** 2) / torch.sqrt(std ** 2 + SIGMA_MAX ** 2)
-        return denoise(teacher, mean + (noise - mean) * shrink, SIGMA_MIN), 0.0
-    return teacher, exact
-
-
-def mixture_teacher(std_range: tuple[float, float], seed: int = 0) -> tuple[GaussianMixtureDenoiser, Callable]:
-    """8 components, means ~ N(0, I), isotropic stds ~ U[std_range], and its fine-solve answer (see module doc)."""
-    generator = torch.Generator().manual_seed(seed)
-    means = torch.randn(8, DIM, generator=generator, dtype=torch.float64)
-    low, high = std_range
-    stds = low + (high - low) * torch.rand(8, generator=generator, dtype=torch.float64)
-    return fine_solve_reference(GaussianMixtureDenoiser(means, stds))
-
-
-class LearnedDigitsTeacher(torch.nn.Module):
-    """The shipped class-conditional digits teacher (fdistill/assets/digits_teacher, a tiny EDM UNet) as a flat 64-D
-    denoiser of the benchmark: sample k of a batch has class k mod 10 (class-balanced), and the network runs in
-    float32 (7x faster than float64 on the CPU) while the solvers integrate in float64."""
-
-    def __init__(self):
-        super().__init__()
-        from fdistill.networks import digits_teacher
-        self.network = digits_teacher()
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
-        labels = torch.arange(x.shape[0]) % 10
-        images = self.network(x.float().view(-1, 1, 8, 8), sigma.float(), labels)
-        return images.reshape(x.shape).to(x.dtype)
-
-
-def digits_teacher() -> tuple[LearnedDigitsTeacher, Callable]:
-    """The learned digits teacher and its fine-solve answer."""
-    return fine_solve_reference(LearnedDigitsTeacher())
-
-
-def fine_solve_reference(teacher) -> tuple[object, Callable]:
-    """``teacher`` and its answer from a 500-step singlestep DPM-Solver-3 solve (error bound: distance to 250)."""
-    def solve(noise: torch.Tensor, steps: int) -> torch.Tensor:
-        return sample(teacher, noise, sigmas("logsnr", steps, SIGMA_MIN, SIGMA_MAX, append_zero=False), "dpm_solver_3")
-
-    def exact(noise: torch.Tensor) -> tuple[torch.Tensor, float]:
-        fine, half = solve(noise, 500), solve(noise, 250)
-        return denoise(teacher, fine, SIGMA_MIN), (fine - half).norm(dim=1).max().item()
-    return teacher, exact
-
-
-# name -> (builder, dimension, batch)
-TEACHERS = {"gaussian": (gaussian_teacher, DIM, BATCH), "mixture_mild": (lambda: mixture_teacher((0.3, 0.6)), DIM, BATCH),
-            "mixture_stiff": (lambda: mixture_teacher((0.02, 0.1)), DIM, BATCH), "digits": (digits_teacher, 64, DIGITS_BATCH)}
 
 
 # ------------------------------------------------------------------------------------------------ accuracy

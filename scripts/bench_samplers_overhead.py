@@ -9,10 +9,9 @@ from typing import Callable
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+from bench_samplers_teachers import SIGMA_MAX, SIGMA_MIN
 from fdistill.networks import tiny_unet
 from fdistill.samplers import ModelStatistics, sample, sigmas
-
-SIGMA_MIN, SIGMA_MAX = 0.029167, 14.614641      # as bench_samplers.py
 
 
 class TimedDenoiser(torch.nn.Module):

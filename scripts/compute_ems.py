@@ -24,7 +24,7 @@ BENCH_SIGMA_RANGE = (0.029167, 14.614641)     # scripts/bench_samplers.py: Stabl
 def bench_teacher(name: str):
     """(denoiser, sample shape) of a teacher of scripts/bench_samplers.py."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_samplers import TEACHERS
+    from bench_samplers_teachers import TEACHERS
     if name not in TEACHERS:
         raise ValueError(f"unknown --teacher {name!r}; allowed: {', '.join(TEACHERS)}")
     build, dim, _ = TEACHERS[name]

@@ -55,7 +55,8 @@ def test_neutral_statistics_reduce_to_multistep_dpm_solver_pp(order, schedule):
     sigma_list = sigmas(schedule, 12, SIGMA_MIN, SIGMA_MAX)
     expected = taylor_dpmpp_multistep(x, sigma_list, order)
     for ems in (None, ModelStatistics.constant(l=1.0)):
-        out = sample(gaussian_denoiser, x, sigma_list, "dpm_solver_v3", ems=ems, order=order, corrector=False)
+        out = sample(gaussian_denoiser, x, sigma_list, "dpm_solver_v3", ems=ems, order=order, corrector=False,
+                     predictor_pseudo=False)
         torch.testing.assert_close(out, expected, rtol=1e-8, atol=1e-8)
 
 
@@ -271,6 +272,76 @@ def test_coefficients_are_reused_across_calls_with_the_same_statistics_and_sched
     assert len(calls) == 2
 
 
+def literal_update(coefficients, x_s, nodes, pseudo):
+    """Paper Eq. 11 term by term (the reference for the fused update): g_j = e^{S_s - S_j} f_j - e^{S_s} (B_j - B_s),
+    g^{(k)} from the Taylor system (full) or Newton divided differences (pseudo), then
+    x_t = e^{L_s - L_t} x_s - b_term - sum_k e^{L_s - L_t} Phi_k g^{(k)}."""
+    s, lambdas = nodes[0][0], coefficients.lambdas
+    S, B = coefficients.S, coefficients.B
+    g = [torch.exp(S[s] - S[j]) * f - torch.exp(S[s]) * (B[j] - B[s]) for j, f in nodes]
+    d = [(lambdas[j] - lambdas[s]).item() for j, _ in nodes]
+    n = len(nodes) - 1
+    if pseudo:
+        table, derivatives = g, [g[0]]
+        for k in range(1, n + 1):
+            table = [(table[j + 1] - table[j]) / (d[j + k] - d[j]) for j in range(len(table) - 1)]
+            derivatives.append(math.factorial(k) * table[0])
+    elif n == 0:
+        derivatives = [g[0]]
+    else:
+        system = torch.tensor([[dj ** k / math.factorial(k) for k in range(1, n + 1)] for dj in d[1:]],
+                              dtype=torch.float64)
+        right = torch.stack([gj - g[0] for gj in g[1:]]).reshape(n, -1)
+        derivatives = [g[0]] + list(torch.linalg.solve(system, right).reshape(n, *g[0].shape))
+    x_t = coefficients.decay[s] * x_s - coefficients.b_term[s]
+    for phi, derivative in zip(coefficients.phis[s], derivatives):
+        x_t = x_t - phi * derivative
+    return x_t
+
+
+@pytest.mark.parametrize("pseudo", [False, True])
+def test_fused_update_equals_the_term_by_term_update(pseudo):
+    """dpm_solver_v3_update's one linear combination (weights folded per step) is Eq. 11 term by term to 1e-10
+    (float64, per-element statistics), for predictor nodes (s, s-1, s-2) and corrector nodes (s, s+1, s-1)."""
+    module = sys.modules["fdistill.samplers.dpm_solver_v3"]
+    lambdas = (-torch.log(sigmas("karras", 8, SIGMA_MIN, SIGMA_MAX)[:-1])).tolist()
+    coefficients = module._ScheduleCoefficients(module._Integrals(varying_statistics()), lambdas,
+                                                torch.zeros((), dtype=torch.float64))
+    generator = torch.Generator().manual_seed(3)
+    x_s = torch.randn(5, MEAN.shape[1], generator=generator, dtype=torch.float64)
+    for indices in [(3,), (3, 2), (3, 2, 1), (4, 5), (4, 5, 3), (5, 6, 4)]:
+        nodes = [(j, torch.randn(5, MEAN.shape[1], generator=generator, dtype=torch.float64)) for j in indices]
+        fused = module.dpm_solver_v3_update(coefficients, x_s, nodes, pseudo)
+        torch.testing.assert_close(fused, literal_update(coefficients, x_s, nodes, pseudo), rtol=0, atol=1e-10)
+
+
+def test_a_step_is_a_few_fused_tensor_operations():
+    """The per-step cost outside the network: with cached coefficients a step of dpm_solver_v3 (per-element
+    statistics, corrector on) makes at most 20 torch calls (f: 2, predictor and corrector: one addcmul per node + 1,
+    the denoiser binding: the rest); the term-by-term update made 86."""
+    from torch.overrides import TorchFunctionMode
+
+    class Calls(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Calls.count += 1
+            return func(*args, **(kwargs or {}))
+
+    stats, x = varying_statistics(), start_noise()
+    cached = torch.zeros_like(x)
+
+    def calls(steps):
+        schedule = sigmas("karras", steps, SIGMA_MIN, SIGMA_MAX)
+        sample(lambda x, sigma, cond=None: cached, x, schedule, "dpm_solver_v3", ems=stats)    # fills the cache
+        Calls.count = 0
+        with Calls():
+            sample(lambda x, sigma, cond=None: cached, x, schedule, "dpm_solver_v3", ems=stats)
+        return Calls.count
+    per_step = (calls(20) - calls(10)) / 10
+    assert per_step <= 20, per_step
+
+
 def test_ems_of_the_learned_digits_teacher_improve_its_few_step_samples():
     """The shipped class-conditional digits teacher (a float32 network): EMS from compute_ems on its own samples,
     with the labels as the condition, make 8-step dpm_solver_v3 closer to a fine solve than without them."""
@@ -290,13 +361,25 @@ def test_ems_of_the_learned_digits_teacher_improve_its_few_step_samples():
     assert error(ems=ems) < 0.8 * error(), (error(ems=ems), error())
 
 
+def karras_run(steps: int, **options):
+    """dpm_solver_v3 with the varying per-element statistics on Karras sigmas from the shared start."""
+    return sample(gaussian_denoiser, start_noise(), sigmas("karras", steps, SIGMA_MIN, SIGMA_MAX), "dpm_solver_v3",
+                  ems=VARYING_STATISTICS, **options)
+
+
+VARYING_STATISTICS = varying_statistics()     # one object: the coefficient cache serves every karras_run
+
+
 def test_default_order_is_two_below_ten_steps_and_three_from_ten():
     """dpm_solver_v3's default predictor order follows the step count (dpm_solver_v3.default_order)."""
-    stats, x = varying_statistics(), start_noise()
+    torch.testing.assert_close(karras_run(8), karras_run(8, order=2), rtol=0, atol=0)
+    assert (karras_run(8) - karras_run(8, order=3)).abs().max() > 1e-6
+    torch.testing.assert_close(karras_run(10), karras_run(10, order=3), rtol=0, atol=0)
 
-    def run(steps, **options):
-        return sample(gaussian_denoiser, x, sigmas("karras", steps, SIGMA_MIN, SIGMA_MAX), "dpm_solver_v3",
-                      ems=stats, **options)
-    torch.testing.assert_close(run(8), run(8, order=2), rtol=0, atol=0)
-    assert (run(8) - run(8, order=3)).abs().max() > 1e-6
-    torch.testing.assert_close(run(10), run(10, order=3), rtol=0, atol=0)
+
+def test_default_predictor_is_pseudo_order_below_fifteen_steps():
+    """dpm_solver_v3's predictor uses pseudo-order by default below 15 steps (dpm_solver_v3.default_predictor_pseudo),
+    the full Taylor solve from 15 on; at 10 steps (order 3) the two differ."""
+    torch.testing.assert_close(karras_run(10), karras_run(10, predictor_pseudo=True), rtol=0, atol=0)
+    torch.testing.assert_close(karras_run(15), karras_run(15, predictor_pseudo=False), rtol=0, atol=0)
+    assert (karras_run(10) - karras_run(10, predictor_pseudo=False)).abs().max() > 1e-6
