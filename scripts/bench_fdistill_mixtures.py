@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from fdistill.benchmarks.fdistill_2d import COLD_START
-from fdistill.benchmarks.fdistill_mixtures import train_on_mixture
+from fdistill.benchmarks.fdistill_mixtures import EVERY_SECOND_STEP, train_on_mixture
 from fdistill.benchmarks.mixtures import mode_metrics, random_mixture
 from fdistill.denoisers import GaussianMixtureDenoiser
 from fdistill.losses.fdistill import DIVERGENCES
@@ -45,7 +45,7 @@ def run_one(task: tuple[int, int, str, int, int, bool]) -> tuple[str, dict]:
     torch.set_num_threads(1)
     dim, mixture_seed, divergence, seed, steps, cold = task
     result = train_on_mixture(random_mixture(mixture_seed, dim), divergence.removesuffix(ORACLE_SUFFIX), seed, steps,
-                              COLD_START if cold else None, oracle=divergence.endswith(ORACLE_SUFFIX))
+                              COLD_START | EVERY_SECOND_STEP if cold else None, oracle=divergence.endswith(ORACLE_SUFFIX))
     return run_key(dim, mixture_seed, divergence, seed), result
 
 
@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--divergences", default="rkl,kl,js",
                         help=f"comma-separated subset of {','.join(DIVERGENCES)}; suffix {ORACLE_SUFFIX} = exact ratio")
     parser.add_argument("--cold", action="store_true",
-                        help="the recipe without its warm start (regression and critic warm-ups, regression term)")
+                        help="the recipe before its warm start (no regression and critic warm-ups, no regression term) "
+                             "and before its 5th-step student updates (every second step)")
     parser.add_argument("--workers", type=int, default=2, help="processes in parallel (1 thread each)")
     parser.add_argument("--out", default="benchmarks/fdistill_mixtures.json")
     parser.add_argument("--keep", action="store_true", help="reuse the runs in --out made with the same steps")

@@ -11,6 +11,7 @@ its true share; TV; precision within 4 std). Variants:
   <ablation>-<div>     one change (first divergence of --divergences only): gan0 (gan_weight 0), lognormal (sigma ~ EDM's log-normal in [0.01, 5]),
                        noclamp (ratio clamps [1e-4, 1e4], logit clamp 20), nobins (no per-bin normalisation),
                        ttur5 (student every 5th step: 4 critic updates per student update, DMD2's two time-scale rule)
+  All variants update the student at every second step, as the recipe did when they ran (it now takes the 5th).
   The variants above run the recipe as it was before its warm start (COLD). The warm start (every divergence, rkl too):
   warm-<div>           the recipe: 400 regression-only steps, 200 critic-only steps, then the matching loss with DMD's
                        regression term (lambda 0.25); --steps counts all of them
@@ -34,9 +35,10 @@ from pathlib import Path
 import torch
 
 from fdistill.benchmarks.fdistill_2d import COLD_START
-from fdistill.benchmarks.fdistill_mixtures import FIVE_MODES, PROBE_SIGMAS, train_on_mixture
+from fdistill.benchmarks.fdistill_mixtures import EVERY_SECOND_STEP, FIVE_MODES, PROBE_SIGMAS, train_on_mixture
 
-COLD = COLD_START        # the recipe before its warm start: what the ratio diagnostics ran
+COLD = COLD_START | EVERY_SECOND_STEP    # the recipe before its warm start: what the ratio diagnostics ran
+WARM = EVERY_SECOND_STEP                 # the warm start as its diagnostics ran (student at every second step)
 ABLATIONS = {
     "disc": COLD,
     "oracle": COLD,
@@ -46,10 +48,10 @@ ABLATIONS = {
     "noclamp": COLD | {"ratio_min": 1e-4, "ratio_max": 1e4, "logit_clamp": 20.0},
     "nobins": COLD | {"num_ratio_bins": 0},
     "ttur5": COLD | {"student_update_freq": 5},
-    "warm": {},                                                    # the recipe: its warm start included
-    "warmnoterm": {"regression_weight": 0.0},                      # warm-ups without the regression term after them
-    "warmnocritic": {"critic_warmup_steps": 0},                    # no critic-only steps
-    "termonly": {"regression_warmup_steps": 0, "critic_warmup_steps": 0},   # the regression term from a cold start
+    "warm": WARM,                                                  # the recipe: its warm start included
+    "warmnoterm": WARM | {"regression_weight": 0.0},               # warm-ups without the regression term after them
+    "warmnocritic": WARM | {"critic_warmup_steps": 0},             # no critic-only steps
+    "termonly": WARM | {"regression_warmup_steps": 0, "critic_warmup_steps": 0},   # the regression term, cold start
 }
 PER_DIVERGENCE = ("disc", "oracle", "exact", "warm")     # run for every divergence (the others for the first only)
 
