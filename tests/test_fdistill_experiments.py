@@ -1,9 +1,11 @@
 """f-distill experiments compose and run two steps (critic + student) with tiny stand-in models; `fdistill distill`."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from fdistill.benchmarks.fdistill_mixtures import recipe
 from fdistill.config import ConfigError, build_run, compose
 from fdistill.commands.distill import with_default_experiment
 from fdistill.denoisers import load_denoiser
@@ -73,3 +75,11 @@ def test_text_to_image_recipe_needs_stable_diffusion_components():
 
     with pytest.raises(ValueError, match="latent text-to-image components"):
         build(compose(["experiment=sd15_fdistill"]).method_config, object(), None)
+
+
+def test_mixture_benchmark_trains_the_gmm_fdistill_recipe():
+    """scripts/bench_fdistill_mixtures.py's recipe is conf/experiment/gmm_fdistill.yaml's method, field for field, with
+    the student at every 5th step (the official default the family benchmark adopted)."""
+    composed = compose(["experiment=gmm_fdistill"]).method_config
+    assert dataclasses.asdict(composed) == dataclasses.asdict(recipe(composed.divergence, 2))
+    assert composed.student_update_freq == 5
