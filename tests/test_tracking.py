@@ -25,7 +25,8 @@ TINY_DIGITS = ["experiment=digits_teacher", "model=tiny_unet", "model.num_classe
 TINY_GMM_FDISTILL = ["experiment=gmm_fdistill", "method.network.hidden=16", "method.network.depth=1",
                      "method.head_width=8", "data.num_samples=64", "train.steps=4", "train.batch_size=8",
                      "train.log_every=2", "train.progress=false", "train.export=false",
-                     "method.regression_warmup_steps=0", "method.critic_warmup_steps=0"]     # both phases from step 0
+                     "method.regression_warmup_steps=0", "method.critic_warmup_steps=0",     # both phases from step 0
+                     "method.student_update_freq=2"]                                           # in every 2 steps
 
 
 def train(overrides: list[str], run_dir: Path) -> Trainer:
