@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fdistill.benchmarks.fdistill_mixtures import recipe
+from fdistill.benchmarks.fdistill_2d import recipe
 from fdistill.config import ConfigError, build_run, compose
 from fdistill.commands.distill import with_default_experiment
 from fdistill.denoisers import load_denoiser

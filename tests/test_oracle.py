@@ -48,14 +48,14 @@ def test_oracle_ratio_near_one_when_student_samples_the_teacher():
 def test_oracle_method_weights_use_the_exact_ratio():
     """OracleRatioFDistill's logits are the oracle log r of the student's noised samples (up to the reference
     samples' Monte-Carlo error)."""
-    from fdistill.benchmarks.fdistill_2d import method_config
+    from fdistill.benchmarks.fdistill_2d import recipe
     from fdistill.data import gaussian_mixture
     from fdistill.methods.fdistill import build
 
     torch.manual_seed(0)
     data = gaussian_mixture(preset="ring8", dim=2, num_samples=512)
     teacher = data.extras["denoiser"]
-    method = build(method_config("kl"), None, data)
+    method = build(recipe("kl"), None, data)
     oracle = OracleRatioFDistill(method.config, teacher, method.networks["student"], method.networks["fake_score"],
                                  method.domain)
     item = oracle._draw({"x": teacher.sample(64)}, torch.device("cpu"))

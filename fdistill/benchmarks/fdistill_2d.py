@@ -1,5 +1,5 @@
 """The 2-D f-distill benchmark's reusable pieces (``scripts/bench_fdistill_2d.py``, ``notebooks/fdistill_2d.ipynb``):
-the ring-of-8 recipe, exact mode metrics, a trainer loop without checkpoints, one training run and seed summaries.
+the mixture recipe, exact mode metrics, a trainer loop without checkpoints, one training run and seed summaries.
 
 Teacher: the exact denoiser of 8 modes on a ring (weights 1..8 / 36, std 0.1, radius 2; ``data=gaussian_mixture
 preset=ring8``). Student: a one-step MLP generator.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -26,12 +26,14 @@ WARM_START = dict(regression_weight=0.25, regression_warmup_steps=400, critic_wa
 COLD_START = {name: 0 for name in WARM_START}       # the recipes before it: a one-point student, a random critic
 
 
-def method_config(divergence: str, lr: float = 1e-3) -> FDistillConfig:
-    """The 2-D recipe (also conf/experiment/gmm_fdistill.yaml): loguniform sigma in [0.01, 5], MLP networks."""
-    network = {"_target_": "fdistill.networks.MLPDenoiser", "dim": 2, "hidden": 64, "depth": 2, "sigma_data": 1.0}
-    return FDistillConfig(divergence=divergence, lr=lr, gan_weight=1e-2, student_update_freq=2,
-                          sigma_distribution="loguniform", sigma_min=0.01, sigma_max=5.0, generator_sigma=5.0,
-                          sigma_data=1.0, head_width=64, network=network, **WARM_START)
+def recipe(divergence: str, dim: int = 2, **overrides: Any) -> FDistillConfig:
+    """The mixture recipe, conf/experiment/gmm_fdistill.yaml's method (a test keeps them equal), with MLP networks of
+    width ``dim`` and ``overrides``: loguniform sigma in [0.01, 5], the warm start, the student updated at every 5th
+    step (FDistillConfig's default, the official code's). Used by the ring8 and the random-mixture benchmarks."""
+    network = {"_target_": "fdistill.networks.MLPDenoiser", "dim": dim, "hidden": 128, "depth": 3, "sigma_data": 1.0}
+    settings = dict(divergence=divergence, lr=1e-3, gan_weight=1e-2, sigma_distribution="loguniform", sigma_min=0.01,
+                    sigma_max=5.0, generator_sigma=5.0, sigma_data=1.0, head_width=128, network=network, **WARM_START)
+    return FDistillConfig(**(settings | overrides))
 
 
 def ring_mode_metrics(samples: torch.Tensor, means: torch.Tensor, weights: torch.Tensor, std: float) -> dict:
@@ -66,7 +68,7 @@ def train_2d(divergence: str, seed: int, steps: int, batch_size: int = 256, num_
     ``trajectory``: [step, modes covered, TV, precision] every ``eval_every`` steps (same evaluation noise)."""
     torch.manual_seed(seed)
     data = gaussian_mixture(preset="ring8", dim=2, num_samples=20000, seed=seed)
-    method = build(method_config(divergence), None, data)
+    method = build(recipe(divergence), None, data)
     teacher = data.extras["denoiser"]
 
     def evaluate() -> dict[str, float]:

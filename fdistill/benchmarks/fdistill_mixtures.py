@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from fdistill.benchmarks.fdistill_2d import WARM_START, run_steps
+from fdistill.benchmarks.fdistill_2d import recipe, run_steps
 from fdistill.benchmarks.mixtures import mode_metrics
 from fdistill.benchmarks.oracle import ExactStudentDenoiser, OracleRatioFDistill, oracle_log_ratio
 from fdistill.data import gaussian_mixture
 from fdistill.losses.fdistill import density_ratio
-from fdistill.methods.fdistill import FDistillConfig, build
+from fdistill.methods.fdistill import build
 
 PROBE_SIGMAS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -27,16 +27,6 @@ FIVE_MODES: dict[str, Any] = {
 # The mixture recipe until the full-size family benchmark: the student at every second step (one critic update per
 # student update). The diagnostics and the cold-start rows ran with it, so their scripts pin it.
 EVERY_SECOND_STEP = {"student_update_freq": 2}
-
-
-def recipe(divergence: str, dim: int, **overrides: Any) -> FDistillConfig:
-    """The mixture recipe (conf/experiment/gmm_fdistill.yaml, MLP networks of width ``dim``) with ``overrides``; the
-    student is updated at every 5th step (FDistillConfig's default, the official code's)."""
-    network = {"_target_": "fdistill.networks.MLPDenoiser", "dim": dim, "hidden": 128, "depth": 3, "sigma_data": 1.0}
-    settings = dict(divergence=divergence, lr=1e-3, gan_weight=1e-2,
-                    sigma_distribution="loguniform", sigma_min=0.01, sigma_max=5.0, generator_sigma=5.0,
-                    sigma_data=1.0, head_width=128, network=network, **WARM_START)
-    return FDistillConfig(**(settings | overrides))
 
 
 @torch.no_grad()
