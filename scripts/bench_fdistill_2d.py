@@ -11,7 +11,7 @@ true weights, precision (share of samples within 3 std of a mode), and the same 
     python scripts/bench_fdistill_2d.py --divergences all              # all 7 divergences
     python scripts/bench_fdistill_2d.py --quick                        # rkl, kl, js x 1 seed, 1,500 steps
 Writes benchmarks/fdistill_2d.json (after every divergence) and prints a markdown table, one row per divergence.
-Students need thousands of steps: at 500 steps every divergence covers 5-6 modes with TV ~0.35 (under-trained).
+The recipe is ``fdistill.benchmarks.fdistill_2d.recipe`` (gmm_fdistill's): its first 600 steps are the warm-ups.
 """
 from __future__ import annotations
 
