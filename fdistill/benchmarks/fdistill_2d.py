@@ -6,12 +6,14 @@ preset=ring8``). Student: a one-step MLP generator.
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from typing import Any, Callable
 
 import torch
 
+from fdistill.config import compose
 from fdistill.data import gaussian_mixture
 from fdistill.benchmarks.mixtures import mode_metrics
 from fdistill.losses.fdistill import DIVERGENCES
@@ -20,20 +22,18 @@ from fdistill.training import Trainer
 from fdistill.training.config import TrainConfig
 
 COVERAGE_SHARE = 0.2      # a mode is covered when it holds >= 20 % of its true share of the samples
-# The mixture recipes' warm start (as conf/experiment/gmm_fdistill.yaml): DMD's regression loss (Yin et al. 2024,
-# Sec. 3.3, lambda_reg 0.25) with 400 regression-only steps, then 200 critic-only steps (see FDistillConfig).
-WARM_START = dict(regression_weight=0.25, regression_warmup_steps=400, critic_warmup_steps=200)
-COLD_START = {name: 0 for name in WARM_START}       # the recipes before it: a one-point student, a random critic
+# The recipe without its warm start (DMD's regression loss and the regression / critic warm-ups, see FDistillConfig):
+# what the mixture recipes were before it, a one-point student next to a random critic.
+COLD_START = dict(regression_weight=0.0, regression_warmup_steps=0, critic_warmup_steps=0)
 
 
 def recipe(divergence: str, dim: int = 2, **overrides: Any) -> FDistillConfig:
-    """The mixture recipe, conf/experiment/gmm_fdistill.yaml's method (a test keeps them equal), with MLP networks of
-    width ``dim`` and ``overrides``: loguniform sigma in [0.01, 5], the warm start, the student updated at every 5th
-    step (FDistillConfig's default, the official code's). Used by the ring8 and the random-mixture benchmarks."""
-    network = {"_target_": "fdistill.networks.MLPDenoiser", "dim": dim, "hidden": 128, "depth": 3, "sigma_data": 1.0}
-    settings = dict(divergence=divergence, lr=1e-3, gan_weight=1e-2, sigma_distribution="loguniform", sigma_min=0.01,
-                    sigma_max=5.0, generator_sigma=5.0, sigma_data=1.0, head_width=128, network=network, **WARM_START)
-    return FDistillConfig(**(settings | overrides))
+    """conf/experiment/gmm_fdistill.yaml's method (the one source of the mixture recipe: loguniform sigma in
+    [0.01, 5], MLP networks, the warm start, the student at every 5th step) for ``divergence`` on ``dim``-D data,
+    with ``overrides`` of FDistillConfig fields (validated again). Used by the ring8 and the random-mixture
+    benchmarks."""
+    composed = compose(["experiment=gmm_fdistill", f"method.divergence={divergence}", f"method.network.dim={dim}"])
+    return dataclasses.replace(composed.method_config, **overrides)
 
 
 def ring_mode_metrics(samples: torch.Tensor, means: torch.Tensor, weights: torch.Tensor, std: float) -> dict:
