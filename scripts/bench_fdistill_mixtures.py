@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fdistill.benchmarks.fdistill_2d import COLD_START
-from fdistill.benchmarks.fdistill_mixtures import EVERY_SECOND_STEP, train_on_mixture
+from fdistill.benchmarks.fdistill_mixtures import COLD_RECIPE, train_on_mixture
 from fdistill.benchmarks.mixtures import mode_metrics, random_mixture
 from fdistill.denoisers import GaussianMixtureDenoiser
 from fdistill.losses.fdistill import DIVERGENCES
@@ -45,7 +44,7 @@ def run_one(task: tuple[int, int, str, int, int, bool]) -> tuple[str, dict]:
     torch.set_num_threads(1)
     dim, mixture_seed, divergence, seed, steps, cold = task
     result = train_on_mixture(random_mixture(mixture_seed, dim), divergence.removesuffix(ORACLE_SUFFIX), seed, steps,
-                              COLD_START | EVERY_SECOND_STEP if cold else None, oracle=divergence.endswith(ORACLE_SUFFIX))
+                              COLD_RECIPE if cold else None, oracle=divergence.endswith(ORACLE_SUFFIX))
     return run_key(dim, mixture_seed, divergence, seed), result
 
 
@@ -116,9 +115,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
-    if args.keep and out.exists() and json.loads(out.read_text()).get("steps") == steps \
-            and json.loads(out.read_text()).get("cold", False) == args.cold:
-        runs = json.loads(out.read_text())["runs"]
+    previous = json.loads(out.read_text()) if args.keep and out.exists() else {}
+    if previous.get("steps") == steps and previous.get("cold", False) == args.cold:
+        runs = previous["runs"]
     tasks = [(dim, m, d, s, steps, args.cold) for dim in dims for m in mixtures for s in seeds for d in divergences
              if run_key(dim, m, d, s) not in runs]
     header = {"benchmark": "fdistill_mixtures", "steps": steps, "batch_size": 256, "dims": dims, "mixtures": mixtures,

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from fdistill.benchmarks.fdistill_2d import COLD_START
-from fdistill.benchmarks.fdistill_mixtures import EVERY_SECOND_STEP, FIVE_MODES, PROBE_SIGMAS, train_on_mixture
+from fdistill.benchmarks.fdistill_mixtures import (COLD_RECIPE, EVERY_SECOND_STEP, FIVE_MODES, PROBE_SIGMAS,
+                                                   train_on_mixture)
 
-COLD = COLD_START | EVERY_SECOND_STEP    # the recipe before its warm start: what the ratio diagnostics ran
+COLD = COLD_RECIPE                       # the recipe before its warm start: what the ratio diagnostics ran
 WARM = EVERY_SECOND_STEP                 # the warm start as its diagnostics ran (student at every second step)
 ABLATIONS = {
     "disc": COLD,

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fdistill.benchmarks.fdistill_2d import recipe, run_steps
+from fdistill.benchmarks.fdistill_2d import COLD_START, recipe, run_steps
 from fdistill.benchmarks.mixtures import mode_metrics
 from fdistill.benchmarks.oracle import ExactStudentDenoiser, OracleRatioFDistill, oracle_log_ratio
 from fdistill.data import gaussian_mixture
@@ -27,6 +27,7 @@ FIVE_MODES: dict[str, Any] = {
 # The mixture recipe until the full-size family benchmark: the student at every second step (one critic update per
 # student update). The diagnostics and the cold-start rows ran with it, so their scripts pin it.
 EVERY_SECOND_STEP = {"student_update_freq": 2}
+COLD_RECIPE = COLD_START | EVERY_SECOND_STEP     # the mixture recipe before its warm start (cold-start rows, diagnostics)
 
 
 @torch.no_grad()
