@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="guidance-distilled Flux (guidance_embeds): the guidance value the transformer takes as "
                              "an input, FluxPipeline's guidance_scale (--guidance is classifier-free guidance on top)")
     parser.add_argument("--ems", default=None, help="DPM-Solver-v3 statistics of this model (scripts/compute_ems.py"
-                        " output); implies --solver dpm_solver_v3, which needs it")
+                        " output, with the variant calibrated per step count if --calibrate was given); implies "
+                        "--solver dpm_solver_v3, which needs it")
     parser.add_argument("--sigma-min", type=float, default=None, help="smallest noise level (default: the model's)")
     parser.add_argument("--sigma-max", type=float, default=None, help="largest noise level (default: the model's)")
     parser.add_argument("--class", dest="class_label", type=int, default=None,
@@ -209,6 +210,11 @@ def prepare(args: argparse.Namespace) -> tuple[Model, nn.Module, Tensor | None]:
     model = load_model(args.model, DTYPES[args.dtype], args.device, args.embedded_guidance)
     check_arguments(model, args)
     levels = noise_levels(model, args) if model.info.kind == "denoiser" else None
+    if levels is not None and "ems" in args.solver_options:
+        variant = args.solver_options["ems"].calibrated_variant(levels.tolist())
+        print("fdistill sample: dpm_solver_v3, " + (f"variant {variant!r} calibrated for this sigma list" if variant else
+              "step-count defaults (--ems has no calibration for this schedule, range and step count: "
+              "scripts/compute_ems.py --calibrate)"), file=sys.stderr)
     return model, guided(model, args.guidance), levels
 
 

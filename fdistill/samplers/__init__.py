@@ -12,6 +12,7 @@ from .solvers import (dpm_solver_1, dpm_solver_2, dpm_solver_3, dpmpp_2m, dpmpp_
 from .unipc import unipc
 from .dpm_solver_v3 import dpm_solver_v3
 from .ems import ModelStatistics, compute_ems
+from .v3_calibration import calibrate_dpm_solver_v3
 from .dc_solver import CascadeRegression, dc_solver, reference_trajectory, search_ratios
 
 __all__ = [
@@ -20,6 +21,6 @@ __all__ = [
     "karras_sigmas", "logsnr_sigmas", "time_uniform_sigmas", "dpmpp_3m_coefficients",
     "euler", "heun", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde",
     "dpmpp_3m_taylor", "unipc", "recommended_solver", "RECOMMENDED_SOLVERS",
-    "dpm_solver_v3", "compute_ems", "ModelStatistics",
+    "dpm_solver_v3", "compute_ems", "ModelStatistics", "calibrate_dpm_solver_v3",
     "dc_solver", "search_ratios", "reference_trajectory", "CascadeRegression",
 ]

@@ -236,35 +236,63 @@ def default_predictor_pseudo(num_steps: int) -> bool:
     return num_steps < PSEUDO_PREDICTOR_BELOW
 
 
+V3_VARIANTS: dict[str, dict[str, int | bool]] = {
+    "default": {},
+    "no_lower_order_final": {"lower_order_final": False},
+    "no_final_corrector": {"final_corrector": False},
+    "authors_few_step": {"order": 3, "predictor_pseudo": True, "lower_order_final": False},
+}
+"""The variants ``calibrate_dpm_solver_v3`` chooses between for a model and sigma list: options over the step-count
+defaults (``default_options``). ``authors_few_step`` is the authors' EDM setting for 5 steps (order 3, pseudo-order
+predictor, no lower-order-final). No step-count rule is best for every model: on the benchmark's learned digits
+teacher keeping the predictor's order on the last steps is 1.2-1.4x more accurate at NFE 4-6, on the stiff mixture it
+is up to 4x less accurate (benchmarks/samplers.md)."""
+
+
+def default_options(num_steps: int) -> dict[str, int | bool]:
+    """The options ``dpm_solver_v3`` uses for ``num_steps`` steps unless given or calibrated."""
+    return dict(order=default_order(num_steps), predictor_pseudo=default_predictor_pseudo(num_steps),
+                lower_order_final=True, final_corrector=True)
+
+
 def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistics | None = None,
                   order: int | None = None, predictor_pseudo: bool | None = None, corrector: bool = True,
-                  corrector_pseudo: bool = False, lower_order_final: bool = True, progress: bool = False) -> Tensor:
+                  corrector_pseudo: bool = False, lower_order_final: bool | None = None,
+                  final_corrector: bool | None = None, progress: bool = False) -> Tensor:
     """DPM-Solver-v3 multistep predictor(-corrector), 1 NFE per step (Zheng et al. 2023, Alg. 1 / Sec. 3.3-3.4).
 
     Args:
         ems: the model's empirical statistics (``compute_ems`` / ``ModelStatistics.load``); None = l = 1, s = b = 0,
-            i.e. multistep DPM-Solver++ with Taylor coefficients (plus the corrector when ``corrector``).
+            i.e. multistep DPM-Solver++ with Taylor coefficients (plus the corrector when ``corrector``). If they
+            carry a calibrated variant for this sigma list (``ems.calibrated_variant``), its options replace the
+            step-count defaults of the four options below that are None.
         order: the predictor's order (1-3), warmed up 1, 2, ... over the first steps (``step_orders``); None =
-            ``default_order(steps)``.
+            calibrated, else ``default_order(steps)``.
         predictor_pseudo / corrector_pseudo: derivatives of g from divided differences (pseudo-order) instead of the
-            Taylor solve. predictor_pseudo None = ``default_predictor_pseudo(steps)`` (pseudo below 15 steps).
+            Taylor solve. predictor_pseudo None = calibrated, else ``default_predictor_pseudo(steps)`` (pseudo below
+            15 steps).
             The authors' code corrects with pseudo-order; here the corrector defaults to the full solve: the
             pseudo-order corrector's g'(lambda_s) is the chord slope to lambda_t, an O(h) error that leaves it
             second order (log-SNR steps on the exact Gaussian, 16 / 32 / 64 steps: max error 0.060 / 0.029 / 0.0085
             against 0.020 / 6.8e-4 / 1.2e-4 with the full corrector), and with EMS it is 2-5x less accurate at
             5-10 NFE on the benchmark's mixtures (e.g. mild mixture, Karras, NFE 6: median L2 0.27 against 0.059).
         corrector: correct each step (order + 1) with the evaluation at its predicted end point (no extra NFE).
-        lower_order_final: DPM-Solver's rule for fewer than 15 steps (``step_orders``).
+        lower_order_final: DPM-Solver's rule for fewer than 15 steps (``step_orders``); None = calibrated, else True.
+        final_corrector: correct the last point before a final step into sigma = 0 (whose evaluation the final
+            denoise reuses); None = calibrated, else True.
     A step into sigma = 0 returns the denoiser's output there, made consistent with the corrected point:
     D = (1 - l) x - f (f kept from the evaluation, as the corrector assumes).
     """
     sigma_values = sigma_list(sigmas)
-    order = default_order(len(sigma_values) - 1) if order is None else order
-    if predictor_pseudo is None:
-        predictor_pseudo = default_predictor_pseudo(len(sigma_values) - 1)
+    stats = NEUTRAL_STATISTICS if ems is None else ems
+    given = dict(order=order, predictor_pseudo=predictor_pseudo, lower_order_final=lower_order_final,
+                 final_corrector=final_corrector)
+    options = {**default_options(len(sigma_values) - 1), **V3_VARIANTS[stats.calibrated_variant(sigma_values) or "default"],
+               **{name: value for name, value in given.items() if value is not None}}
+    order, predictor_pseudo = options["order"], options["predictor_pseudo"]
+    lower_order_final, final_corrector = options["lower_order_final"], options["final_corrector"]
     if order not in range(1, MAX_ORDER + 1):
         raise ValueError(f"dpm_solver_v3: order must be 1, 2 or 3, got {order}")
-    stats = NEUTRAL_STATISTICS if ems is None else ems
     orders = step_orders(sigma_values, order, multistep=True, lower_order_final=lower_order_final)
     lambdas = [-math.log(sigma) for sigma in sigma_values if sigma > 0]
     coefficients = schedule_coefficients(stats, lambdas, x)
@@ -274,7 +302,7 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
     for i, step_order in progress_steps(orders, progress, "dpm_solver_v3"):
         keep = coefficients.keep[i]            # 1 - l at lambda_i
         f = torch.mul(keep, x).sub_(x0_fn(x, sigma_values[i]))
-        if corrector and previous is not None:
+        if corrector and previous is not None and (final_corrector or orders[i] != 0):
             x_s, previous_order = previous
             x = dpm_solver_v3_update(coefficients, x_s, [history[0], (i, f)] + history[1:previous_order],
                                      corrector_pseudo)

@@ -12,8 +12,9 @@ finite differences of the denoiser, so any denoiser works (no autograd through i
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,8 @@ import torch
 from torch import Tensor
 
 EMS_FORMAT = "fdistill-ems-v1"
+CALIBRATION_KEY = "dpm_solver_v3_calibration"   # safetensors metadata: JSON [{"sigmas": [...], "variant": name}]
+SIGMA_MATCH_RTOL = 1e-6          # ModelStatistics.calibrated_variant: sigma lists equal to this relative tolerance
 X_STEP_FLOOR = 0.1               # compute_ems: the x-step of the Jacobian probe is fd_step * max(sigma, this)
 
 
@@ -45,12 +48,17 @@ def cumulative_trapezoid(grid: Tensor, values: Tensor) -> Tensor:
 class ModelStatistics:
     """Empirical model statistics on a lambda grid: lambdas [K] strictly increasing (lambda = -log sigma), l, s, b
     [K, *sample_shape] (or [K] for one value shared by all elements). Values in between are interpolated linearly;
-    beyond the grid the end values hold."""
+    beyond the grid the end values hold.
+
+    ``calibration`` maps a sigma list (a tuple of floats, decreasing) to the name of the ``dpm_solver_v3`` variant
+    (``dpm_solver_v3.V3_VARIANTS``) that was most accurate on it for this model (``calibrate_dpm_solver_v3``);
+    ``dpm_solver_v3`` applies it when it samples on that list."""
 
     lambdas: Tensor
     l: Tensor
     s: Tensor
     b: Tensor
+    calibration: dict[tuple[float, ...], str] = field(default_factory=dict)
 
     def __post_init__(self):
         self.lambdas = torch.as_tensor(self.lambdas, dtype=torch.float64)
@@ -67,6 +75,20 @@ class ModelStatistics:
         if not (self.l.shape == self.s.shape == self.b.shape):
             raise ValueError(f"ModelStatistics: l, s, b shapes differ: {tuple(self.l.shape)}, {tuple(self.s.shape)}, "
                              f"{tuple(self.b.shape)}")
+        if self.calibration:
+            from .dpm_solver_v3 import V3_VARIANTS     # here, not above: the solver owns them and imports this module
+            for sigmas, variant in self.calibration.items():
+                if variant not in V3_VARIANTS:
+                    raise ValueError(f"ModelStatistics: calibration variant {variant!r} for {len(sigmas) - 1} steps is "
+                                     f"not a dpm_solver_v3 variant; allowed: {', '.join(V3_VARIANTS)}")
+
+    def calibrated_variant(self, sigmas: list[float]) -> str | None:
+        """The calibrated variant for this sigma list (equal to ``SIGMA_MATCH_RTOL``), None if it was not calibrated."""
+        for calibrated, variant in self.calibration.items():
+            if len(calibrated) == len(sigmas) and all(math.isclose(a, b, rel_tol=SIGMA_MATCH_RTOL, abs_tol=0.0)
+                                                      for a, b in zip(calibrated, sigmas)):
+                return variant
+        return None
 
     def check_sample_shape(self, sample_shape: tuple[int, ...]) -> None:
         """ValueError unless the statistics are shared by all elements ([K]) or per element of ``sample_shape``."""
@@ -84,10 +106,12 @@ class ModelStatistics:
         return cls(lambdas, torch.full((2,), float(l)), torch.full((2,), float(s)), torch.full((2,), float(b)))
 
     def save(self, path: str | Path) -> None:
-        """Write a safetensors file with tensors lambdas, l, s, b."""
+        """Write a safetensors file with tensors lambdas, l, s, b (and the calibration in its metadata)."""
         from safetensors.torch import save_file
         tensors = {"lambdas": self.lambdas, "l": self.l, "s": self.s, "b": self.b}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": EMS_FORMAT})
+        calibration = [{"sigmas": list(sigmas), "variant": variant} for sigmas, variant in self.calibration.items()]
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={"format": EMS_FORMAT, CALIBRATION_KEY: json.dumps(calibration)})
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelStatistics":
@@ -97,12 +121,18 @@ class ModelStatistics:
         if not path.is_file():
             raise FileNotFoundError(f"EMS file {path} does not exist")
         with safe_open(str(path), framework="pt") as handle:
-            if (handle.metadata() or {}).get("format") != EMS_FORMAT:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != EMS_FORMAT:
                 raise ValueError(f"{path}: not an EMS file (metadata format != {EMS_FORMAT!r})")
             missing = {"lambdas", "l", "s", "b"} - set(handle.keys())
             if missing:
                 raise ValueError(f"{path}: missing tensors {sorted(missing)}")
-            return cls(*(handle.get_tensor(name) for name in ("lambdas", "l", "s", "b")))
+            try:
+                calibration = {tuple(float(sigma) for sigma in entry["sigmas"]): str(entry["variant"])
+                               for entry in json.loads(metadata.get(CALIBRATION_KEY, "[]"))}
+            except (ValueError, TypeError, KeyError) as error:
+                raise ValueError(f"{path}: unreadable {CALIBRATION_KEY} metadata ({error})") from error
+            return cls(*(handle.get_tensor(name) for name in ("lambdas", "l", "s", "b")), calibration=calibration)
 
 def _call(denoiser: Callable, x: Tensor, sigma: float, cond: Any) -> Tensor:
     return denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device), cond).to(x.dtype)

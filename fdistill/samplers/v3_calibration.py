@@ -1,0 +1,72 @@
+"""Calibrating DPM-Solver-v3 for a model: which of its variants (``dpm_solver_v3.V3_VARIANTS``) to use on each sigma
+list, measured on a few calibration samples against a fine ODE solve, and stored with the model's EMS.
+
+Why. The few-step choices of the solver (lowering the order of the last steps, correcting the last point, the order
+and pseudo-order of the predictor) trade stability against accuracy, and which side wins depends on the model: on
+the benchmark's learned digits teacher keeping the predictor's order to the end is 1.2-1.4x more accurate at 4-6
+steps, on a stiff Gaussian mixture it is up to 4x less accurate (benchmarks/samplers.md). The authors' code chooses
+these per model and step count by hand (their EDM and Stable Diffusion scripts differ); DC-Solver (Zhao et al. 2024,
+Sec. 3.3) likewise fits its compensation ratios per model on a few reference trajectories. Here the choice is a
+small discrete set, so a few dozen calibration samples decide it (the DC-Solver's continuous per-step search
+overfitted 16 starts).
+
+Rule. For each sigma list, every variant samples the same calibration noise; the error of a sample is the L2
+distance to the fine solve (``reference_trajectory``: 40 singlestep DPM-Solver-3 substeps per interval); a variant
+replaces ``default`` only if its median error is at least ``MIN_GAIN`` lower, so noise in the calibration set does
+not move a model off the defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .dc_solver import reference_trajectory
+from .dpm_solver_v3 import V3_VARIANTS, default_options, dpm_solver_v3
+from .ems import ModelStatistics
+from .plumbing import integrate, sigma_list
+
+MIN_GAIN = 0.1         # a variant must lower the calibration median error by this fraction to replace the default
+
+
+def variant_errors(denoiser: Callable, stats: ModelStatistics, noise: Tensor, sigmas, cond: Any = None
+                   ) -> dict[str, float]:
+    """Median over the calibration samples of the L2 error of each ``V3_VARIANTS`` entry on the sigma list.
+
+    Args:
+        denoiser: ``D(x, sigma [B], cond) -> x0``.
+        stats: the model's EMS (its own calibration is ignored: every variant runs with all its options given).
+        noise: [N, *sample_shape] standard normal calibration noise (scaled by sigmas[0] here).
+        sigmas: the decreasing sigma list (last usually 0).
+    Returns: variant name -> median L2 error (in x units).
+    """
+    values = sigma_list(sigmas)
+    start = values[0] * noise
+    target = reference_trajectory(denoiser, start, values, cond)[-1]
+    errors = {}
+    for name, options in V3_VARIANTS.items():
+        given = {**default_options(len(values) - 1), **options}
+        out = integrate(dpm_solver_v3, denoiser, start, values, cond, ems=stats, **given)
+        errors[name] = (out - target).flatten(1).norm(dim=1).median().item()
+    return errors
+
+
+def choose_variant(errors: dict[str, float], min_gain: float = MIN_GAIN) -> str:
+    """``default`` unless the most accurate variant's error is below (1 - min_gain) x the default's."""
+    best = min(errors, key=errors.get)
+    return best if errors[best] < (1 - min_gain) * errors["default"] else "default"
+
+
+def calibrate_dpm_solver_v3(denoiser: Callable, stats: ModelStatistics, noise: Tensor, sigma_lists: list,
+                            cond: Any = None, min_gain: float = MIN_GAIN
+                            ) -> tuple[ModelStatistics, dict[tuple[float, ...], dict[str, float]]]:
+    """``stats`` with a calibrated variant for each sigma list (added to, or replacing, its existing calibration),
+    and the errors behind each choice (``variant_errors``), keyed by the sigma list as a tuple."""
+    calibration, report = dict(stats.calibration), {}
+    for sigmas in sigma_lists:
+        key = tuple(sigma_list(sigmas))
+        report[key] = variant_errors(denoiser, stats, noise, key, cond)
+        calibration[key] = choose_variant(report[key], min_gain)
+    return dataclasses.replace(stats, calibration=calibration), report
