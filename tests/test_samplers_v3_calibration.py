@@ -12,7 +12,7 @@ from fdistill.cli import main as cli_main
 from fdistill.denoisers import GaussianMixtureDenoiser
 from fdistill.samplers import (ModelStatistics, SamplerConfig, calibrate_dpm_solver_v3, compute_ems, noise_levels,
                                sample, sigmas)
-from fdistill.samplers.dpm_solver_v3 import V3_VARIANTS
+from fdistill.samplers.v3_variants import V3_VARIANTS
 from fdistill.samplers.v3_calibration import choose_variant, variant_errors
 
 SIGMA_MIN, SIGMA_MAX = 0.03, 15.0

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .ems import ModelStatistics, cumulative_trapezoid, interpolate
+from .v3_variants import V3_VARIANTS
 from .plumbing import progress_steps, sigma_list, step_orders, x0_function
 
 MAX_ORDER = 3
@@ -236,19 +237,6 @@ def default_predictor_pseudo(num_steps: int) -> bool:
     return num_steps < PSEUDO_PREDICTOR_BELOW
 
 
-V3_VARIANTS: dict[str, dict[str, int | bool]] = {
-    "default": {},
-    "no_lower_order_final": {"lower_order_final": False},
-    "no_final_corrector": {"final_corrector": False},
-    "authors_few_step": {"order": 3, "predictor_pseudo": True, "lower_order_final": False},
-}
-"""The variants ``calibrate_dpm_solver_v3`` chooses between for a model and sigma list: options over the step-count
-defaults (``default_options``). ``authors_few_step`` is the authors' EDM setting for 5 steps (order 3, pseudo-order
-predictor, no lower-order-final). No step-count rule is best for every model: on the benchmark's learned digits
-teacher keeping the predictor's order on the last steps is 1.2-1.4x more accurate at NFE 4-6, on the stiff mixture it
-is up to 4x less accurate (benchmarks/samplers.md)."""
-
-
 def default_options(num_steps: int) -> dict[str, int | bool]:
     """The options ``dpm_solver_v3`` uses for ``num_steps`` steps unless given or calibrated."""
     return dict(order=default_order(num_steps), predictor_pseudo=default_predictor_pseudo(num_steps),
@@ -287,7 +275,8 @@ def dpm_solver_v3(denoiser, x: Tensor, sigmas, cond=None, *, ems: ModelStatistic
     stats = NEUTRAL_STATISTICS if ems is None else ems
     given = dict(order=order, predictor_pseudo=predictor_pseudo, lower_order_final=lower_order_final,
                  final_corrector=final_corrector)
-    options = {**default_options(len(sigma_values) - 1), **V3_VARIANTS[stats.calibrated_variant(sigma_values) or "default"],
+    calibrated = V3_VARIANTS[stats.calibrated_variant(sigma_values) or "default"]
+    options = {**default_options(len(sigma_values) - 1), **calibrated,
                **{name: value for name, value in given.items() if value is not None}}
     order, predictor_pseudo = options["order"], options["predictor_pseudo"]
     lower_order_final, final_corrector = options["lower_order_final"], options["final_corrector"]

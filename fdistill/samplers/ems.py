@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .v3_variants import V3_VARIANTS
+
 EMS_FORMAT = "fdistill-ems-v1"
 CALIBRATION_KEY = "dpm_solver_v3_calibration"   # safetensors metadata: JSON [{"sigmas": [...], "variant": name}]
 SIGMA_MATCH_RTOL = 1e-6          # ModelStatistics.calibrated_variant: sigma lists equal to this relative tolerance
@@ -51,7 +53,7 @@ class ModelStatistics:
     beyond the grid the end values hold.
 
     ``calibration`` maps a sigma list (a tuple of floats, decreasing) to the name of the ``dpm_solver_v3`` variant
-    (``dpm_solver_v3.V3_VARIANTS``) that was most accurate on it for this model (``calibrate_dpm_solver_v3``);
+    (``v3_variants.V3_VARIANTS``) that was most accurate on it for this model (``calibrate_dpm_solver_v3``);
     ``dpm_solver_v3`` applies it when it samples on that list."""
 
     lambdas: Tensor
@@ -75,12 +77,10 @@ class ModelStatistics:
         if not (self.l.shape == self.s.shape == self.b.shape):
             raise ValueError(f"ModelStatistics: l, s, b shapes differ: {tuple(self.l.shape)}, {tuple(self.s.shape)}, "
                              f"{tuple(self.b.shape)}")
-        if self.calibration:
-            from .dpm_solver_v3 import V3_VARIANTS     # here, not above: the solver owns them and imports this module
-            for sigmas, variant in self.calibration.items():
-                if variant not in V3_VARIANTS:
-                    raise ValueError(f"ModelStatistics: calibration variant {variant!r} for {len(sigmas) - 1} steps is "
-                                     f"not a dpm_solver_v3 variant; allowed: {', '.join(V3_VARIANTS)}")
+        for sigmas, variant in self.calibration.items():
+            if variant not in V3_VARIANTS:
+                raise ValueError(f"ModelStatistics: calibration variant {variant!r} for {len(sigmas) - 1} steps is "
+                                 f"not a dpm_solver_v3 variant; allowed: {', '.join(V3_VARIANTS)}")
 
     def calibrated_variant(self, sigmas: list[float]) -> str | None:
         """The calibrated variant for this sigma list (equal to ``SIGMA_MATCH_RTOL``), None if it was not calibrated."""

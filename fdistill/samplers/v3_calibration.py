@@ -1,4 +1,4 @@
-"""Calibrating DPM-Solver-v3 for a model: which of its variants (``dpm_solver_v3.V3_VARIANTS``) to use on each sigma
+"""Calibrating DPM-Solver-v3 for a model: which of its variants (``v3_variants.V3_VARIANTS``) to use on each sigma
 list, measured on a few calibration samples against a fine ODE solve, and stored with the model's EMS.
 
 Why. The few-step choices of the solver (lowering the order of the last steps, correcting the last point, the order
@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from .dc_solver import reference_trajectory
-from .dpm_solver_v3 import V3_VARIANTS, default_options, dpm_solver_v3
+from .dpm_solver_v3 import default_options, dpm_solver_v3
 from .ems import ModelStatistics
 from .plumbing import integrate, sigma_list
+from .v3_variants import V3_VARIANTS
 
 MIN_GAIN = 0.1         # a variant must lower the calibration median error by this fraction to replace the default
 
