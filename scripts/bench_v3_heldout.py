@@ -8,6 +8,8 @@ L2 error to a 1500-NFE solve):
 - ``v3 EMS 256``: DPM-Solver-v3 with the step-count defaults and EMS from 256 samples (the benchmark's earlier size);
 - ``v3``: the same with 4096 samples (the authors' size, bench_samplers' now);
 - ``v3 calibrated``: that EMS with the variant calibrated per schedule and NFE on 128 other starts (seed 3);
+- ``v3 no EMS``: the step-count defaults with the neutral statistics (l = 1, s = b = 0: DPM-Solver++ with v3's
+  corrector), to see what the EMS add;
 - Diffusers' DPM-Solver++ 2M / 3M, UniPC bh1 / bh2 (p = 2, 3) and DEIS (p = 2, 3) on the same sigmas: the best one.
 
     OMP_NUM_THREADS=1 python scripts/bench_v3_heldout.py        # about 3 minutes on one core
@@ -31,7 +33,7 @@ FAMILIES = {"mild": (0.3, 0.6), "stiff": (0.02, 0.1)}
 SEEDS = (1, 2, 3, 4)                   # seed 0 is the sampler benchmark's mixture
 SMALL_EMS = 256
 GOAL_BUDGETS = (5, 6, 8, 10)
-METHODS = ("v3 EMS 256", "v3", "v3 calibrated")
+METHODS = ("v3 EMS 256", "v3", "v3 calibrated", "v3 no EMS")
 
 
 def run_mixture(family: str, seed: int) -> list[dict]:
@@ -42,7 +44,7 @@ def run_mixture(family: str, seed: int) -> list[dict]:
     lambdas = torch.linspace(-math.log(SIGMA_MAX), -math.log(SIGMA_MIN), EMS_GRID, dtype=torch.float64)
     small, ems = (compute_ems(teacher, (DIM,), count, lambdas) for count in (SMALL_EMS, EMS_SAMPLES))
     calibrated, report = calibrated_ems(teacher, DIM, ems)
-    statistics = dict(zip(METHODS, (small, ems, calibrated)))
+    statistics = dict(zip(METHODS, (small, ems, calibrated, None)))
     rows = []
     for kind in SCHEDULES:
         for budget in BUDGETS:
@@ -97,12 +99,15 @@ def report(summary: dict) -> str:
               "schedules\n", "| NFE | " + " | ".join(str(b) for b in BUDGETS) + " |", "|---|" + "---|" * len(BUDGETS),
               "| ratio | " + " | ".join(f"{ratio:.2f}" for ratio in ratios.values()) + " |"]
     lines += ["\n#### Every setting at NFE 5-10 (median L2 error; % = ahead of Diffusers' best)\n",
-              "| mixture | schedule | NFE | v3 EMS 256 | v3 | v3 calibrated (variant) | Diffusers best | error |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| mixture | schedule | NFE | v3 EMS 256 | v3 | v3 calibrated (variant) | v3 no EMS | Diffusers best "
+              "| error |",
+              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s['family']} {s['seed']} | {s['schedule']} | {s['budget']} | {s['v3 EMS 256']:.2e} "
               f"({100 * s['v3 EMS 256 ahead']:.0f} %) | {s['v3']:.2e} ({100 * s['v3 ahead']:.0f} %) | "
-              f"{s['v3 calibrated']:.2e} ({100 * s['v3 calibrated ahead']:.0f} %, {s['variant']}) | {s['diffusers']} | "
-              f"{s['diffusers_error']:.2e} |" for s in summary["settings"] if s["budget"] in GOAL_BUDGETS]
+              f"{s['v3 calibrated']:.2e} ({100 * s['v3 calibrated ahead']:.0f} %, {s['variant']}) | "
+              f"{s['v3 no EMS']:.2e} ({100 * s['v3 no EMS ahead']:.0f} %) | {s['diffusers']} | "
+              f"{s['diffusers_error']:.2e} |"
+              for s in summary["settings"] if s["budget"] in GOAL_BUDGETS]
     return "\n".join(lines)
 
 
