@@ -50,9 +50,10 @@ def sample(denoiser: Callable, noise: Tensor, sigmas: Tensor, solver: str = "dpm
         cond: passed unchanged to every denoiser call.
         **options: solver options (``progress``; ``lower_order_final`` for the DPM-Solver family; ``r1``/``r2``;
             ``eta`` and ``generator`` for dpmpp_2m_sde; ``order``, ``prediction``, ``corrector``,
-            ``disable_corrector`` and ``final_corrector`` for UniPC; ``ems`` (a ``ModelStatistics``), ``order``,
-            ``corrector``, ``predictor_pseudo``, ``corrector_pseudo`` for dpm_solver_v3; ``ratios`` or ``cpr``, ``variant``,
-            ``order``, ``dc_order`` for dc_solver).
+            ``disable_corrector`` and ``final_corrector`` for UniPC; ``ems`` (a ``ModelStatistics``, with its
+            calibrated variants), ``order``, ``corrector``, ``predictor_pseudo``, ``corrector_pseudo``,
+            ``final_corrector`` for dpm_solver_v3; ``ratios`` or ``cpr``, ``variant``, ``order``, ``dc_order`` for
+            dc_solver).
     Returns:
         [B, ...] the sample at sigmas[-1], in noise's dtype. The computation runs in float64 when noise is float64
         and in float32 otherwise (also for fp16 noise or an fp16 model). No gradients are recorded.
