@@ -44,8 +44,8 @@ import torch
 from torch import Tensor
 
 from .ems import ModelStatistics, cumulative_trapezoid, interpolate
-from .v3_variants import V3_VARIANTS
 from .plumbing import progress_steps, sigma_list, step_orders, x0_function
+from .v3_variants import V3_VARIANTS
 
 MAX_ORDER = 3
 THIRD_ORDER_FROM_STEPS = 10     # default_order: the predictor is second order for fewer steps

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .v3_variants import V3_VARIANTS
 
@@ -83,7 +84,7 @@ class ModelStatistics:
                                  f"not a dpm_solver_v3 variant; allowed: {', '.join(V3_VARIANTS)}")
 
     def calibrated_variant(self, sigmas: list[float]) -> str | None:
-        """The calibrated variant for this sigma list (equal to ``SIGMA_MATCH_RTOL``), None if it was not calibrated."""
+        """The variant calibrated for this sigma list (entries equal to relative ``SIGMA_MATCH_RTOL``), else None."""
         for calibrated, variant in self.calibration.items():
             if len(calibrated) == len(sigmas) and all(math.isclose(a, b, rel_tol=SIGMA_MATCH_RTOL, abs_tol=0.0)
                                                       for a, b in zip(calibrated, sigmas)):
@@ -148,7 +149,7 @@ def compute_ems(denoiser: Callable, sample_shape: tuple[int, ...], num_samples: 
                 cond: Any = None, *, data: Tensor | None = None, sampling_steps: int = 50, batch_size: int = 256,
                 fd_step: float | None = None, ridge: float | None = None, seed: int = 0,
                 dtype: torch.dtype = torch.float64,
-                device: torch.device | str = "cpu") -> ModelStatistics:
+                device: torch.device | str = "cpu", progress: bool = False) -> ModelStatistics:
     """Empirical model statistics l, s, b of ``denoiser`` on the lambda grid (paper Sec. 3.2; module docstring).
 
     Args:
@@ -167,6 +168,7 @@ def compute_ems(denoiser: Callable, sample_shape: tuple[int, ...], num_samples: 
             barely varies (large sigma, where D is nearly the data mean; a Gaussian's f is deterministic), rounding
             noise would otherwise make s arbitrary (float32, 64-D mixture: |s| up to 70 and a diverging sampler).
         seed: seeds the noise, the Hutchinson probes and the generated data.
+        progress: a progress bar over the lambda grid (two passes: l, then s and b).
     Returns: ModelStatistics with l, s, b of shape [K, *sample_shape] (float64, on the CPU).
     """
     from .plumbing import integrate
@@ -203,7 +205,8 @@ def compute_ems(denoiser: Callable, sample_shape: tuple[int, ...], num_samples: 
             total += (v * jv).sum(0)
         return total / num_samples
 
-    l = torch.stack([1 - jacobian_diagonal(lam) for lam in lambdas.tolist()]).cpu()
+    l = torch.stack([1 - jacobian_diagonal(lam)
+                     for lam in tqdm(lambdas.tolist(), desc="EMS l", disable=not progress, leave=False)]).cpu()
     l_slope = torch.gradient(l, spacing=(lambdas,), dim=0)[0]
 
     def regression(k: int, lam: float) -> tuple[Tensor, Tensor]:
@@ -224,7 +227,8 @@ def compute_ems(denoiser: Callable, sample_shape: tuple[int, ...], num_samples: 
         s = (f_centred * df_centred).mean(0) / (variance + ridge * (f ** 2).mean() + 1e-30)
         return s, df.mean(0) - s * f.mean(0)
 
-    s_b = [regression(k, lam) for k, lam in enumerate(lambdas.tolist())]
+    s_b = [regression(k, lam) for k, lam in tqdm(list(enumerate(lambdas.tolist())), desc="EMS s, b",
+                                                 disable=not progress, leave=False)]
     s = torch.stack([pair[0] for pair in s_b]).cpu()
     b = torch.stack([pair[1] for pair in s_b]).cpu()
     return ModelStatistics(lambdas, l.to(torch.float64), s.to(torch.float64), b.to(torch.float64))

@@ -3,12 +3,12 @@ list, measured on a few calibration samples against a fine ODE solve, and stored
 
 Why. The few-step choices of the solver (lowering the order of the last steps, correcting the last point, the order
 and pseudo-order of the predictor) trade stability against accuracy, and which side wins depends on the model: on
-the benchmark's learned digits teacher keeping the predictor's order to the end is 1.2-1.4x more accurate at 4-6
-steps, on a stiff Gaussian mixture it is up to 4x less accurate (benchmarks/samplers.md). The authors' code chooses
-these per model and step count by hand (their EDM and Stable Diffusion scripts differ); DC-Solver (Zhao et al. 2024,
-Sec. 3.3) likewise fits its compensation ratios per model on a few reference trajectories. Here the choice is a
-small discrete set, so a few dozen calibration samples decide it (the DC-Solver's continuous per-step search
-overfitted 16 starts).
+the benchmark's learned digits teacher keeping the predictor's order to the end is 1.15-1.29x more accurate at 4-6
+steps, on a stiff Gaussian mixture it is up to 14x less accurate (``v3_variants``, benchmarks/README.md). The
+authors' code sets such choices per model and step count by hand (their EDM script even switches statistics files
+at 10 steps); DC-Solver (Zhao et al. 2024, Sec. 3.3) fits its compensation ratios per model on a few reference
+trajectories. Here the choice is a small discrete set, so a hundred calibration samples decide it (a continuous
+per-step search, DC-Solver's compensation on v3, overfitted 16 starts).
 
 Rule. For each sigma list, every variant samples the same calibration noise; the error of a sample is the L2
 distance to the fine solve (``reference_trajectory``: 40 singlestep DPM-Solver-3 substeps per interval); a variant
@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .dc_solver import reference_trajectory
 from .dpm_solver_v3 import default_options, dpm_solver_v3
@@ -61,12 +61,13 @@ def choose_variant(errors: dict[str, float], min_gain: float = MIN_GAIN) -> str:
 
 
 def calibrate_dpm_solver_v3(denoiser: Callable, stats: ModelStatistics, noise: Tensor, sigma_lists: list,
-                            cond: Any = None, min_gain: float = MIN_GAIN
+                            cond: Any = None, min_gain: float = MIN_GAIN, progress: bool = False
                             ) -> tuple[ModelStatistics, dict[tuple[float, ...], dict[str, float]]]:
     """``stats`` with a calibrated variant for each sigma list (added to, or replacing, its existing calibration),
-    and the errors behind each choice (``variant_errors``), keyed by the sigma list as a tuple."""
+    and the errors behind each choice (``variant_errors``), keyed by the sigma list as a tuple; ``progress``: a
+    progress bar over the lists."""
     calibration, report = dict(stats.calibration), {}
-    for sigmas in sigma_lists:
+    for sigmas in tqdm(sigma_lists, desc="calibrating dpm_solver_v3", disable=not progress, leave=False):
         key = tuple(sigma_list(sigmas))
         report[key] = variant_errors(denoiser, stats, noise, key, cond)
         calibration[key] = choose_variant(report[key], min_gain)
