@@ -7,7 +7,8 @@ the solver variant calibrated for the step counts you will sample with.
 
 The lambda grid is uniform in lambda = -log sigma over [-log sigma_max, -log sigma_min] (``--grid`` points; the
 range defaults to the model's own, as ``fdistill sample`` uses); the model's data samples come from the model itself
-(dpmpp_3m, ``--sampling-steps``). ``--num-samples`` defaults to 4096, the authors' size for EDM models (their code
+(dpmpp_3m, ``--sampling-steps``), with classes cycling 0, 1, ... for a class-conditional model (as ``fdistill
+sample`` draws them) and the empty prompt for a text-conditioned one. ``--num-samples`` defaults to 4096, the authors' size for EDM models (their code
 uses 1024-4096): on 8 held-out mixtures (scripts/bench_v3_heldout.py) 4096 samples instead of 256 change
 DPM-Solver-v3's geometric-mean error by x0.89-0.99 at 4-10 steps and x0.62 / x0.43 at 15 / 20 steps; on the
 learned digits teacher by less than 2 %.
@@ -42,6 +43,12 @@ def bench_teacher(name: str):
     return build()[0], (dim,)
 
 
+def class_labels(count: int, num_classes: int | None, device: str) -> torch.Tensor | None:
+    """Labels 0, 1, ..., num_classes - 1, 0, ... for a class-conditional model (``fdistill sample``'s default
+    classes), None for the others (text-conditioned models get the empty condition)."""
+    return None if num_classes is None else (torch.arange(count) % num_classes).to(device)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -64,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
+        num_classes = None
         if args.teacher is not None:
             denoiser, shape = bench_teacher(args.teacher)
             default_range, dtype = BENCH_SIGMA_RANGE, torch.float64
@@ -72,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             denoiser, info = load_denoiser(args.model, device=args.device)
             shape = tuple(args.shape) if args.shape else tuple(info.sample_shape)
             default_range, dtype = (info.sigma_min, info.sigma_max), torch.float32
+            num_classes = info.num_classes if info.conditioning == "class" else None
         sigma_min = args.sigma_min if args.sigma_min is not None else default_range[0]
         sigma_max = args.sigma_max if args.sigma_max is not None else default_range[1]
         if not 0 < sigma_min < sigma_max or args.grid < 3 or args.num_samples < 2:
@@ -82,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compute_ems: {error}", file=sys.stderr)
         return 2
     lambdas = torch.linspace(-math.log(sigma_max), -math.log(sigma_min), args.grid, dtype=torch.float64)
-    stats = compute_ems(denoiser, shape, args.num_samples, lambdas, sampling_steps=args.sampling_steps,
+    labels = class_labels(args.num_samples, num_classes, args.device)
+    stats = compute_ems(denoiser, shape, args.num_samples, lambdas, labels, sampling_steps=args.sampling_steps,
                         batch_size=args.batch_size, seed=args.seed, dtype=dtype, device=args.device, progress=True)
     if args.calibrate:
         lists = {(kind, steps): tuple(noise_levels(SamplerConfig(steps=steps, schedule=kind, sigma_min=sigma_min,
@@ -90,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                  for kind in args.schedules for steps in args.calibrate}   # as fdistill sample builds them
         noise = torch.randn(args.calibration_samples, *shape, generator=torch.Generator().manual_seed(args.seed + 1),
                             dtype=torch.float64).to(args.device)
-        stats, report = calibrate_dpm_solver_v3(denoiser, stats, noise, list(lists.values()), progress=True)
+        stats, report = calibrate_dpm_solver_v3(denoiser, stats, noise, list(lists.values()),
+                                                class_labels(args.calibration_samples, num_classes, args.device),
+                                                progress=True)
         for (kind, steps), sigmas in lists.items():
             print(f"{kind} {steps} steps: {stats.calibration[sigmas]} (median L2 error "
                   + ", ".join(f"{name} {error:.3g}" for name, error in report[sigmas].items()) + ")")

@@ -124,3 +124,20 @@ def test_fdistill_sample_applies_the_calibration_of_its_sigma_list(tmp_path, cap
     images = {name: (tmp_path / name / "000000.png").read_bytes() for name in files}
     assert images["other_list"] == images["plain"]
     assert images["this_list"] != images["plain"]
+
+
+def test_compute_ems_script_on_a_model_directory_uses_its_range_shape_and_classes(tmp_path):
+    """The shipped class-conditional digits teacher directory: no --shape or range needed; the calibrated list is the
+    one `fdistill sample --model DIR --steps 3` builds from the model's own range."""
+    from fdistill.denoisers import load_denoiser
+    model = Path(__file__).resolve().parents[1] / "fdistill" / "assets" / "digits_teacher"
+    out = tmp_path / "digits.safetensors"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model), "--num-samples", "20", "--grid", "9",
+                             "--sampling-steps", "4", "--calibrate", "3", "--calibration-samples", "10", "--out",
+                             str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    _, info = load_denoiser(model)
+    stats = ModelStatistics.load(out)
+    assert stats.l.shape == (9, *info.sample_shape)
+    levels = noise_levels(SamplerConfig(steps=3, sigma_min=info.sigma_min, sigma_max=info.sigma_max))
+    assert stats.calibrated_variant(levels.tolist()) in V3_VARIANTS
