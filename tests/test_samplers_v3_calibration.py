@@ -1,5 +1,6 @@
 """DPM-Solver-v3's calibrated variants (fdistill.samplers.v3_calibration): the choice on calibration samples, its
 storage with the EMS, and its use on the same sigma list by ``sample`` and ``fdistill sample --ems``."""
+import json
 import math
 import subprocess
 import sys
@@ -141,3 +142,26 @@ def test_compute_ems_script_on_a_model_directory_uses_its_range_shape_and_classe
     assert stats.l.shape == (9, *info.sample_shape)
     levels = noise_levels(SamplerConfig(steps=3, sigma_min=info.sigma_min, sigma_max=info.sigma_max))
     assert stats.calibrated_variant(levels.tolist()) in V3_VARIANTS
+
+
+def test_fdistill_fid_samples_a_model_with_its_ems(tmp_path, capsys):
+    """`fdistill fid --gen MODEL --ems FILE` samples with dpm_solver_v3 and the file (other images, so another FD);
+    a file of another sample shape is a usage error naming it."""
+    model = str(Path(__file__).resolve().parents[1] / "fdistill" / "assets" / "digits_teacher")
+    lambdas = torch.linspace(-5.0, 7.0, 13, dtype=torch.float64)                 # covers the model's 80 .. 0.002
+    shape = (len(lambdas), 1, 8, 8)
+    ModelStatistics(lambdas, torch.full(shape, 0.8), torch.full(shape, -0.1), torch.zeros(shape)).save(
+        tmp_path / "ems.safetensors")
+    common = ["fid", "--gen", model, "--num", "40", "--steps", "4", "--ref", "digits", "--features", "digits",
+              "--quiet", "--device", "cpu"]
+    results = {}
+    for name, extra in (("default", []), ("v3", ["--ems", str(tmp_path / "ems.safetensors")])):
+        assert cli_main([*common, *extra, "--out", str(tmp_path / f"{name}.json")]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())["fid"]
+    assert math.isfinite(results["v3"]) and abs(results["v3"] - results["default"]) > 1e-6
+    rgb = (len(lambdas), 3, 8, 8)
+    ModelStatistics(lambdas, torch.full(rgb, 0.8), torch.zeros(rgb), torch.zeros(rgb)).save(tmp_path / "rgb.st")
+    capsys.readouterr()
+    assert cli_main([*common, "--ems", str(tmp_path / "rgb.st")]) == 2
+    error = capsys.readouterr().err
+    assert "--ems" in error and "(3, 8, 8)" in error and "Traceback" not in error, error

@@ -3,6 +3,7 @@
     fdistill fid --gen samples/ --ref cifar10/train/32                       # clean-fid's named statistics
     fdistill fid --gen samples.npz --ref real/ --kid --pr --out result.json
     fdistill fid --gen runs/student --steps 1 --num 10000 --ref cifar10/train/32
+    fdistill fid --gen edm-cifar10 --ems ems.safetensors --steps 8 --num 50000 --ref cifar10/train/32   # DPM-Solver-v3
     fdistill fid --gen digits_samples/ --ref digits --features digits       # built-in, no download
     fdistill fid --gen path/to/sd-pipeline --prompts captions.txt --guidance 5 --ref coco_val/   # COCO-style FID
 
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(parser, solver=SamplerConfig.solver, steps=18, solver_help="sampler for a denoiser --gen",
                           steps_help="solver steps for a denoiser --gen",
                           guidance_help="classifier-free guidance weight of a --prompts pipeline (1 = off)")
+    parser.add_argument("--ems", default=None, help="DPM-Solver-v3 statistics of a model --gen (scripts/compute_ems.py,"
+                        " with its calibrated variants): sample it with dpm_solver_v3 instead of --solver")
     parser.add_argument("--seed", type=int, default=0)
     add_prompt_arguments(parser)                        # a text-to-image --gen pipeline sampled on a prompt file
     parser.add_argument("--no-cache", action="store_true", help="do not read / write cached reference statistics")
@@ -71,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device: str):
-    """``generate_fn(num, generator, cond=None) -> [-1, 1] images`` sampling a model directory / hub id."""
+def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device: str, ems: str | None = None):
+    """``generate_fn(num, generator, cond=None) -> [-1, 1] images`` sampling a model directory / hub id (with
+    dpm_solver_v3 and the statistics file ``ems`` when given)."""
+    from fdistill.commands.sample import load_ems
     from fdistill.denoisers import load_denoiser
     from fdistill.samplers import generator_sample, noise_levels, sample
 
@@ -81,6 +86,7 @@ def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device:
         raise ValueError(f"{path}: text-to-image / latent models are not sampled by `fdistill fid`; write images "
                          "with `fdistill sample` and pass that folder as --gen")
     levels = noise_levels(SamplerConfig(solver, steps, schedule, info.sigma_min, info.sigma_max), denoiser)
+    options = {} if ems is None else {"ems": load_ems(ems, tuple(info.sample_shape))}
 
     @torch.no_grad()
     def generate(num: int, generator: torch.Generator, cond=None) -> torch.Tensor:
@@ -90,7 +96,7 @@ def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device:
             chain = info.generator_chain
             renoise = torch.randn((len(chain) - 1, num, *info.sample_shape), generator=generator).to(device)
             return generator_sample(denoiser, z, chain, info.generator_input_scale, renoise, cond).clamp(-1, 1)
-        return sample(denoiser, float(levels[0]) * z, levels, solver=solver, cond=cond).clamp(-1, 1)
+        return sample(denoiser, float(levels[0]) * z, levels, solver=solver, cond=cond, **options).clamp(-1, 1)
 
     return generate, info
 
@@ -108,7 +114,7 @@ def _gen_source(args):
                                 "(hub ids look like org/name)")
     if args.num is None:
         raise UsageError("--num is required when --gen is a model")
-    generate, info = model_generate_fn(args.gen, args.solver, args.steps, args.schedule, args.device)
+    generate, info = model_generate_fn(args.gen, args.solver, args.steps, args.schedule, args.device, args.ems)
     return generate, info.num_classes if info.conditioning == "class" else None
 
 
@@ -121,6 +127,8 @@ def _write_json(path: Path, result: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.ems is not None:
+        args.solver = "dpm_solver_v3"                  # --ems selects it, as in fdistill sample
     if args.prompts is not None:
         from fdistill.commands.sample import prompt_pipeline_batches
 

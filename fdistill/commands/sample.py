@@ -143,9 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_ems(path: str, sample_shape: tuple[int, ...]):
+    """The ``ModelStatistics`` of an --ems file for samples of ``sample_shape``; a missing, unreadable or foreign
+    file is a UsageError naming it."""
+    from fdistill.samplers import ModelStatistics
+    try:
+        statistics = ModelStatistics.load(path)
+        statistics.check_sample_shape(sample_shape)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--ems {path}: {error}") from error
+    return statistics
+
+
 def solver_options(args: argparse.Namespace, sample_shape: tuple[int, ...]) -> dict:
     """{"ems": statistics} from --ems (which selects dpm_solver_v3); {} for the other solvers."""
-    from fdistill.samplers import ModelStatistics
     if args.ems is None:
         if args.solver == "dpm_solver_v3":
             raise UsageError("--solver dpm_solver_v3 needs --ems PATH, the model's statistics (scripts/compute_ems.py)")
@@ -153,12 +164,7 @@ def solver_options(args: argparse.Namespace, sample_shape: tuple[int, ...]) -> d
     if args.solver not in (None, "dpm_solver_v3"):
         raise UsageError(f"--ems is for --solver dpm_solver_v3, not --solver {args.solver}")
     args.solver = "dpm_solver_v3"
-    try:
-        statistics = ModelStatistics.load(args.ems)
-        statistics.check_sample_shape(sample_shape)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--ems {args.ems}: {error}") from error
-    return {"ems": statistics}
+    return {"ems": load_ems(args.ems, sample_shape)}
 
 
 def check_arguments(model: Model, args: argparse.Namespace) -> None:
@@ -212,9 +218,10 @@ def prepare(args: argparse.Namespace) -> tuple[Model, nn.Module, Tensor | None]:
     levels = noise_levels(model, args) if model.info.kind == "denoiser" else None
     if levels is not None and "ems" in args.solver_options:
         variant = args.solver_options["ems"].calibrated_variant(levels.tolist())
-        print("fdistill sample: dpm_solver_v3, " + (f"variant {variant!r} calibrated for this sigma list" if variant else
-              "step-count defaults (--ems has no calibration for this schedule, range and step count: "
-              "scripts/compute_ems.py --calibrate)"), file=sys.stderr)
+        print("fdistill sample: dpm_solver_v3, " + (
+            f"variant {variant!r} calibrated for this sigma list" if variant else
+            "step-count defaults (--ems has no calibration for this schedule, range and step count: "
+            "scripts/compute_ems.py --calibrate)"), file=sys.stderr)
     return model, guided(model, args.guidance), levels
 
 
@@ -240,13 +247,14 @@ def prompt_pipeline_batches(options: argparse.Namespace):
     pipeline ``options.gen`` on ``options.prompts``, drawn by this command's code (same options -> the images
     ``fdistill sample`` writes) and streamed: nothing is kept or written. ``options`` holds the sampling options
     of ``fdistill fid`` / ``fdistill clipscore`` (gen, num, prompts, caption_column, per_prompt, guidance, solver,
-    steps, schedule, seed, batch_size, device); the others take this command's defaults."""
+    steps, schedule, seed, batch_size, device, and ems if present); the others take this command's defaults."""
     if options.num is not None:
         raise UsageError("--num and --prompts: the number of images is prompts x --per-prompt; drop --num")
     args = build_parser().parse_args(["--model", options.gen, "--out", "unused"])       # this command's defaults
     for name in ("prompts", "caption_column", "per_prompt", "guidance", "solver", "steps", "schedule", "seed",
                  "batch_size", "device"):
         setattr(args, name, getattr(options, name))
+    args.ems = getattr(options, "ems", None)            # fdistill fid --ems (which set solver to dpm_solver_v3)
     args.no_progress = True                             # the caller's feature-extraction bar shows the ETA
     model, denoiser, levels = prepare(args)             # refuses --prompts for a model without text conditioning
     batches = ((images, image_prompts(args, start, len(images)))
