@@ -139,13 +139,13 @@ def run_diffusers(teacher, make: Callable, into_zero: bool, noise: torch.Tensor,
     return denoise(teacher, diffusers_sample(make(), teacher, noise, schedule[:-1]), SIGMA_MIN)
 
 
-def teacher_ems(teacher, dim: int) -> ModelStatistics:
+def teacher_ems(teacher, dim: int, samples: int = EMS_SAMPLES) -> ModelStatistics:
     """The teacher's EMS on a uniform lambda grid over the benchmark's sigma range, from EMS_SAMPLES of its own
     samples (50-step dpmpp_3m from seed 0: not the benchmark's starting noise, which uses seed 1). A float32 network
     (the learned digits teacher) gets compute_ems' lower-precision finite-difference step and ridge."""
     lambdas = torch.linspace(-math.log(SIGMA_MAX), -math.log(SIGMA_MIN), EMS_GRID, dtype=torch.float64)
     dtype = torch.float32 if isinstance(teacher, LearnedDigitsTeacher) else torch.float64
-    return compute_ems(teacher, (dim,), EMS_SAMPLES, lambdas, dtype=dtype)
+    return compute_ems(teacher, (dim,), samples, lambdas, dtype=dtype)
 
 
 def calibrated_ems(teacher, dim: int, ems: ModelStatistics) -> tuple[ModelStatistics, dict]:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from bench_samplers import BUDGETS, DIFFUSERS, EMS_GRID, EMS_SAMPLES, SCHEDULES, calibrated_ems, run_diffusers
+from bench_samplers import BUDGETS, DIFFUSERS, SCHEDULES, calibrated_ems, run_diffusers, teacher_ems
 from bench_samplers_teachers import BATCH, DIM, SIGMA_MAX, SIGMA_MIN, mixture_teacher
-from fdistill.samplers import compute_ems, sample, sigmas
+from fdistill.samplers import sample, sigmas
 
 FAMILIES = {"mild": (0.3, 0.6), "stiff": (0.02, 0.1)}
 SEEDS = (1, 2, 3, 4)                   # seed 0 is the sampler benchmark's mixture
@@ -41,19 +41,18 @@ def run_mixture(family: str, seed: int) -> list[dict]:
     teacher, exact = mixture_teacher(FAMILIES[family], seed=seed)
     noise = SIGMA_MAX * torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     truth, _ = exact(noise)
-    lambdas = torch.linspace(-math.log(SIGMA_MAX), -math.log(SIGMA_MIN), EMS_GRID, dtype=torch.float64)
-    small, ems = (compute_ems(teacher, (DIM,), count, lambdas) for count in (SMALL_EMS, EMS_SAMPLES))
+    small, ems = teacher_ems(teacher, DIM, SMALL_EMS), teacher_ems(teacher, DIM)
     calibrated, report = calibrated_ems(teacher, DIM, ems)
     statistics = dict(zip(METHODS, (small, ems, calibrated, None)))
     rows = []
     for kind in SCHEDULES:
         for budget in BUDGETS:
             schedule = sigmas(kind, budget, SIGMA_MIN, SIGMA_MAX)
-            errors = {label: sample(teacher, noise, schedule, "dpm_solver_v3", ems=stats)
-                      for label, stats in statistics.items()}
-            errors.update({label: run_diffusers(teacher, make, into_zero, noise, schedule)
-                           for label, (make, into_zero) in DIFFUSERS.items()})
-            for label, out in errors.items():
+            outputs = {label: sample(teacher, noise, schedule, "dpm_solver_v3", ems=stats)
+                       for label, stats in statistics.items()}
+            outputs.update({label: run_diffusers(teacher, make, into_zero, noise, schedule)
+                            for label, (make, into_zero) in DIFFUSERS.items()})
+            for label, out in outputs.items():
                 rows.append(dict(family=family, seed=seed, schedule=kind, budget=budget, method=label,
                                  median_error=(out - truth).norm(dim=1).median().item(),
                                  variant=report[kind][str(budget)]["variant"] if label == "v3 calibrated" else None))

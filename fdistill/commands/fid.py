@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device: str, ems: str | None = None):
     """``generate_fn(num, generator, cond=None) -> [-1, 1] images`` sampling a model directory / hub id (with
     dpm_solver_v3 and the statistics file ``ems`` when given)."""
-    from fdistill.commands.sample import load_ems
+    from fdistill.commands.sample import load_ems, report_v3_variant
     from fdistill.denoisers import load_denoiser
     from fdistill.samplers import generator_sample, noise_levels, sample
 
@@ -87,6 +87,8 @@ def model_generate_fn(path: str, solver: str, steps: int, schedule: str, device:
                          "with `fdistill sample` and pass that folder as --gen")
     levels = noise_levels(SamplerConfig(solver, steps, schedule, info.sigma_min, info.sigma_max), denoiser)
     options = {} if ems is None else {"ems": load_ems(ems, tuple(info.sample_shape))}
+    if options and info.kind == "denoiser":
+        report_v3_variant(options["ems"], levels, "fdistill fid")
 
     @torch.no_grad()
     def generate(num: int, generator: torch.Generator, cond=None) -> torch.Tensor:

@@ -155,6 +155,15 @@ def load_ems(path: str, sample_shape: tuple[int, ...]):
     return statistics
 
 
+def report_v3_variant(statistics, levels: Tensor, command: str) -> None:
+    """Say on stderr which DPM-Solver-v3 variant the --ems file gives on these noise levels."""
+    variant = statistics.calibrated_variant(levels.tolist())
+    print(f"{command}: dpm_solver_v3, " + (
+        f"variant {variant!r} calibrated for this sigma list" if variant else
+        "step-count defaults (--ems has no calibration for this schedule, range and step count: "
+        "scripts/compute_ems.py --calibrate)"), file=sys.stderr)
+
+
 def solver_options(args: argparse.Namespace, sample_shape: tuple[int, ...]) -> dict:
     """{"ems": statistics} from --ems (which selects dpm_solver_v3); {} for the other solvers."""
     if args.ems is None:
@@ -217,11 +226,7 @@ def prepare(args: argparse.Namespace) -> tuple[Model, nn.Module, Tensor | None]:
     check_arguments(model, args)
     levels = noise_levels(model, args) if model.info.kind == "denoiser" else None
     if levels is not None and "ems" in args.solver_options:
-        variant = args.solver_options["ems"].calibrated_variant(levels.tolist())
-        print("fdistill sample: dpm_solver_v3, " + (
-            f"variant {variant!r} calibrated for this sigma list" if variant else
-            "step-count defaults (--ems has no calibration for this schedule, range and step count: "
-            "scripts/compute_ems.py --calibrate)"), file=sys.stderr)
+        report_v3_variant(args.solver_options["ems"], levels, "fdistill sample")
     return model, guided(model, args.guidance), levels
 
 

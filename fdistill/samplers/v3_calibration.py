@@ -11,9 +11,8 @@ trajectories. Here the choice is a small discrete set, so a hundred calibration 
 per-step search, DC-Solver's compensation on v3, overfitted 16 starts).
 
 Rule. For each sigma list, every variant samples the same calibration noise; the error of a sample is the L2
-distance to the fine solve (``reference_trajectory``: 40 singlestep DPM-Solver-3 substeps per interval); a variant
-replaces ``default`` only if its median error is at least ``MIN_GAIN`` lower, so noise in the calibration set does
-not move a model off the defaults.
+distance to the fine solve (``fine_solution``); a variant replaces ``default`` only if its median error is at least
+``MIN_GAIN`` lower, so noise in the calibration set does not move a model off the defaults.
 """
 from __future__ import annotations
 
@@ -30,10 +29,23 @@ from .plumbing import integrate, sigma_list
 from .v3_variants import V3_VARIANTS
 
 MIN_GAIN = 0.1         # a variant must lower the calibration median error by this fraction to replace the default
+REFERENCE_STEPS = 500  # fine_solution: log-spaced singlestep DPM-Solver-3 steps (1500 NFE) over the whole range
 
 
-def variant_errors(denoiser: Callable, stats: ModelStatistics, noise: Tensor, sigmas, cond: Any = None
-                   ) -> dict[str, float]:
+def solution_endpoints(sigmas: list[float]) -> tuple[float, ...]:
+    """The part of a sigma list its answer depends on: (sigma_max, sigma_min) and the final 0 if it has one."""
+    return (sigmas[0], sigmas[-2], 0.0) if sigmas[-1] == 0 else (sigmas[0], sigmas[-1])
+
+
+def fine_solution(denoiser: Callable, start: Tensor, endpoints: tuple[float, ...], cond: Any = None) -> Tensor:
+    """What every solver on a list with these ``solution_endpoints`` aims at from ``start`` [N, ...]: x at sigma_min,
+    or D(x(sigma_min), sigma_min) when the list ends at 0, by one solve of ``REFERENCE_STEPS`` steps; lists of the same
+    range (any step count or schedule) share it."""
+    return reference_trajectory(denoiser, start, endpoints, cond, substeps=REFERENCE_STEPS)[-1]
+
+
+def variant_errors(denoiser: Callable, stats: ModelStatistics, noise: Tensor, sigmas, cond: Any = None,
+                   target: Tensor | None = None) -> dict[str, float]:
     """Median over the calibration samples of the L2 error of each ``V3_VARIANTS`` entry on the sigma list.
 
     Args:
@@ -41,11 +53,13 @@ def variant_errors(denoiser: Callable, stats: ModelStatistics, noise: Tensor, si
         stats: the model's EMS (its own calibration is ignored: every variant runs with all its options given).
         noise: [N, *sample_shape] standard normal calibration noise (scaled by sigmas[0] here).
         sigmas: the decreasing sigma list (last usually 0).
+        target: ``fine_solution`` of these starts and the list's endpoints; None = computed here.
     Returns: variant name -> median L2 error (in x units).
     """
     values = sigma_list(sigmas)
     start = values[0] * noise
-    target = reference_trajectory(denoiser, start, values, cond)[-1]
+    if target is None:
+        target = fine_solution(denoiser, start, solution_endpoints(values), cond)
     errors = {}
     for name, options in V3_VARIANTS.items():
         given = {**default_options(len(values) - 1), **options}
@@ -66,9 +80,12 @@ def calibrate_dpm_solver_v3(denoiser: Callable, stats: ModelStatistics, noise: T
     """``stats`` with a calibrated variant for each sigma list (added to, or replacing, its existing calibration),
     and the errors behind each choice (``variant_errors``), keyed by the sigma list as a tuple; ``progress``: a
     progress bar over the lists."""
-    calibration, report = dict(stats.calibration), {}
+    calibration, report, targets = dict(stats.calibration), {}, {}
     for sigmas in tqdm(sigma_lists, desc="calibrating dpm_solver_v3", disable=not progress, leave=False):
         key = tuple(sigma_list(sigmas))
-        report[key] = variant_errors(denoiser, stats, noise, key, cond)
+        endpoints = solution_endpoints(key)
+        if endpoints not in targets:
+            targets[endpoints] = fine_solution(denoiser, key[0] * noise, endpoints, cond)
+        report[key] = variant_errors(denoiser, stats, noise, key, cond, targets[endpoints])
         calibration[key] = choose_variant(report[key], min_gain)
     return dataclasses.replace(stats, calibration=calibration), report
